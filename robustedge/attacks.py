@@ -1,0 +1,167 @@
+"""L-inf attacks on [0, 1] images: FGSM, PGD (CE / KL-to-target / CW margin), CW-inf, AutoAttack.
+
+Contract shared by every attack here:
+- inputs and outputs are in [0, 1] and the output stays inside the eps-ball around the input;
+- the model is used in whatever mode it was given (the trainer puts the student in eval mode
+  while attacking, as the papers do; evaluation does the same);
+- only the input gradient is computed (``torch.autograd.grad`` on x), so no parameter ``.grad``
+  is touched and no weight-gradient kernels run;
+- losses are summed over the batch so each example's step does not depend on the batch size.
+
+AutoAttack is the authors' own implementation from ``pyautoattack``, imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustedge.errors import RobustEdgeError
+
+AttackLoss = Literal["ce", "kl", "cw"]
+Start = Literal["uniform", "gaussian", "none"]
+logger = logging.getLogger("robustedge.attacks")
+
+
+def check_eps(eps: float) -> float:
+    if not 0.0 <= float(eps) <= 1.0:
+        raise RobustEdgeError(f"eps must be in [0, 1] (pixel scale), got {eps}")
+    return float(eps)
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    """Per-example CW margin loss -max(z_y - max_{j!=y} z_j, -kappa): larger once misclassified.
+
+    Same as ``cwloss`` in the RSLAD/TRADES evaluation code (kappa = 50).
+    """
+    onehot = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+    real = (onehot * logits).sum(1)
+    other = ((1.0 - onehot) * logits - onehot * 1e4).amax(1)
+    return -torch.clamp(real - other + kappa, min=0.0)
+
+
+def attack_loss(logits: torch.Tensor, y: torch.Tensor | None, loss: AttackLoss,
+                target_probs: torch.Tensor | None = None, kappa: float = 50.0) -> torch.Tensor:
+    """The summed objective an attack ascends."""
+    logits = logits.float()
+    if loss == "ce":
+        return F.cross_entropy(logits, y, reduction="sum")
+    if loss == "kl":  # KL(target || model), the TRADES / RSLAD inner maximisation
+        return F.kl_div(F.log_softmax(logits, dim=1), target_probs.float(), reduction="sum")
+    if loss == "cw":
+        return cw_margin(logits, y, kappa).sum()
+    raise RobustEdgeError(f"unknown attack loss '{loss}'; valid: ce, kl, cw")
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, loss: AttackLoss,
+                   target_probs: torch.Tensor | None = None, kappa: float = 50.0) -> torch.Tensor:
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        value = attack_loss(model(x), y, loss, target_probs, kappa)
+        (grad,) = torch.autograd.grad(value, x)
+    return grad
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
+    """One signed-gradient step of size eps on the cross-entropy (Goodfellow et al.)."""
+    grad = input_gradient(model, x, y, "ce")
+    return (x + eps * grad.sign()).clamp_(0.0, 1.0).detach()
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float, step_size: float,
+        steps: int, loss: AttackLoss = "ce", target_probs: torch.Tensor | None = None, start: Start = "uniform",
+        init_std: float = 0.001, kappa: float = 50.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Projected gradient ascent in the L-inf ball.
+
+    ``start='uniform'`` draws U(-eps, eps) (Madry et al.; the evaluation protocol);
+    ``start='gaussian'`` is x + init_std * N(0, I), the start of the distillation codes (ARD, RSLAD,
+    MTARD); as there, the Gaussian start itself is not projected, every step is.
+    ``loss='kl'`` needs ``target_probs``; ``'ce'`` and ``'cw'`` need ``y``.
+    """
+    if loss == "kl" and target_probs is None:
+        raise ValueError("loss='kl' needs target_probs")
+    if loss in ("ce", "cw") and y is None:
+        raise ValueError(f"loss='{loss}' needs labels y")
+    x = x.detach()
+    if start == "uniform":
+        noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
+        x_adv = (x + noise).clamp_(0.0, 1.0)
+    elif start == "gaussian":
+        x_adv = x + init_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+    elif start == "none":
+        x_adv = x.clone()
+    else:
+        raise ValueError(f"unknown start '{start}'; valid: uniform, gaussian, none")
+    lower, upper = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+    for _ in range(steps):
+        grad = input_gradient(model, x_adv, y, loss, target_probs, kappa)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), lower), upper)
+    if steps == 0:
+        x_adv = torch.min(torch.max(x_adv, lower), upper)
+    return x_adv.detach()
+
+
+def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
+           steps: int = 30, kappa: float = 50.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """CW-inf: the CW margin loss optimised by PGD from a uniform start (as in TRADES/RSLAD eval)."""
+    return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss="cw", kappa=kappa,
+               start="uniform", generator=generator)
+
+
+# --------------------------------------------------------------------------------------------
+# AutoAttack (pyautoattack: the authors' code)
+# --------------------------------------------------------------------------------------------
+
+AUTOATTACK_ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+
+
+class _Forward(logging.Handler):
+    """Re-emits pyautoattack's records on our logger so users control them in one place."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__(logging.DEBUG)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.target.isEnabledFor(record.levelno):
+            self.target.handle(record)
+
+
+def _route_autoattack_logs() -> None:
+    source = logging.getLogger("auto-attack")
+    if not any(isinstance(h, _Forward) for h in source.handlers):
+        source.addHandler(_Forward(logging.getLogger("robustedge.autoattack")))
+        source.setLevel(logging.DEBUG)
+        source.propagate = False
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str = "standard",
+               attacks: list[str] | None = None, seed: int = 0, batch_size: int = 250,
+               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run pyautoattack's ``AutoAttack`` (``standard`` = APGD-CE, APGD-T, FAB-T, Square 5000).
+
+    ``version='custom'`` with ``attacks`` picks a subset (for example ``['square']`` for a
+    query-only attack). Returns ``(x_adv, y_adv)`` exactly as the package does.
+    """
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError as exc:  # pragma: no cover - it is a core dependency
+        raise RobustEdgeError(f"AutoAttack needs the 'pyautoattack' package: {exc}") from None
+    if version not in ("standard", "plus", "rand", "custom"):
+        raise RobustEdgeError(f"unknown AutoAttack version '{version}'; valid: standard, plus, rand, custom")
+    if version == "custom":
+        bad = [a for a in attacks or [] if a not in AUTOATTACK_ATTACKS]
+        if not attacks or bad:
+            raise RobustEdgeError(f"custom AutoAttack needs attacks from {', '.join(AUTOATTACK_ATTACKS)}"
+                                  + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    elif attacks:
+        raise RobustEdgeError("an AutoAttack attack list needs version 'custom'")
+    _route_autoattack_logs()
+    device = device or x.device
+    adversary = AutoAttack(model, norm="Linf", eps=check_eps(eps), version=version,
+                           attacks=attacks if version == "custom" else None, device=device, seed=seed)
+    return adversary.run_standard_evaluation(x, y, batch_size=batch_size)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the embedded digits data and one small model trained on it, once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("ROBUSTEDGE_NO_PROGRESS", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from robustedge.data import load_dataset
+
+    return load_dataset("digits")
+
+
+def train_natural(model, split, epochs: int = 10, lr: float = 3e-3, seed: int = 0):
+    """Plain Adam + CE on clean digits: a quick, accurate, non-robust model for attack tests."""
+    from robustedge.data import DeviceLoader
+
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    loader = DeviceLoader(split, 64, seed=seed)
+    model.train()
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits):
+    from robustedge.models import build_model
+
+    torch.manual_seed(0)
+    return train_natural(build_model("wideresnet-10-1", 10, 1), digits.train)
+
+
+@pytest.fixture(scope="session")
+def digits_checkpoint(digits_model, tmp_path_factory):
+    from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "digits_wrn10.safetensors"
+    meta = ModelMeta(ModelSpec("wideresnet-10-1", 10, 1, 1.0, 16), dataset="digits", eps=0.1, method="natural",
+                     classes=[str(i) for i in range(10)], extra={"data": {"seed": 0, "val_fraction": 0.1}})
+    return save_model(path, digits_model, meta)

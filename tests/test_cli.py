@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robustedge.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_eval_autoattack_matches_pyautoattack_directly(digits, digits_model, digits_checkpoint, tmp_path, capsys):
+    from pyautoattack import AutoAttack
+
+    n, eps, seed = 32, 0.05, 3
+    code, out, err = run_cli(capsys, "eval", digits_checkpoint, "--attacks", "clean,pgd20,autoattack", "--n", n,
+                             "--eps", eps, "--batch-size", 16, "--seed", seed, "--device", "cpu",
+                             "--out", tmp_path / "ev", "--no-progress")
+    assert code == 0, err
+    result = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert "| autoattack |" in (tmp_path / "ev" / "eval.md").read_text()
+    assert "autoattack" in out and "W-Robust" in out
+
+    x, y = digits.test.float_images()[:n], digits.test.labels[:n]
+    adversary = AutoAttack(digits_model.eval(), norm="Linf", eps=eps, version="standard", device="cpu", seed=seed)
+    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=16)
+    direct = (y_adv == y).float().mean().item()
+    assert result["accuracy"]["autoattack"] == direct
+    assert 0 < direct < result["accuracy"]["clean"]  # non-trivial: some points survive, some do not
+    assert result["accuracy"]["autoattack"] <= result["accuracy"]["pgd20"]
+    assert result["w_robust"]["autoattack"] == pytest.approx((result["accuracy"]["clean"] + direct) / 2)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--attacks", "clean,pgd7"], "unknown attack 'pgd7'; valid attacks: all, autoattack, clean, cw"),
+    (["--dataset", "mnist"], "unknown dataset 'mnist'; valid datasets:"),
+    (["--dataset", "cifar10"], "needs --data-root"),
+    (["--eps", "2"], "eps must be in [0, 1]"),
+    (["--eps", "-0.1"], "eps must be in [0, 1]"),
+    (["--n", "-3"], "--n must be >= 0"),
+])
+def test_eval_bad_options_are_one_line_errors(digits_checkpoint, tmp_path, capsys, argv, message):
+    code, _, err = run_cli(capsys, "eval", digits_checkpoint, "--out", tmp_path, *argv)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cuda_asked_for_but_absent(digits_checkpoint, capsys):
+    code, _, err = run_cli(capsys, "eval", digits_checkpoint, "--device", "cuda")
+    assert code == 2 and "CUDA is not available" in err
+
+
+def test_bad_checkpoint_files(tmp_path, digits_checkpoint, capsys):
+    code, _, err = run_cli(capsys, "eval", tmp_path / "missing.safetensors")
+    assert code == 2 and "checkpoint not found" in err
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(digits_checkpoint.read_bytes()[:300])
+    code, _, err = run_cli(capsys, "eval", cut)
+    assert code == 2 and "truncated or corrupt" in err
+    torch.save({"not": "a model"}, tmp_path / "junk.safetensors")
+    code, _, err = run_cli(capsys, "eval", tmp_path / "junk.safetensors")
+    assert code == 2 and "safetensors" in err
+
+
+def test_class_count_mismatch_between_checkpoint_and_dataset(tmp_path, capsys):
+    from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+
+    spec = ModelSpec("resnet20", 7, 1, 0.25, 16)
+    path = save_model(tmp_path / "seven.safetensors", spec.build(), ModelMeta(spec, dataset="digits", eps=0.1))
+    code, _, err = run_cli(capsys, "eval", path)
+    assert code == 2 and "has 10 classes but the checkpoint's resnet20 has 7 outputs" in err
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "robustedge.cli", "eval", str(tmp_path / "x.safetensors")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"robustedge: error: checkpoint not found: {tmp_path / 'x.safetensors'}"
+    help_text = subprocess.run([sys.executable, "-m", "robustedge.cli", "eval", "--help"], capture_output=True,
+                               text=True, timeout=120).stdout
+    assert "--attacks" in help_text and "PGD_TRADES" in help_text
