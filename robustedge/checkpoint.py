@@ -145,17 +145,18 @@ def _check_file(path: Path) -> None:
         raise RobustEdgeError(f"checkpoint is not a file: {path}")
 
 
-def read_meta(path: str | os.PathLike) -> ModelMeta:
-    """The metadata of a RobustEdge model file, without loading its weights."""
+def _read_header(path: Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
     _check_file(path)
     try:
         with safe_open(str(path), framework="pt") as fh:
-            header = fh.metadata() or {}
+            return fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise RobustEdgeError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
+
+
+def _meta_from_header(path: Path, header: dict[str, str]) -> "ModelMeta":
     if header.get("format") != FORMAT or "robustedge" not in header:
         raise RobustEdgeError(f"{path} is a safetensors file but not a RobustEdge model (no model metadata); "
                               f"load foreign weights with an explicit architecture instead")
@@ -165,17 +166,26 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
         raise RobustEdgeError(f"{path}: malformed RobustEdge metadata ({exc})") from None
 
 
+def read_meta(path: str | os.PathLike) -> ModelMeta:
+    """The metadata of a RobustEdge model file, without loading its weights."""
+    path = Path(path)
+    return _meta_from_header(path, _read_header(path))
+
+
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
     """Rebuild the model a RobustEdge file describes and load its weights strictly (eval mode)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    meta = read_meta(path)
+    header = _read_header(path)
+    meta = _meta_from_header(path, header)
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
         raise RobustEdgeError(f"{path}: cannot read weights (truncated or corrupt?): {exc}") from None
+    if header.get("kind") == TRAINING_KIND:  # a run's last.safetensors: its model part
+        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     model = meta.spec.build()
     load_state_strict(model, state, source=str(path), arch=meta.spec.arch)
     return model.to(device).eval(), meta
@@ -253,3 +263,117 @@ def load_weights(spec: ModelSpec, path: str | os.PathLike, device: torch.device 
     model = spec.build()
     load_state_strict(model, read_state_dict(path), source=str(path), arch=spec.arch)
     return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# Teachers
+# --------------------------------------------------------------------------------------------
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher that only infers: eval mode forever, no parameter gradients, under no_grad,
+    optionally in a lower precision than the student; always returns fp32 logits."""
+
+    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+        super().__init__()
+        if precision not in _PRECISIONS:
+            raise RobustEdgeError(f"unknown teacher precision '{precision}'; valid: {', '.join(_PRECISIONS)}")
+        self.dtype = _PRECISIONS[precision]
+        self.model = model.to(self.dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":  # a teacher never leaves eval mode
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(x.to(self.dtype)).float()
+
+
+def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
+                 device: torch.device | str = "cpu") -> FrozenTeacher:
+    """A teacher from a RobustEdge model file, or from foreign weights plus a registry ``arch``."""
+    if not cfg.checkpoint:
+        raise RobustEdgeError("a teacher needs 'checkpoint' (a model file)")
+    path = Path(cfg.checkpoint)
+    if cfg.arch is None:
+        model, meta = load_model(path, device)
+        spec = meta.spec
+    else:
+        spec = ModelSpec(cfg.arch, num_classes, in_channels, cfg.width, image_size, cfg.mean, cfg.std)
+        model = load_weights(spec, path, device)
+    if spec.num_classes != num_classes or spec.in_channels != in_channels:
+        raise RobustEdgeError(f"teacher {path} is {spec.arch} with {spec.num_classes} classes and "
+                              f"{spec.in_channels} input channels; the data has {num_classes} and {in_channels}")
+    return FrozenTeacher(model, cfg.precision).to(device)
+
+
+# --------------------------------------------------------------------------------------------
+# Training state (resume): one safetensors file, tensors + a JSON tree of everything else
+# --------------------------------------------------------------------------------------------
+
+def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors in a nested structure by references, collecting them in ``tensors``."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach().to("cpu").contiguous().clone()
+        return {"__tensor__": prefix}
+    if isinstance(obj, Mapping):
+        return {"__dict__": [[_flatten(k, f"{prefix}.k{i}", tensors), _flatten(v, f"{prefix}.{i}", tensors)]
+                             for i, (k, v) in enumerate(obj.items())]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    return obj
+
+
+def _unflatten(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {_unflatten(k, tensors): _unflatten(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [_unflatten(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+TRAINING_KIND = "training-state"
+
+
+def save_training_state(path: str | os.PathLike, model: nn.Module, meta: ModelMeta, state: dict) -> Path:
+    """Model weights (prefixed ``model.``) plus optimiser/scheduler/method/... state, atomically.
+
+    The file is also a valid model file: :func:`load_model` reads its ``model.`` part.
+    """
+    from safetensors.torch import save_file
+
+    model = unwrap(model)
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    tree = _flatten(state, "state", tensors)
+    header = {"format": FORMAT, "robustedge": meta.to_json(), "kind": TRAINING_KIND,
+              "training": json.dumps(tree, default=_jsonable)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return Path(path)
+
+
+def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelMeta, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    header = _read_header(path)
+    meta = _meta_from_header(path, header)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RobustEdgeError(f"{path}: cannot read training state: {exc}") from None
+    if header.get("kind") != TRAINING_KIND:
+        raise RobustEdgeError(f"{path} is a model file, not a training state; resume needs a run's last.safetensors")
+    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    return model_state, meta, _unflatten(json.loads(header["training"]), tensors)

@@ -95,9 +95,131 @@ def load_eval_split(meta, dataset: str | None, data_root: str | None, split: str
     return ds.split(split).take(n)
 
 
+def _fraction(text: str) -> float:
+    """Floats, or fractions like 8/255 (how the field writes eps)."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _add_training(sub: argparse._SubParsersAction) -> None:
+    from robustedge.methods import METHODS, method_names
+
+    names = method_names()
+    for command, helptext, kind in (
+            ("train", "train a model (teachers or any single model): natural, pgd_at, trades", "train"),
+            ("distill", "distil a student from teachers: ard, rslad, mtard, bmtard", "distill")):
+        valid = [n for n in names if bool(METHODS[n].teacher_roles) == (kind == "distill")]
+        p = sub.add_parser(command, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           description=f"{helptext}.\n\nSettings come from --config (YAML, see configs/), then the "
+                                       f"flags below, then --set key=value overrides. Under `torchrun "
+                                       f"--nproc_per_node N` the same command trains with DDP; --batch-size is "
+                                       f"the global batch.\nMethods here: {', '.join(valid)}.")
+        p.add_argument("--config", help="YAML recipe (e.g. configs/cifar10_resnet18_bmtard.yaml)")
+        p.add_argument("--method", choices=valid, help="training method")
+        p.add_argument("--arch", help="model architecture (see `robustedge models`)")
+        p.add_argument("--width", type=float, help="width multiplier of the model")
+        p.add_argument("--dataset", help="dataset name (see `robustedge datasets`)")
+        p.add_argument("--data-root", help="folder holding the dataset")
+        p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
+        p.add_argument("--epochs", type=int, help="number of epochs")
+        p.add_argument("--batch-size", type=int, help="global batch size")
+        p.add_argument("--lr", type=float, help="initial learning rate")
+        p.add_argument("--eps", type=_fraction, help="training attack radius, e.g. 8/255")
+        p.add_argument("--step-size", type=_fraction, help="training attack step, e.g. 2/255")
+        p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision")
+        p.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
+        p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+        p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
+        p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+        p.add_argument("--seed", type=int, help="seed of initialisation, data order and attacks")
+        p.add_argument("--name", help="run name (folder under --out-dir)")
+        p.add_argument("--out-dir", help="where runs are written (default runs/)")
+        if kind == "distill":
+            p.add_argument("--robust-teacher", help="robust teacher model file (sets teachers.robust.checkpoint)")
+            p.add_argument("--clean-teacher", help="clean teacher model file (sets teachers.clean.checkpoint)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="any config field, e.g. --set optim.milestones=[100,150] --set method_args.beta=6")
+        p.add_argument("--resume", action="store_true", help="continue the run from its last.safetensors")
+        p.add_argument("--no-progress", action="store_true", help="no progress bars")
+        p.set_defaults(func=cmd_train, kind=kind, valid_methods=valid)
+
+
+_FLAG_KEYS = {"method": "method", "arch": "model.arch", "width": "model.width", "dataset": "data.name",
+              "data_root": "data.root", "download": "data.download", "epochs": "epochs", "batch_size": "batch_size",
+              "lr": "optim.lr", "eps": "attack.eps", "step_size": "attack.step_size", "amp": "amp",
+              "compile": "compile", "channels_last": "channels_last", "sync_bn": "sync_bn", "device": "device",
+              "seed": "seed", "name": "name", "out_dir": "out_dir", "robust_teacher": "teachers.robust.checkpoint",
+              "clean_teacher": "teachers.clean.checkpoint"}
+
+
+def resolve_train_config(args: argparse.Namespace):
+    """--config, then explicit flags, then --set overrides."""
+    from robustedge.config import TrainConfig, apply_values, load_config, parse_overrides
+
+    cfg = load_config(args.config) if args.config else TrainConfig()
+    flags = {key: getattr(args, attr) for attr, key in _FLAG_KEYS.items() if getattr(args, attr, None) is not None}
+    cfg = apply_values(cfg, {**flags, **parse_overrides(args.overrides)})
+    if args.no_progress:
+        cfg.progress = False
+    if cfg.method not in args.valid_methods:
+        other = "distill" if args.kind == "train" else "train"
+        raise RobustEdgeError(f"method '{cfg.method}' is not a `robustedge {args.kind}` method "
+                              f"(use `robustedge {other}`); valid here: {', '.join(args.valid_methods)}")
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from robustedge.train import train
+
+    cfg = resolve_train_config(args)
+    result = train(cfg, resume=args.resume)
+    if result.history and int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"done in {result.seconds:.0f} s; best: {result.best_path}; last: {result.last_path}; "
+              f"metrics: {result.run_dir / 'metrics.csv'}")
+    return 0
+
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="the whole pipeline on the embedded digits data (offline, CPU)",
+                       description="Train a clean teacher (natural) and a robust teacher (TRADES) on the embedded "
+                                   "digits data, distil a MobileNetV2 student with B-MTARD, train the same student "
+                                   "with PGD-AT as the baseline, evaluate both with the full suite and print a table. "
+                                   "Re-running replaces the previous quickstart folder.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/quickstart", help="output folder")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of each student")
+    p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of each teacher")
+    p.add_argument("--n", type=int, default=200, help="test examples in the final evaluation")
+    p.add_argument("--attacks", default="all", help="attacks of the final evaluation (comma-separated or 'all')")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quickstart)
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from robustedge.evaluate import parse_attacks
+    from robustedge.quickstart import QuickstartSettings, run_quickstart
+
+    for flag in ("epochs", "teacher_epochs", "n"):
+        if getattr(args, flag) < 1:
+            raise RobustEdgeError(f"--{flag.replace('_', '-')} must be >= 1")
+    run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
+                                      eval_n=args.n, device=args.device, seed=args.seed,
+                                      attacks=tuple(parse_attacks(args.attacks)), progress=not args.no_progress))
+    return 0
+
+
 def _add_listing(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model registry")
     p.set_defaults(func=lambda a: _print_lines(__import__("robustedge.models", fromlist=["x"]).model_names()))
+    p = sub.add_parser("methods", help="list the training methods")
+    p.set_defaults(func=lambda a: _print_lines(__import__("robustedge.methods", fromlist=["x"]).method_names()))
     p = sub.add_parser("datasets", help="list the dataset registry")
     p.set_defaults(func=lambda a: _print_lines(list(__import__("robustedge.data", fromlist=["x"]).DATASETS)))
 
@@ -114,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"robustedge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (AutoAttack's per-attack log)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_quickstart(sub)
+    _add_training(sub)
     _add_eval(sub)
     _add_listing(sub)
     return parser

@@ -390,14 +390,14 @@ class DeviceLoader:
     """
 
     def __init__(self, split: Split, batch_size: int, *, device: torch.device | str = "cpu",
-                 shuffle: bool = True, augment: bool = False, padding: int = 4, seed: int = 0,
+                 shuffle: bool = True, augment: bool = False, padding: int = 4, flip: bool = True, seed: int = 0,
                  drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1:
             raise RobustEdgeError(f"batch size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
-        self.batch_size, self.shuffle, self.augment, self.padding = batch_size, shuffle, augment, padding
+        self.batch_size, self.shuffle, self.augment, self.padding, self.flip = batch_size, shuffle, augment, padding, flip
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.epoch = 0
 
@@ -430,5 +430,5 @@ class DeviceLoader:
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]
             if self.augment:
-                x = random_crop_flip(x, self.padding, True, gen)
+                x = random_crop_flip(x, self.padding, self.flip, gen)
             yield x.float().div_(255.0), self.labels[idx]

@@ -1,0 +1,93 @@
+"""MTARD (Zhao et al. 2022): a clean teacher Tn and a robust teacher Ta guide one student.
+
+x' = CE-PGD-10 on the student; L_adv = KL(Ta(x') || S(x')), L_nat = KL(Tn(x) || S(x));
+loss = w_adv * L_adv + w_nat * L_nat with the Normalization Loss Balance update of the weights
+(DESIGN.md section 3) and temperatures fixed at 1. B-MTARD (``bmtard.py``) adds the
+Entropy-Based Balance of the temperatures.
+
+All adaptive state is kept as 0-dim tensors on the device and updated with tensor ops, so the
+balances cost no host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from robustedge.errors import RobustEdgeError
+from robustedge.methods import register
+from robustedge.methods.base import Method, accuracy, kl_batchmean
+
+
+def loss_balance(w_adv: torch.Tensor, w_nat: torch.Tensor, l_adv: torch.Tensor, l_nat: torch.Tensor,
+                 l0_adv: torch.Tensor, l0_nat: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalization Loss Balance: move the weights towards each loss's share of relative progress.
+
+    r_i = L_i / L0_i; target_i = r_i / (r_adv + r_nat); w_i <- w_i - eta * (w_i - target_i);
+    clip at 0 and renormalise to sum 1. The term whose loss has fallen least gets more weight.
+    """
+    r_adv, r_nat = l_adv / l0_adv, l_nat / l0_nat
+    total = r_adv + r_nat
+    w_adv = (w_adv - eta * (w_adv - r_adv / total)).clamp(min=0.0)
+    w_nat = (w_nat - eta * (w_nat - r_nat / total)).clamp(min=0.0)
+    norm = w_adv + w_nat
+    return w_adv / norm, w_nat / norm
+
+
+def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(1).mean()
+
+
+class MultiTeacherBase(Method):
+    teacher_roles = ("robust", "clean")
+    defaults = {"eta": 0.025, "w_adv": 0.5}
+    entropy_balance = False
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if not 0.0 <= self.args["w_adv"] <= 1.0:
+            raise RobustEdgeError(f"w_adv must be in [0, 1], got {self.args['w_adv']}")
+        t = lambda v: torch.tensor(float(v), device=self.device)  # noqa: E731
+        self.w_adv, self.w_nat = t(self.args["w_adv"]), t(1.0 - self.args["w_adv"])
+        self.tau_adv, self.tau_nat = t(self.args.get("tau_start", 1.0)), t(self.args.get("tau_start", 1.0))
+        self.l0_adv, self.l0_nat = t(0.0), t(0.0)  # zero until the first step records them
+        self._last: dict[str, torch.Tensor] = {}
+
+    def step(self, student, x, y):
+        x_adv = self.perturb(student, x, y, loss="ce")
+        logits_adv = student(x_adv)
+        logits_nat = student(x)
+        p_adv = F.softmax(self.teachers["robust"](x_adv) / self.tau_adv, dim=1)
+        p_nat = F.softmax(self.teachers["clean"](x) / self.tau_nat, dim=1)
+        l_adv = kl_batchmean(logits_adv, p_adv)
+        l_nat = kl_batchmean(logits_nat, p_nat)
+        loss = self.w_adv * l_adv + self.w_nat * l_nat
+        self._last = {"l_adv": l_adv.detach(), "l_nat": l_nat.detach()}
+        if self.entropy_balance:
+            self._last.update(h_adv=mean_entropy(p_adv), h_nat=mean_entropy(p_nat))
+        return loss, {"loss": loss.detach(), "loss_adv": l_adv.detach(), "loss_nat": l_nat.detach(),
+                      "train_acc": accuracy(logits_adv.detach(), y)}
+
+    def after_step(self, logs: dict) -> None:
+        l_adv, l_nat = self._last["l_adv"], self._last["l_nat"]
+        first = self.l0_adv == 0  # tensor: no host sync
+        self.l0_adv = torch.where(first, l_adv, self.l0_adv)
+        self.l0_nat = torch.where(first, l_nat, self.l0_nat)
+        self.w_adv, self.w_nat = loss_balance(self.w_adv, self.w_nat, l_adv, l_nat, self.l0_adv, self.l0_nat,
+                                              self.args["eta"] * self.decay())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"w_adv": self.w_adv, "w_nat": self.w_nat, "tau_adv": self.tau_adv, "tau_nat": self.tau_nat,
+                "l0_adv": self.l0_adv, "l0_nat": self.l0_nat}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise RobustEdgeError(f"method '{self.name}' state needs {sorted(expected)}, checkpoint has {sorted(state)}")
+        for key, value in state.items():
+            setattr(self, key, value.to(self.device, torch.float32).reshape(()))
+
+
+@register
+class MTARD(MultiTeacherBase):
+    name = "mtard"

@@ -1,0 +1,198 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustedge import RobustEdgeError
+from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, load_training_state, save_model
+from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig,
+                               config_to_dict, load_config)
+from robustedge.train import state_digest, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """Two small teachers as RobustEdge files (untrained: the trainer only needs their logits)."""
+    folder = tmp_path_factory.mktemp("teachers")
+    paths = {}
+    for role, seed in (("robust", 1), ("clean", 2)):
+        torch.manual_seed(seed)
+        spec = ModelSpec("resnet20", 10, 1, 0.25, 16)
+        paths[role] = str(save_model(folder / f"{role}.safetensors", spec.build(), ModelMeta(spec, dataset="digits")))
+    return paths
+
+
+def tiny_config(tmp_path, name="run", method="bmtard", teachers=None, epochs=3, **kw) -> TrainConfig:
+    cfg = TrainConfig(
+        name=name, method=method,
+        data=DataConfig(name="digits", image_size=16, channels=1, padding=2, flip=False),
+        model=ModelConfig(arch="resnet20", width=0.25),
+        teachers={r: TeacherConfig(checkpoint=p) for r, p in (teachers or {}).items()},
+        attack=AttackConfig(eps=0.1, steps=2, step_size=0.05),
+        optim=OptimConfig(lr=0.05, milestones=[2]), epochs=epochs, batch_size=128, eval_every=1, eval_n=48,
+        device="cpu", out_dir=str(tmp_path), log_every=3, progress=False)
+    for key, value in kw.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_an_interruption_is_bitwise_identical(tmp_path, teachers):
+    full = train(tiny_config(tmp_path, "full", teachers=teachers))
+
+    def stop_after_first(epoch, row):
+        if epoch == 0:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        train(tiny_config(tmp_path, "cut", teachers=teachers), callbacks=[stop_after_first])
+    _, _, state = load_training_state(tmp_path / "cut" / "last.safetensors")
+    assert state["epoch"] == 0 and set(state["method"]) >= {"tau_adv", "w_adv", "l0_adv"}
+    resumed = train(tiny_config(tmp_path, "cut", teachers=teachers), resume=True)
+
+    a, _ = load_model(full.last_path)
+    b, _ = load_model(resumed.last_path)
+    assert state_digest(a) == state_digest(b)
+    _, _, end_full = load_training_state(full.last_path)
+    _, _, end_cut = load_training_state(resumed.last_path)
+    for key, value in end_full["method"].items():
+        assert torch.equal(value, end_cut["method"][key]), key
+    assert [r["loss"] for r in end_full["history"]] == [r["loss"] for r in end_cut["history"]]
+    csv_rows = (tmp_path / "cut" / "metrics.csv").read_text().strip().splitlines()
+    assert len(csv_rows) == 1 + 3 and "tau_adv" in csv_rows[0] and "val_wrobust" in csv_rows[0]
+    # B-MTARD moved its state, and g/eta decayed at the milestone (epoch 2)
+    assert end_full["method"]["w_adv"].item() != 0.5
+    # best is a plain model file carrying its validation metrics
+    _, meta = load_model(full.best_path)
+    assert meta.method == "bmtard" and "val_wrobust" in meta.metrics
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, "nan", method="natural", epochs=3)
+
+    def explode(epoch, row):
+        cfg.optim.lr = float("inf") if epoch == 0 else cfg.optim.lr
+
+    with pytest.raises(RobustEdgeError, match="loss became nan in epoch 2.*last good checkpoint"):
+        train(cfg, callbacks=[explode])
+    model, _ = load_model(tmp_path / "nan" / "last.safetensors")
+    _, _, state = load_training_state(tmp_path / "nan" / "last.safetensors")
+    assert state["epoch"] == 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path):
+    cfg = tiny_config(tmp_path, "once", method="natural", epochs=1)
+    train(cfg)
+    with pytest.raises(RobustEdgeError, match="already holds a run"):
+        train(cfg)
+    with pytest.raises(RobustEdgeError, match="already finished epoch 1/1"):
+        train(cfg, resume=True)
+    with pytest.raises(RobustEdgeError, match="nothing to resume"):
+        train(tiny_config(tmp_path, "never", method="natural"), resume=True)
+
+
+def test_distillation_without_its_teachers_is_a_clear_error(tmp_path, teachers):
+    with pytest.raises(RobustEdgeError, match="needs teacher"):
+        train(tiny_config(tmp_path, "lonely", method="rslad"))
+    cfg = tiny_config(tmp_path, "bad", method="rslad", teachers={"robust": teachers["robust"]})
+    cfg.data.channels = 3
+    with pytest.raises(RobustEdgeError, match="data has 10 and 3"):
+        train(cfg)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "robustedge.cli", "distill", "--method", "mtard",
+           "--arch", "resnet20", "--width", "0.25", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
+           "--eps", "0.1", "--step-size", "0.05", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "ddp",
+           "--robust-teacher", teachers["robust"], "--clean-teacher", teachers["clean"], "--no-progress",
+           "--set", "attack.steps=2", "--set", "eval_n=32", "--set", "data.flip=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "ddp" / "result.json").read_text())
+    assert result["world_size"] == 2 and result["ranks_identical"] is True
+    assert proc.stdout.count("epoch 1/1") == 1  # logs from rank 0 only
+
+
+def test_cli_train_overrides_and_errors(tmp_path, capsys):
+    from robustedge.cli import main
+
+    code = main(["train", "--config", str(ROOT / "configs" / "digits_teacher_clean.yaml"), "--epochs", "1",
+                 "--out-dir", str(tmp_path), "--name", "cli", "--device", "cpu", "--no-progress",
+                 "--set", "optim.lr=0.01", "--set", "model.width=0.25"])
+    assert code == 0, capsys.readouterr().err
+    saved = load_config(tmp_path / "cli" / "config.yaml")
+    assert saved.optim.lr == 0.01 and saved.model.width == 0.25 and saved.epochs == 1
+    capsys.readouterr()
+    for argv, message in (
+            (["train", "--method", "bmtard"], "invalid choice: 'bmtard'"),
+            (["distill", "--set", "method=trades", "--out-dir", str(tmp_path)], "not a `robustedge distill` method"),
+            (["train", "--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+            (["train", "--config", str(tmp_path / "none.yaml")], "config file not found"),
+            (["train", "--set", "nonsense"], "must look like key.sub=value")):
+        with pytest.raises(SystemExit) if "invalid choice" in message else _no_raise():
+            code = main(argv)
+            assert code == 2
+        assert message in capsys.readouterr().err
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_every_shipped_config_loads_and_digits_ones_match_the_quickstart():
+    from robustedge.quickstart import QuickstartSettings, quickstart_configs
+
+    files = sorted((ROOT / "configs").glob("*.yaml"))
+    assert len(files) >= 12
+    for path in files:
+        load_config(path)
+    paper = load_config(ROOT / "configs" / "cifar10_resnet18_bmtard.yaml")
+    assert (paper.optim.lr, paper.optim.momentum, paper.optim.weight_decay, paper.batch_size, paper.epochs) == \
+        (0.1, 0.9, 2e-4, 128, 300)
+    assert paper.optim.milestones == [215, 260, 285] and paper.attack.eps == pytest.approx(8 / 255)
+    assert paper.attack.step_size == pytest.approx(2 / 255) and paper.attack.steps == 10
+    assert paper.teachers["robust"].arch == "wrn34_10" and paper.teachers["clean"].arch == "resnet56"
+    for name, cfg in quickstart_configs(QuickstartSettings()).items():
+        assert config_to_dict(load_config(ROOT / "configs" / f"digits_{name}.yaml")) == config_to_dict(cfg), name
+
+
+def test_quickstart_end_to_end_small(tmp_path, capsys):
+    from robustedge.cli import main
+
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--out", str(out), "--epochs", "1", "--teacher-epochs", "1", "--n", "24",
+                 "--attacks", "clean,fgsm,pgd20", "--device", "cpu", "--no-progress"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "| pgd20 |" in text and str(out.resolve()) in text and "quickstart finished in" in text
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["status"] == "done" and set(summary["results"]) == {"student_bmtard", "student_pgd_at"}
+    for run in ("teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at"):
+        assert (out / run / "best.safetensors").is_file() and (out / run / "metrics.csv").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    assert main(["quickstart", "--out", str(tmp_path / "mine"), "--epochs", "1"]) == 2
+    assert (tmp_path / "mine" / "thesis.tex").exists()
