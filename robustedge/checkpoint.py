@@ -309,7 +309,10 @@ def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
     if spec.num_classes != num_classes or spec.in_channels != in_channels:
         raise RobustEdgeError(f"teacher {path} is {spec.arch} with {spec.num_classes} classes and "
                               f"{spec.in_channels} input channels; the data has {num_classes} and {in_channels}")
-    return FrozenTeacher(model, cfg.precision).to(device)
+    from robustedge.models import fold_batchnorm
+
+    # a teacher only infers, so its BNs are folded into its convs once, here (see models/folding.py)
+    return FrozenTeacher(fold_batchnorm(model), cfg.precision).to(device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of AutoAttack")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>-eval/ beside the checkpoint)")
+    p.add_argument("--fold-bn", action="store_true",
+                   help="attack a conv+BN-folded copy: same function to ~1e-6, about 1.5x faster on CPU")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -68,8 +70,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}",
           file=sys.stderr)
     report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
-                      aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress)
-    report.info = {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
+                      aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn)
+    report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
                    "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
     ckpt = Path(args.checkpoint)
     out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + "-eval")

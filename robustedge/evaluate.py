@@ -108,14 +108,22 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
              batch_size: int = 256, seed: int = 0, aa_batch_size: int | None = None,
-             show_progress: bool = True) -> EvalReport:
-    """Run the suite on (x, y) already on the model's device; the model is put in eval mode."""
+             show_progress: bool = True, fold_bn: bool = False) -> EvalReport:
+    """Run the suite on (x, y) already on the model's device; the model is put in eval mode.
+
+    ``fold_bn`` attacks a conv+BN-folded copy (the same function to ~1e-6, about 1.5x faster on a
+    CPU); off by default so results are bit-for-bit those of the model as given.
+    """
     eps = check_eps(eps)
     if batch_size < 1:
         raise RobustEdgeError(f"batch size must be >= 1, got {batch_size}")
-    was_training = model.training
+    original, was_training = model, model.training
     model.eval()
-    report = EvalReport(n=int(len(y)), eps=eps)
+    if fold_bn:
+        from robustedge.models import fold_batchnorm
+
+        model = fold_batchnorm(model)
+    report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn})
     try:
         for name in attacks:
             attack = SUITE[name]
@@ -136,5 +144,5 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             report.accuracy[name] = float(correct.float().mean()) if len(y) else float("nan")
             report.seconds[name] = time.perf_counter() - start
     finally:
-        model.train(was_training)
+        original.train(was_training)
     return report

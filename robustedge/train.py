@@ -294,6 +294,10 @@ class Trainer:
         if world > 1:
             dist.all_reduce(totals)
             totals /= world
+            # DDP syncs BN statistics at the start of each forward, so after the epoch's last one every
+            # rank holds its own; take rank 0's so validation, checkpoints and all ranks agree
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
         values = (totals / max(1, steps)).tolist()
         row = {"epoch": epoch + 1, "lr": lr, "loss": values[0], "train_acc": values[1], "grad_norm": values[2],
                "img_per_s": seen * world / seconds, "seconds": seconds}

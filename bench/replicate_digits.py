@@ -1,0 +1,133 @@
+"""Replication on digits: the quickstart's teachers, every method, several seeds, full evaluation.
+
+    python bench/replicate_digits.py                 # 7 methods x 3 seeds, writes bench/RESULTS.md
+    python bench/replicate_digits.py --methods bmtard,rslad --seeds 0
+
+Students are the quickstart's MobileNetV2 (width 0.25) with its settings (digits 8x8, eps 0.1,
+10 epochs); only the method and the seed change. The teachers are trained once (seed 0) and
+shared, as in the papers. Finished runs are skipped when the script is started again, so an
+interrupted replication resumes where it stopped. Results: mean +- std over seeds on the first
+--n test digits, written between markers in bench/RESULTS.md and as JSON beside the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
+from robustedge.cli import load_eval_split
+from robustedge.evaluate import DEFAULT_ATTACKS, evaluate, parse_attacks
+from robustedge.methods import get_method, method_names
+from robustedge.quickstart import QuickstartSettings, quickstart_configs
+from robustedge.train import train
+
+START, END = "<!-- replicate_digits:start -->", "<!-- replicate_digits:end -->"
+
+
+def run_student(base, method: str, seed: int, out: Path) -> Path:
+    cfg = copy.deepcopy(base)
+    cfg.name, cfg.method, cfg.seed, cfg.out_dir = f"{method}_s{seed}", method, seed, str(out)
+    if not get_method(method).teacher_roles:
+        cfg.teachers = {}
+    best = out / cfg.name / "best.safetensors"
+    if not (out / cfg.name / "result.json").exists():
+        if (out / cfg.name / "last.safetensors").exists():
+            train(cfg, resume=True)
+        else:
+            train(cfg)
+    return best
+
+
+def evaluate_run(best: Path, n: int, eps: float, attacks: list[str], seed: int) -> dict:
+    cached = best.with_name("eval.json")
+    if cached.exists():
+        return json.loads(cached.read_text())
+    model, meta = load_model(best)
+    split = load_eval_split(meta, None, None, "test", n)
+    report = evaluate(model, split.float_images(), split.labels, attacks=attacks, eps=eps, batch_size=200,
+                      seed=seed, show_progress=False)
+    report.save(cached, best.with_name("eval.md"))
+    return report.to_dict()
+
+
+def table(results: dict[str, list[dict]], attacks: list[str]) -> str:
+    head = "| method | " + " | ".join(attacks) + (" | W-Robust (AA)" if "autoattack" in attacks else "") + " |"
+    lines = [head, "|---|" + "---:|" * (len(attacks) + ("autoattack" in attacks))]
+    for method, runs in results.items():
+        cells = []
+        columns = [[100 * r["accuracy"][a] for r in runs] for a in attacks]
+        if "autoattack" in attacks:
+            columns.append([100 * r["w_robust"]["autoattack"] for r in runs])
+        for values in columns:
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {std:.1f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{START}\n{section}{END}"
+    if START in text and END in text:
+        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/replicate_digits", help="folder for the runs")
+    p.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--epochs", type=int, default=10, help="student epochs")
+    p.add_argument("--n", type=int, default=200, help="test digits evaluated")
+    p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="attacks of the evaluation")
+    p.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="Markdown to update")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    torch.set_num_threads(torch.get_num_threads())
+    settings = QuickstartSettings(out=out, epochs=args.epochs, device=args.device, progress=False)
+    configs = quickstart_configs(settings)
+    for name in ("teacher_clean", "teacher_robust"):
+        if not (out / name / "result.json").exists():
+            train(configs[name])
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    attacks = parse_attacks(args.attacks)
+    results: dict[str, list[dict]] = {}
+    t0 = time.perf_counter()
+    for method in methods:
+        get_method(method)
+        for seed in seeds:
+            start = time.perf_counter()
+            best = run_student(configs["student_bmtard"], method, seed, out)
+            results.setdefault(method, []).append(evaluate_run(best, args.n, settings.eps, attacks, seed))
+            print(f"{method} seed {seed}: " + ", ".join(f"{a} {100 * results[method][-1]['accuracy'][a]:.1f}"
+                                                      for a in attacks) + f" ({time.perf_counter() - start:.0f} s)",
+                  flush=True)
+    atomic_write_json(out / "replication.json", {"methods": methods, "seeds": seeds, "n": args.n, "eps": settings.eps,
+                                                 "results": results})
+    machine = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+    section = (f"## Replication on digits (`python bench/replicate_digits.py`)\n\n"
+               f"MobileNetV2 (width 0.25) students on digits 8x8, eps = {settings.eps}, {args.epochs} epochs, "
+               f"teachers ResNet-20 (natural) and WRN-10-2 (TRADES) shared by all runs; seeds {args.seeds}; "
+               f"accuracy (%) on the first {args.n} test digits, mean ± std over seeds; {machine}; "
+               f"total {time.perf_counter() - t0:.0f} s.\n\n{table(results, attacks)}\n")
+    write_results(Path(args.results), section)
+    print(table(results, attacks))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
