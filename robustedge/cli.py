@@ -217,6 +217,108 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_gate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="gate: largest clean or robust accuracy drop (fraction, e.g. 0.05) of an artifact vs torch")
+    p.add_argument("--min-agreement", type=float, default=None,
+                   help="gate: smallest top-1 agreement with torch (fraction, e.g. 0.95)")
+
+
+def _gate(args: argparse.Namespace, base=None):
+    from robustedge.export.verify import Gate
+
+    gate = base or Gate()
+    for value, name in ((args.max_drop, "--max-drop"), (args.min_agreement, "--min-agreement")):
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise RobustEdgeError(f"{name} must be a fraction in [0, 1], got {value}")
+    return Gate(args.max_drop if args.max_drop is not None else gate.max_robust_drop,
+                args.min_agreement if args.min_agreement is not None else gate.min_agreement)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    from robustedge.export.bundle import FILES
+    from robustedge.export.convert import CALIBRATION_METHODS
+
+    p = sub.add_parser(
+        "export", help="export a checkpoint to ONNX / fp16 / INT8 / TensorRT and re-verify robustness",
+        description="Export to a bundle (model files, manifest.json with sha256 hashes, verify.npz) and verify "
+                    "every artifact through its own runtime: clean accuracy, agreement with torch, transfer "
+                    "robustness (PGD-20, AutoAttack crafted on torch), black-box Square on the runtime, size, "
+                    "latency. Exits 1 when the gate fails.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("checkpoint", help="a RobustEdge .safetensors model")
+    p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FILES)}")
+    p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out bundle")
+    p.add_argument("--n", type=int, default=500, help="test examples used for verification")
+    p.add_argument("--calibration-n", type=int, default=512, help="training images for INT8 calibration")
+    p.add_argument("--calibration-method", default="minmax", choices=CALIBRATION_METHODS, help="INT8 calibration")
+    p.add_argument("--calibrate-adversarial", action="store_true",
+                   help="calibrate INT8 on half clean, half PGD-20 examples of the float model")
+    p.add_argument("--transfer-attacks", default="pgd20,autoattack", help="attacks crafted on torch and replayed")
+    p.add_argument("--square-n", type=int, default=100, help="examples for the black-box Square attack (0: off)")
+    p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (AutoAttack's 5000)")
+    p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_gate(p)
+    p.set_defaults(func=cmd_export)
+    p = sub.add_parser("verify", help="re-verify an export bundle (hashes, accuracy, robustness, latency)",
+                       description="Check every file against manifest.json, then re-run the verification table "
+                                   "through each runtime and apply the gate (exit 1 when it fails).")
+    p.add_argument("bundle", help="a folder written by `robustedge export`")
+    p.add_argument("--square-n", type=int, default=None, help="examples for Square (default: as exported; 0: off)")
+    _add_gate(p)
+    p.set_defaults(func=cmd_verify)
+
+
+def _report_gate(failures: list[str], where: Path) -> int:
+    if failures:
+        print("GATE FAILED: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    print(f"gate passed; bundle: {where}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from robustedge.export.bundle import ExportOptions, export_bundle, parse_formats
+    from robustedge.export.verify import format_table
+
+    for flag in ("n", "calibration_n"):
+        if getattr(args, flag) < 1:
+            raise RobustEdgeError(f"--{flag.replace('_', '-')} must be >= 1")
+    out = Path(args.out)
+    opts = ExportOptions(formats=parse_formats(args.formats), n=args.n, calibration_n=args.calibration_n,
+                         calibration_method=args.calibration_method, calibrate_adversarial=args.calibrate_adversarial,
+                         transfer_attacks=tuple(a.strip() for a in args.transfer_attacks.split(",") if a.strip()),
+                         square_n=args.square_n, square_queries=args.square_queries, data_root=args.data_root,
+                         seed=args.seed, gate=_gate(args))
+    target = out
+    if args.force and out.exists():
+        target = out.with_name(out.name + ".new")
+        shutil.rmtree(target, ignore_errors=True)
+    manifest, failures = export_bundle(args.checkpoint, target, opts, progress=lambda m: print(m, file=sys.stderr))
+    if target != out:
+        shutil.rmtree(out)
+        target.rename(out)
+    print(format_table(manifest["table"]))
+    print(f"fp32 ONNX vs torch: max |logit difference| {manifest['table']['onnx']['max_abs_logit_diff']:.2e}")
+    for fmt, why in manifest["skipped"].items():
+        print(f"{fmt} not built: {why}")
+    return _report_gate(failures, out)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from robustedge.export.bundle import read_bundle, verify_bundle
+    from robustedge.export.verify import Gate, format_table
+
+    _, manifest = read_bundle(args.bundle)
+    report, failures = verify_bundle(args.bundle, _gate(args, Gate(**manifest["gate"])), args.square_n,
+                                     progress=lambda m: print(m, file=sys.stderr))
+    print(format_table(report["table"]))
+    return _report_gate(failures, Path(args.bundle))
+
+
 def _add_listing(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model registry")
     p.set_defaults(func=lambda a: _print_lines(__import__("robustedge.models", fromlist=["x"]).model_names()))
@@ -241,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_quickstart(sub)
     _add_training(sub)
     _add_eval(sub)
+    _add_export(sub)
     _add_listing(sub)
     return parser
 

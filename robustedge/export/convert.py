@@ -1,0 +1,144 @@
+"""torch -> ONNX (fp32), ONNX fp16, ONNX INT8 (static QDQ) and TensorRT engines.
+
+Opset 18: the lowest the dynamo-based ``torch.onnx.export`` emits, supported by ONNX Runtime
+(including Mobile builds) and TensorRT 10. The exported graph is the conv+BN-folded model (the same
+function to ~1e-6) so every runtime sees the same simple graph; the exporter's optimiser then
+folds constants and removes dead nodes, which is the simplification that is always safe.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+
+from robustedge.errors import RobustEdgeError
+
+OPSET = 18
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+logger = logging.getLogger("robustedge.export")
+
+
+def export_onnx(model: torch.nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
+    """Export with a dynamic batch axis and check the file with ``onnx.checker``."""
+    import onnx
+
+    from robustedge.models import fold_batchnorm
+
+    model = fold_batchnorm(model).eval() if hasattr(model, "features_to_logits") else model.eval()
+    example = torch.rand(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (example,), dynamo=True, opset_version=OPSET, optimize=True,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes={"x": {0: batch}}, verbose=False)
+    except Exception as exc:  # the exporter raises many types; name the op it could not handle
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise RobustEdgeError(f"cannot export this model to ONNX: {first[:300]}") from None
+    program.save(str(path))
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    return path
+
+
+def convert_fp16(src: Path, dst: Path) -> Path:
+    """Weights and activations in fp16; the graph's input and output stay fp32 for the caller."""
+    import onnx
+    from onnxconverter_common import float16
+
+    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader over an in-memory (N, C, H, W) float32 array."""
+
+    def __init__(self, images: np.ndarray, batch_size: int = 64) -> None:
+        self._iter: Iterable = iter([{INPUT_NAME: images[i:i + batch_size]} for i in range(0, len(images), batch_size)])
+
+    def get_next(self):
+        return next(self._iter, None)
+
+    def rewind(self) -> None:  # pragma: no cover - not used by quantize_static's single pass
+        raise NotImplementedError
+
+
+def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "minmax",
+                  per_channel: bool = True) -> Path:
+    """Static INT8 quantisation in QDQ format (signed int8 weights per channel, int8 activations).
+
+    ``quant_pre_process`` runs first (shape inference + ORT's graph optimisations) as onnxruntime
+    recommends. ``calibration`` is float32 in [0, 1], drawn from training data.
+    """
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+
+    if method not in CALIBRATION_METHODS:
+        raise RobustEdgeError(f"unknown calibration method '{method}'; valid: {', '.join(CALIBRATION_METHODS)}")
+    if calibration is None or len(calibration) == 0:
+        raise RobustEdgeError("INT8 quantisation needs calibration images (none were given)")
+    prepared = dst.with_name(dst.stem + ".pre.onnx")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+            calib = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                     "percentile": CalibrationMethod.Percentile}[method]
+            quantize_static(str(prepared), str(dst), _Batches(calibration.astype(np.float32)),
+                            quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QInt8,
+                            weight_type=QuantType.QInt8, calibrate_method=calib,
+                            extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    finally:
+        prepared.unlink(missing_ok=True)
+    return dst
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether TensorRT engines can be built here, and if not, why (said to the user)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False, ("the 'tensorrt' package is not installed (pip install 'robustedge[trt]' on a machine with an "
+                       "NVIDIA GPU, or build on the target: see export/README.md)")
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU here; TensorRT engines must be built on the GPU that runs them (export/README.md)"
+    return True, ""
+
+
+def build_tensorrt(onnx_path: Path, dst: Path, precision: str, input_shape: tuple[int, int, int],
+                   max_batch: int = 256) -> Path:
+    """Build a serialized engine (fp16, or int8 from the QDQ model's own scales) for this GPU."""
+    import tensorrt as trt
+
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RobustEdgeError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if precision == "fp16":
+        config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)  # scales come from the QDQ nodes (explicit quantisation)
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(INPUT_NAME, (1, *input_shape), (64, *input_shape), (max_batch, *input_shape))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise RobustEdgeError(f"TensorRT failed to build the {precision} engine from {onnx_path.name}")
+    dst.write_bytes(bytes(engine))
+    return dst

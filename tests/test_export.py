@@ -1,0 +1,166 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from robustedge import RobustEdgeError
+from robustedge.export.bundle import ExportOptions, export_bundle, parse_formats, read_bundle, verify_bundle
+from robustedge.export.convert import export_onnx
+from robustedge.export.runners import OrtRunner
+from robustedge.export.verify import Gate
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTS = dict(n=64, calibration_n=128, transfer_attacks=("pgd20",), square_n=8, square_queries=50)
+
+
+@pytest.fixture(scope="module")
+def bundle(digits_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "bundle"
+    manifest, failures = export_bundle(digits_checkpoint, out, ExportOptions(**OPTS), progress=lambda m: None)
+    return out, manifest, failures
+
+
+def test_fp32_onnx_matches_torch_on_digits_and_random_inputs(digits, digits_model, tmp_path):
+    path = export_onnx(digits_model, (1, 16, 16), tmp_path / "m.onnx")
+    onnx.checker.check_model(onnx.load(str(path)))
+    runner = OrtRunner(path)
+    for x in (digits.test.float_images()[:100], torch.rand(7, 1, 16, 16)):  # dynamic batch: 100 and 7
+        with torch.no_grad():
+            ref = digits_model.eval()(x).numpy()
+        assert np.abs(runner(x.numpy()) - ref).max() < 1e-4
+
+
+def test_bundle_has_every_format_a_manifest_and_a_verified_table(bundle):
+    out, manifest, failures = bundle
+    assert set(manifest["files"]) == {"onnx", "onnx-fp16", "onnx-int8"}
+    for fmt, entry in manifest["files"].items():
+        assert (out / entry["file"]).stat().st_size == entry["bytes"]
+    table = manifest["table"]
+    assert set(table) == {"torch", "onnx", "onnx-fp16", "onnx-int8"}
+    assert table["onnx"]["max_abs_logit_diff"] < 1e-4
+    assert table["onnx"]["agreement"] == 1.0 and table["onnx"]["clean"] == table["torch"]["clean"]
+    assert table["onnx"]["transfer_pgd20"] == table["torch"]["transfer_pgd20"]
+    for row in table.values():
+        assert 0.0 <= row["square"] <= row["clean"] and row["latency_b1_ms"] > 0
+    assert table["torch"]["transfer_pgd20"] < table["torch"]["clean"]  # the attack did something
+    assert manifest["input"] == {"name": "input", "shape": [1, 16, 16], "dtype": "float32", "range": [0.0, 1.0],
+                                 "layout": "NCHW", "dynamic_batch": True}
+    with np.load(out / "verify.npz") as data:
+        assert set(data.files) == {"x", "y", "torch_pred", "adv_pgd20"} and len(data["y"]) == 64
+        assert np.abs(data["adv_pgd20"] - data["x"]).max() <= manifest["eps"] + 1e-6
+    assert "| onnx-int8 |" in (out / "verify.md").read_text()
+    assert not list(out.parent.glob(".bundle.*"))  # no temporary folder left behind
+    assert isinstance(failures, list)
+
+
+def test_int8_model_is_really_quantized_and_smaller(bundle):
+    out, manifest, _ = bundle
+    model = onnx.load(str(out / "model.int8.onnx"))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert int8_weights, "conv weights should be stored as int8"
+    assert manifest["files"]["onnx-int8"]["bytes"] < 0.5 * manifest["files"]["onnx"]["bytes"]
+
+
+def test_fp16_model_keeps_fp32_inputs_and_outputs(bundle):
+    out, _, _ = bundle
+    model = onnx.load(str(out / "model.fp16.onnx"))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def test_verify_recomputes_the_table_and_refuses_a_corrupted_bundle(bundle, tmp_path):
+    import shutil
+
+    out, manifest, _ = bundle
+    report, failures = verify_bundle(out, square_n=0, progress=lambda m: None)
+    assert report["table"]["onnx"]["clean"] == manifest["table"]["onnx"]["clean"]
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    data = bytearray((broken / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.int8.onnx").write_bytes(bytes(data))
+    with pytest.raises(RobustEdgeError, match="model.int8.onnx does not match its manifest sha256"):
+        read_bundle(broken)
+    proc = subprocess.run([sys.executable, str(ROOT / "export" / "verify_on_device.py"), str(broken)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "does not match its manifest sha256" in proc.stderr
+
+
+def test_on_device_verifier_runs_without_torch(bundle):
+    out, manifest, _ = bundle
+    hide_torch = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['robustedge'] = None; "
+                  f"sys.argv = ['verify_on_device.py', {str(out)!r}]; "
+                  f"runpy.run_path({str(ROOT / 'export' / 'verify_on_device.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True, timeout=120)
+    expected_exit = 1 if manifest["gate_failures"] else 0
+    assert proc.returncode == expected_exit, proc.stderr
+    lines = proc.stdout.splitlines()
+    row = next(line for line in lines if line.startswith("onnx |"))
+    assert row.split(" | ")[1] == f"{100 * manifest['table']['onnx']['clean']:.1f}"
+    assert any(line.startswith("onnx-int8 |") for line in lines)
+
+
+def test_gate_turns_a_regression_into_failures():
+    table = {"torch": {"clean": 0.9, "agreement": 1.0, "transfer_pgd20": 0.5},
+             "onnx-int8": {"clean": 0.88, "agreement": 0.93, "transfer_pgd20": 0.40}}
+    failures = Gate(max_robust_drop=0.05, min_agreement=0.95).check(table)
+    assert failures == ["onnx-int8: agreement 93.0% < 95.0%", "onnx-int8: transfer_pgd20 drops 10.0 points (> 5.0)"]
+    assert Gate(max_robust_drop=0.2, min_agreement=0.9).check(table) == []
+
+
+def test_cli_export_verify_and_bad_inputs(digits_checkpoint, bundle, tmp_path, capsys):
+    from robustedge.cli import main
+
+    out, _, _ = bundle
+    assert main(["verify", str(out), "--square-n", "0", "--max-drop", "1", "--min-agreement", "0"]) == 0
+    assert "gate passed" in capsys.readouterr().out
+    # a reference the artifacts cannot reach: the gate fails with exit 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["table"]["torch"]["clean"] = 1.5
+    strict = tmp_path / "strict"
+    import shutil
+
+    shutil.copytree(out, strict)
+    (strict / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["verify", str(strict), "--square-n", "0"]) == 1
+    assert "GATE FAILED" in capsys.readouterr().err
+    for argv, message in (
+            (["export", str(digits_checkpoint), "--out", str(tmp_path / "x"), "--formats", "onnx,tflite"],
+             "unknown export format 'tflite'"),
+            (["export", str(digits_checkpoint), "--out", str(out)], "exists and is not empty"),
+            (["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "y")], "checkpoint not found"),
+            (["verify", str(tmp_path)], "not an export bundle"),
+            (["verify", str(out), "--max-drop", "5"], "--max-drop must be a fraction")):
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_wrong_input_shape_and_missing_calibration_are_clear_errors(bundle):
+    from robustedge.export.convert import quantize_int8
+
+    out, _, _ = bundle
+    runner = OrtRunner(out / "model.onnx")
+    with pytest.raises(RobustEdgeError, match=r"input shape \(3, 16, 16\) does not fit"):
+        runner.check_shape((1, 3, 16, 16))
+    with pytest.raises(RobustEdgeError, match="needs calibration images"):
+        quantize_int8(out / "model.onnx", out.parent / "q.onnx", np.zeros((0, 1, 16, 16), np.float32))
+    assert parse_formats("onnx-int8") == ["onnx", "onnx-int8"]
+
+
+@pytest.mark.gpu
+def test_tensorrt_engines_build_and_verify(digits_checkpoint, tmp_path):
+    pytest.importorskip("tensorrt")
+    manifest, _ = export_bundle(digits_checkpoint, tmp_path / "trt",
+                                ExportOptions(formats=["onnx", "onnx-int8", "trt-fp16", "trt-int8"], **OPTS),
+                                progress=lambda m: None)
+    assert {"trt-fp16", "trt-int8"} <= set(manifest["files"])
+    assert manifest["table"]["trt-fp16"]["agreement"] > 0.95
