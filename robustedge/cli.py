@@ -200,6 +200,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attacks", default="all", help="attacks of the final evaluation (comma-separated or 'all')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export + verification step")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)
 
@@ -213,7 +214,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
             raise RobustEdgeError(f"--{flag.replace('_', '-')} must be >= 1")
     run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
                                       eval_n=args.n, device=args.device, seed=args.seed,
-                                      attacks=tuple(parse_attacks(args.attacks)), progress=not args.no_progress))
+                                      attacks=tuple(parse_attacks(args.attacks)), progress=not args.no_progress,
+                                      export=not args.no_export))
     return 0
 
 

@@ -108,11 +108,14 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
              batch_size: int = 256, seed: int = 0, aa_batch_size: int | None = None,
-             show_progress: bool = True, fold_bn: bool = False) -> EvalReport:
+             show_progress: bool = True, fold_bn: bool = False,
+             adversarial_out: dict[str, torch.Tensor] | None = None) -> EvalReport:
     """Run the suite on (x, y) already on the model's device; the model is put in eval mode.
 
     ``fold_bn`` attacks a conv+BN-folded copy (the same function to ~1e-6, about 1.5x faster on a
     CPU); off by default so results are bit-for-bit those of the model as given.
+    ``adversarial_out``, when given, receives each attack's adversarial examples (for reuse, e.g.
+    as transfer examples when verifying an export).
     """
     eps = check_eps(eps)
     if batch_size < 1:
@@ -131,16 +134,22 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             if name == "clean":
                 correct = _accuracy(model, x, y, batch_size)
             elif name == "autoattack":
-                _, y_adv = autoattack(model, x, y, eps=eps, seed=seed, batch_size=aa_batch_size or batch_size)
+                x_adv, y_adv = autoattack(model, x, y, eps=eps, seed=seed, batch_size=aa_batch_size or batch_size)
                 correct = y_adv.to(y.device) == y
+                if adversarial_out is not None:
+                    adversarial_out[name] = x_adv
             else:
                 gen = torch.Generator(device=x.device).manual_seed(seed)
-                chunks = []
+                chunks, advs = [], []
                 batches = list(zip(x.split(batch_size), y.split(batch_size)))
                 for xb, yb in progress(batches, desc=name, enabled=show_progress):
                     x_adv = attack.run(model, xb, yb, eps, gen)
                     chunks.append(_accuracy(model, x_adv, yb, batch_size))
+                    if adversarial_out is not None:
+                        advs.append(x_adv)
                 correct = torch.cat(chunks)
+                if adversarial_out is not None:
+                    adversarial_out[name] = torch.cat(advs)
             report.accuracy[name] = float(correct.float().mean()) if len(y) else float("nan")
             report.seconds[name] = time.perf_counter() - start
     finally:

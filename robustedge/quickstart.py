@@ -3,7 +3,10 @@
 1. a clean teacher (natural training) and a robust teacher (TRADES);
 2. a MobileNetV2 student distilled from both with B-MTARD, and the same student trained with
    plain PGD-AT as the baseline;
-3. both students through the full robustness suite on the test split; a table and the folder.
+3. both students through the full robustness suite on the test split;
+4. the B-MTARD student exported to ONNX fp32 / fp16 / INT8 and re-verified on each artifact through
+   ONNX Runtime (transfer PGD-20 and AutoAttack examples, black-box Square on the runtime);
+   a table and the folder.
 
 Digits are used at their native 8x8, one channel: upscaling adds no information but costs 2-4x
 in every forward pass, and AutoAttack's cost is all forward passes. eps = 0.1 (25.5/255): at 8/255
@@ -21,6 +24,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
 from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig)
@@ -43,6 +48,8 @@ class QuickstartSettings:
     seed: int = 0
     attacks: tuple[str, ...] = tuple(DEFAULT_ATTACKS)
     progress: bool = True
+    export: bool = True
+    square_queries: int = 1000  # the black-box check's budget here; `robustedge export` defaults to 5000
 
 
 def _base(name: str, method: str, arch: str, width: float, epochs: int, s: QuickstartSettings) -> TrainConfig:
@@ -94,6 +101,7 @@ def run_quickstart(s: QuickstartSettings) -> dict:
         timings[name] = time.perf_counter() - t0
 
     reports: dict[str, EvalReport] = {}
+    adversarial: dict[str, torch.Tensor] = {}
     for name in ("student_bmtard", "student_pgd_at"):
         model, meta = load_model(s.out / name / "best.safetensors")
         from robustedge.cli import load_eval_split
@@ -102,20 +110,40 @@ def run_quickstart(s: QuickstartSettings) -> dict:
         print(f"\n== evaluating {name} on {len(split)} test digits, eps={s.eps} ==", flush=True)
         t0 = time.perf_counter()
         report = evaluate(model, split.float_images(), split.labels, attacks=list(s.attacks), eps=s.eps,
-                          batch_size=200, seed=s.seed, show_progress=s.progress, fold_bn=True)
+                          batch_size=200, seed=s.seed, show_progress=s.progress, fold_bn=True,
+                          adversarial_out=adversarial if name == "student_bmtard" else None)
         timings[f"eval_{name}"] = time.perf_counter() - t0
         report.info |= {"checkpoint": str(s.out / name / "best.safetensors"), "method": meta.method}
         report.save(s.out / name / "eval.json", s.out / name / "eval.md")
         reports[name] = report
 
+    export_table, gate_failures = "", []
+    if s.export:
+        from robustedge.export.bundle import ExportOptions, export_bundle
+        from robustedge.export.verify import format_table
+
+        print("\n== exporting student_bmtard to ONNX fp32 / fp16 / INT8 and re-verifying ==", flush=True)
+        t0 = time.perf_counter()
+        attacks = tuple(a for a in ("pgd20", "autoattack") if a in adversarial)
+        manifest, gate_failures = export_bundle(
+            s.out / "student_bmtard" / "best.safetensors", s.out / "student_bmtard_export",
+            ExportOptions(n=s.eval_n, transfer_attacks=attacks, square_n=100, square_queries=s.square_queries,
+                          seed=s.seed), progress=lambda m: print(m, flush=True), precomputed_adv=adversarial)
+        timings["export"] = time.perf_counter() - t0
+        export_table = format_table(manifest["table"])
+
     total = time.perf_counter() - start
     table = comparison_table(reports)
     summary = {"status": "done", "seconds": total, "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
-               "results": {k: r.to_dict() for k, r in reports.items()}}
+               "results": {k: r.to_dict() for k, r in reports.items()}, "export_gate_failures": gate_failures}
     atomic_write_text(s.out / "quickstart.md", f"# Quickstart results (digits, eps = {s.eps})\n\n{table}\n"
-                                                f"Total time: {total:.0f} s\n")
+                                                + (f"## Exported B-MTARD student\n\n{export_table}\n" if export_table
+                                                   else "") + f"Total time: {total:.0f} s\n")
     atomic_write_json(s.out / MARKER, summary)
     print("\n" + table)
+    if export_table:
+        print("exported B-MTARD student, verified through ONNX Runtime (accuracy in %):\n" + export_table)
+        print("export gate: " + ("passed" if not gate_failures else "FAILED: " + "; ".join(gate_failures)))
     print(f"quickstart finished in {total:.0f} s ({total / 60:.1f} min); outputs in {s.out.resolve()}")
     sys.stdout.flush()
     return summary

@@ -192,6 +192,12 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     assert summary["status"] == "done" and set(summary["results"]) == {"student_bmtard", "student_pgd_at"}
     for run in ("teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at"):
         assert (out / run / "best.safetensors").is_file() and (out / run / "metrics.csv").is_file()
+    manifest = json.loads((out / "student_bmtard_export" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"onnx", "onnx-fp16", "onnx-int8"}
+    # the PGD-20 examples of the evaluation were reused as transfer examples, not crafted again
+    reused = summary["results"]["student_bmtard"]["accuracy"]["pgd20"]  # eval attacked the BN-folded twin
+    assert manifest["table"]["torch"]["transfer_pgd20"] == pytest.approx(reused, abs=1.01 / 24)
+    assert "exported B-MTARD student" in text
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     assert main(["quickstart", "--out", str(tmp_path / "mine"), "--epochs", "1"]) == 2
