@@ -141,11 +141,14 @@ def _route_autoattack_logs() -> None:
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str = "standard",
                attacks: list[str] | None = None, seed: int = 0, batch_size: int = 250,
-               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               device: torch.device | str | None = None, apgd_iters: int | None = None,
+               apgd_restarts: int | None = None, square_queries: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run pyautoattack's ``AutoAttack`` (``standard`` = APGD-CE, APGD-T, FAB-T, Square 5000).
 
     ``version='custom'`` with ``attacks`` picks a subset (for example ``['square']`` for a
-    query-only attack). Returns ``(x_adv, y_adv)`` exactly as the package does.
+    query-only attack). ``apgd_iters``/``apgd_restarts``/``square_queries`` change the budgets
+    for interactive use and the export's black-box check; evaluations leave them unset. Returns ``(x_adv, y_adv)`` exactly as the package does.
     """
     try:
         from pyautoattack import AutoAttack
@@ -164,4 +167,11 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     device = device or x.device
     adversary = AutoAttack(model, norm="Linf", eps=check_eps(eps), version=version,
                            attacks=attacks if version == "custom" else None, device=device, seed=seed)
+    if square_queries is not None:
+        adversary.square.n_queries = square_queries
+    for apgd in (adversary.apgd, adversary.apgd_targeted):
+        if apgd_iters is not None:
+            apgd.n_iter = apgd_iters
+        if apgd_restarts is not None:
+            apgd.n_restarts = apgd_restarts
     return adversary.run_standard_evaluation(x, y, batch_size=batch_size)

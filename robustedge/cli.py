@@ -321,6 +321,35 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return _report_gate(failures, Path(args.bundle))
 
 
+def _add_app(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("app", help="the Streamlit attack demo in the browser",
+                       description="Start the Streamlit demo: pick a checkpoint or exported ONNX model from the models "
+                                   "folder, an image and an attack, and see clean vs adversarial predictions.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default="runs/quickstart", help="folder with checkpoints / export bundles")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on")
+    p.add_argument("--host", default="localhost", help="address to bind (localhost keeps it private)")
+    p.set_defaults(func=cmd_app)
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    folder = Path(args.models)
+    if not folder.is_dir():
+        raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` first or pass --models")
+    script = Path(__file__).resolve().parents[1] / "apps" / "demo.py"
+    if not script.is_file():
+        raise RobustEdgeError(f"the demo page {script} is missing; it ships in the source tree: install RobustEdge "
+                              f"from a checkout (pip install -e .)")
+    env = {**os.environ, "ROBUSTEDGE_MODELS": str(folder.resolve())}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port),
+           "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    print(f"RobustEdge demo on http://{args.host}:{args.port}  (models: {folder.resolve()}; Ctrl+C to stop)")
+    return subprocess.call(cmd, env=env)
+
+
 def _add_listing(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the model registry")
     p.set_defaults(func=lambda a: _print_lines(__import__("robustedge.models", fromlist=["x"]).model_names()))
@@ -346,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_app(sub)
     _add_listing(sub)
     return parser
 

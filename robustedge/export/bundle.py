@@ -158,6 +158,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         manifest = {
             "format": BUNDLE_FORMAT, "robustedge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint), "arch": meta.spec.arch,
+                       "relative_path": os.path.relpath(checkpoint.resolve(), out.resolve()),
                        "method": meta.method, "dataset": meta.dataset},
             "input": {"name": convert.INPUT_NAME, "shape": list(meta.spec.input_shape), "dtype": "float32",
                       "range": [0.0, 1.0], "layout": "NCHW", "dynamic_batch": True},

@@ -106,17 +106,12 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
 
 def square_accuracy(run, samples: dict[str, np.ndarray], eps: float, n: int, queries: int, seed: int) -> float:
     """Black-box robust accuracy: pyautoattack's Square attack querying ``run`` (no gradients)."""
-    from pyautoattack import AutoAttack
+    from robustedge.attacks import autoattack
 
-    from robustedge.attacks import _route_autoattack_logs
-
-    _route_autoattack_logs()
     x = torch.from_numpy(samples["x"][:n])
     y = torch.from_numpy(samples["y"][:n])
-    adversary = AutoAttack(RunnerModule(run), norm="Linf", eps=eps, version="custom", attacks=["square"],
-                           device="cpu", seed=seed)
-    adversary.square.n_queries = queries
-    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=max(1, n))
+    _, y_adv = autoattack(RunnerModule(run), x, y, eps=eps, version="custom", attacks=["square"], seed=seed,
+                          batch_size=max(1, n), device="cpu", square_queries=queries)
     return float((y_adv == y).float().mean())
 
 

@@ -1,0 +1,218 @@
+"""The logic behind the Streamlit demo (``apps/demo.py``), kept free of Streamlit so it is testable.
+
+Security: the app only ever opens files found by scanning its models folder; names shown to the user
+are paths relative to that folder, and every path is resolved and checked to stay inside it (no
+``..`` or symlink escapes). Uploads are size-limited and decoded by PIL with its decompression-bomb
+guard.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustedge.errors import RobustEdgeError
+
+MAX_UPLOAD_BYTES = 10 * 2**20
+MAX_UPLOAD_PIXELS = 4096 * 4096
+ATTACKS = ("FGSM", "PGD", "CW-inf", "APGD-CE")
+ONNX_ATTACKS = ("Transfer PGD (from source checkpoint)", "Square (query-only)")
+SQUARE_QUERIES = 500  # an interactive budget; `robustedge export` uses AutoAttack's 5000
+
+
+@dataclass
+class ModelEntry:
+    name: str  # path relative to the models folder: what the user sees and picks
+    path: Path
+    kind: str  # "torch" or "onnx"
+    info: dict = field(default_factory=dict)
+    source: Path | None = None  # for ONNX: the checkpoint it was exported from, when inside the folder
+
+    @property
+    def label(self) -> str:
+        bits = [self.info.get("arch"), self.info.get("method"), self.info.get("dataset")]
+        robust = self.info.get("robustness")
+        return f"{self.name} ({', '.join(b for b in bits if b)}{'; ' + robust if robust else ''})"
+
+
+def _inside(folder: Path, path: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def list_models(folder: str | Path) -> list[ModelEntry]:
+    """Every RobustEdge checkpoint and exported ONNX model under ``folder``."""
+    from robustedge.checkpoint import read_meta
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` or pass --models")
+    entries = []
+    for path in sorted(folder.rglob("*.safetensors")):
+        if not _inside(folder, path) or path.name.startswith("."):
+            continue
+        try:
+            meta = read_meta(path)
+        except RobustEdgeError:
+            continue
+        info = {"arch": meta.spec.arch, "method": meta.method, "dataset": meta.dataset, "eps": meta.eps}
+        eval_json = path.with_name("eval.json")
+        if eval_json.is_file() and path.name == "best.safetensors":
+            acc = json.loads(eval_json.read_text()).get("accuracy", {})
+            if "autoattack" in acc:
+                info["robustness"] = f"clean {100 * acc['clean']:.0f}%, AA {100 * acc['autoattack']:.0f}%"
+        elif "val_wrobust" in meta.metrics:
+            info["robustness"] = f"val clean {100 * meta.metrics['val_clean']:.0f}%, PGD-20 {100 * meta.metrics['val_pgd20']:.0f}%"
+        entries.append(ModelEntry(str(path.relative_to(folder)), path, "torch", info))
+    for path in sorted(folder.rglob("*.onnx")):
+        if not _inside(folder, path):
+            continue
+        manifest_path = path.with_name("manifest.json")
+        info, source = {"arch": "onnx"}, None
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            src = manifest.get("source", {})
+            info = {"arch": f"{src.get('arch')} ({path.stem.replace('model', 'onnx').replace('.', ' ')})",
+                    "method": src.get("method"), "dataset": src.get("dataset"), "eps": manifest.get("eps")}
+            candidate = (path.parent / src.get("relative_path", "")).resolve() if src.get("relative_path") else None
+            if candidate is not None and candidate.is_file() and _inside(folder, candidate):
+                source = candidate
+        entries.append(ModelEntry(str(path.relative_to(folder)), path, "onnx", info, source))
+    return entries
+
+
+def resolve_entry(folder: str | Path, name: str) -> ModelEntry:
+    """The entry called ``name``; anything not found by the folder scan is refused."""
+    for entry in list_models(folder):
+        if entry.name == name:
+            return entry
+    raise RobustEdgeError(f"no model named {name!r} in the models folder")
+
+
+class Predictor:
+    """A torch model or an ONNX Runtime session behind one call: [0, 1] images -> probabilities."""
+
+    def __init__(self, entry: ModelEntry) -> None:
+        from robustedge.checkpoint import load_model
+
+        self.entry = entry
+        self.torch_model = None
+        self.runner = None
+        if entry.kind == "torch":
+            self.torch_model, meta = load_model(entry.path)
+            self.input_shape = meta.spec.input_shape
+            self.classes = meta.classes or [str(i) for i in range(meta.spec.num_classes)]
+            self.meta = meta
+        else:
+            from robustedge.export.runners import OrtRunner
+
+            self.runner = OrtRunner(entry.path)
+            shape = self.runner.input.shape[1:]
+            if not all(isinstance(s, int) for s in shape):
+                raise RobustEdgeError(f"{entry.name} has no fixed input shape")
+            self.input_shape = tuple(shape)
+            manifest_path = entry.path.with_name("manifest.json")
+            classes = json.loads(manifest_path.read_text())["output"]["classes"] if manifest_path.is_file() else None
+            self.meta = None
+            self.classes = classes or [str(i) for i in range(len(self.logits(torch.zeros(1, *shape))[0]))]
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.torch_model is not None:
+            with torch.no_grad():
+                return self.torch_model(x)
+        return torch.from_numpy(self.runner(x.numpy()))
+
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits(x).float(), dim=1)
+
+    def module(self) -> torch.nn.Module:
+        if self.torch_model is not None:
+            return self.torch_model
+        from robustedge.export.runners import RunnerModule
+
+        return RunnerModule(self.runner)
+
+
+def prepare_upload(data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tensor, str]:
+    """An uploaded image as a (1, C, H, W) tensor in [0, 1] for the model, and what was done to it."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise RobustEdgeError(f"the upload is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
+    Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_UPLOAD_PIXELS:
+                raise RobustEdgeError(f"the image is {img.width}x{img.height}; at most {MAX_UPLOAD_PIXELS} pixels")
+            original = f"{img.width}x{img.height} {img.mode}"
+            channels, height, width = shape
+            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            array = np.asarray(img, dtype=np.float32).reshape(height, width, channels) / 255.0
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
+        raise RobustEdgeError(f"the upload is not a readable image ({type(exc).__name__})") from None
+    note = f"{original} -> {width}x{height} {'grey' if channels == 1 else 'RGB'}, scaled to [0, 1]"
+    return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous(), note
+
+
+def attack(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, steps: int,
+           source: Predictor | None = None, seed: int = 0) -> torch.Tensor:
+    """Adversarial example(s) for ``predictor``. White-box attacks need a torch model; ONNX models get
+    transfer from their source checkpoint or the query-only Square attack."""
+    from robustedge.attacks import autoattack, check_eps, cw_inf, fgsm, pgd
+
+    eps = check_eps(eps)
+    if eps == 0:
+        return x.clone()
+    gen = torch.Generator().manual_seed(seed)
+    if name == "Square (query-only)":
+        x_adv, _ = autoattack(predictor.module(), x, y, eps=eps, version="custom", attacks=["square"], seed=seed,
+                              batch_size=len(x), device="cpu", square_queries=SQUARE_QUERIES)
+        return x_adv
+    if name.startswith("Transfer"):
+        if source is None or source.torch_model is None:
+            raise RobustEdgeError("no source checkpoint for this ONNX model inside the models folder; use Square")
+        name, target = "PGD", source.torch_model
+    else:
+        if predictor.torch_model is None:
+            raise RobustEdgeError(f"{name} needs gradients; for an ONNX model use transfer or Square")
+        target = predictor.torch_model
+    if name == "FGSM":
+        return fgsm(target, x, y, eps)
+    if name == "PGD":
+        return pgd(target, x, y, eps=eps, step_size=eps / 4, steps=steps, generator=gen)
+    if name == "CW-inf":
+        return cw_inf(target, x, y, eps=eps, step_size=eps / 4, steps=steps, generator=gen)
+    if name == "APGD-CE":  # pyautoattack's APGD-CE, one restart of `steps` iterations (interactive budget)
+        x_adv, _ = autoattack(target, x, y, eps=eps, version="custom", attacks=["apgd-ce"], seed=seed,
+                              batch_size=len(x), device="cpu", apgd_iters=max(steps, 2), apgd_restarts=1)
+        return x_adv
+    raise RobustEdgeError(f"unknown attack {name!r}; valid: {', '.join(ATTACKS + ONNX_ATTACKS)}")
+
+
+def robust_curve(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, attack_name: str, eps_values: list[float],
+                 steps: int, source: Predictor | None = None) -> list[float]:
+    """Robust accuracy of a small batch over a range of eps (the same attack at each eps)."""
+    out = []
+    for eps in eps_values:
+        x_adv = attack(predictor, x, y, attack_name, eps, steps, source)
+        out.append(float((predictor.logits(x_adv).argmax(1) == y).float().mean()))
+    return out
+
+
+def amplify(delta: torch.Tensor) -> np.ndarray:
+    """A perturbation mapped to [0, 1] around grey so that +-eps is visible."""
+    scale = float(delta.abs().max()) or 1.0
+    return (0.5 + 0.5 * delta / scale).clamp(0, 1).squeeze(0).permute(1, 2, 0).numpy()
+
+
+def to_image(x: torch.Tensor) -> np.ndarray:
+    img = x.squeeze(0).permute(1, 2, 0).clamp(0, 1).numpy()
+    return img[:, :, 0] if img.shape[2] == 1 else img

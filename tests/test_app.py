@@ -1,0 +1,128 @@
+import io
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustedge import RobustEdgeError, demo
+from robustedge.export.bundle import ExportOptions, export_bundle
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = str(ROOT / "apps" / "demo.py")
+
+
+@pytest.fixture(scope="module")
+def models_folder(digits_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "natural").mkdir()
+    ckpt = folder / "natural" / "best.safetensors"
+    shutil.copy(digits_checkpoint, ckpt)
+    export_bundle(ckpt, folder / "natural_export", ExportOptions(n=32, calibration_n=64, transfer_attacks=("pgd20",),
+                                                                 square_n=0), progress=lambda m: None)
+    return folder
+
+
+def app(folder, **params):
+    from streamlit.testing.v1 import AppTest
+
+    os.environ["ROBUSTEDGE_MODELS"] = str(folder)
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    for key, value in params.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def messages(at) -> str:
+    return " | ".join([e.value for e in at.error] + [e.value for e in at.success] + [e.value for e in at.warning]
+                      + [e.value for e in at.info])
+
+
+def test_page_renders_with_models_and_metadata(models_folder):
+    at = app(models_folder)
+    assert not at.exception
+    labels = at.sidebar.selectbox[0].options
+    assert any("natural/best.safetensors" in o and "wideresnet-10-1" in o for o in labels)
+    assert any("natural_export/model.int8.onnx" in o for o in labels)
+    assert at.subheader[0].value.startswith("natural/best.safetensors: FGSM")
+
+
+@pytest.mark.parametrize("attack", demo.ATTACKS)
+def test_each_attack_gives_an_adversarial_prediction_and_the_perturbation(models_folder, attack):
+    at = app(models_folder, model="natural/best.safetensors", eps="0.3")
+    at.sidebar.selectbox[2].set_value(attack).run()
+    assert not at.exception
+    captions = [c for element in at.get("image") for c in element.captions]
+    text = messages(at)
+    assert "attack took" in text
+    assert "Prediction flipped" in text  # eps 0.3 breaks this non-robust model on sample 0
+    assert len(captions) == 3, captions
+    assert captions[1].startswith("adversarial: predicted") and captions[2].startswith("perturbation, amplified")
+
+
+def test_eps_zero_leaves_the_prediction_unchanged(models_folder):
+    at = app(models_folder, model="natural/best.safetensors", attack="PGD")
+    at.sidebar.slider[0].set_value(0.0).run()
+    assert "Prediction unchanged" in messages(at)
+
+
+def test_onnx_model_offers_transfer_and_square(models_folder):
+    at = app(models_folder, model="natural_export/model.onnx", eps="0.3")
+    assert at.sidebar.selectbox[2].options == list(demo.ONNX_ATTACKS)
+    assert "Prediction flipped" in messages(at)  # transfer PGD from the source checkpoint
+    at.sidebar.selectbox[2].set_value("Square (query-only)").run()
+    assert not at.exception and "attack took" in messages(at)
+
+
+def test_uploads_good_and_bad(models_folder):
+    from PIL import Image
+
+    at = app(models_folder, model="natural/best.safetensors", input="upload")
+    png = io.BytesIO()
+    Image.fromarray(np.full((40, 30, 3), 200, np.uint8)).save(png, format="PNG")
+    at.file_uploader[0].set_value(("seven.png", png.getvalue(), "image/png")).run()
+    assert "Upload converted: 30x40 RGB -> 16x16 grey" in [c.value for c in at.caption][0]
+    assert "attack took" in messages(at)
+    at.file_uploader[0].set_value(("notes.png", b"definitely not an image", "image/png")).run()
+    assert "not a readable image" in messages(at) and not at.exception
+    huge = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(huge, format="PNG")
+    at.file_uploader[0].set_value(("huge.png", huge.getvalue(), "image/png")).run()
+    assert "at most" in messages(at) and not at.exception
+
+
+def test_broken_model_and_empty_or_missing_folders(models_folder, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(models_folder, bad)
+    (bad / "natural_export" / "model.onnx").write_bytes(b"\x00garbage")
+    at = app(bad, model="natural_export/model.onnx")
+    assert "Cannot load natural_export/model.onnx" in messages(at) and not at.exception
+    (tmp_path / "empty").mkdir()
+    assert "holds no RobustEdge checkpoints" in messages(app(tmp_path / "empty"))
+    assert "does not exist" in messages(app(tmp_path / "nowhere"))
+
+
+def test_the_app_reads_only_inside_its_folder(models_folder, tmp_path):
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(models_folder / "natural" / "best.safetensors", outside)
+    link_folder = tmp_path / "linked"
+    link_folder.mkdir()
+    (link_folder / "escape.safetensors").symlink_to(outside)
+    assert demo.list_models(link_folder) == []
+    for name in ("../outside.safetensors", str(outside), "natural/../../outside.safetensors"):
+        with pytest.raises(RobustEdgeError, match="no model named"):
+            demo.resolve_entry(models_folder, name)
+
+
+def test_prepare_upload_converts_and_limits():
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((10, 20, 3), np.uint8)).save(buf, format="PNG")
+    x, note = demo.prepare_upload(buf.getvalue(), (3, 8, 8))
+    assert x.shape == (1, 3, 8, 8) and note.startswith("20x10 RGB -> 8x8 RGB")
+    with pytest.raises(RobustEdgeError, match="limit is 10 MB"):
+        demo.prepare_upload(b"0" * (11 * 2**20), (1, 8, 8))
+    assert torch.equal(demo.attack(None, x, torch.tensor([0]), "PGD", 0.0, 5), x)
