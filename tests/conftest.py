@@ -63,3 +63,19 @@ def digits_checkpoint(digits_model, tmp_path_factory):
     meta = ModelMeta(ModelSpec("wideresnet-10-1", 10, 1, 1.0, 16), dataset="digits", eps=0.1, method="natural",
                      classes=[str(i) for i in range(10)], extra={"data": {"seed": 0, "val_fraction": 0.1}})
     return save_model(path, digits_model, meta)
+
+
+@pytest.fixture(scope="session")
+def models_folder(digits_checkpoint, tmp_path_factory):
+    """A demo models folder: the digits checkpoint and an export bundle made from it."""
+    import shutil
+
+    from robustedge.export.bundle import ExportOptions, export_bundle
+
+    folder = tmp_path_factory.mktemp("models")
+    (folder / "natural").mkdir()
+    ckpt = folder / "natural" / "best.safetensors"
+    shutil.copy(digits_checkpoint, ckpt)
+    export_bundle(ckpt, folder / "natural_export", ExportOptions(n=32, calibration_n=64, transfer_attacks=("pgd20",),
+                                                                 square_n=0), progress=lambda m: None)
+    return folder

@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError, demo
-from robustedge.export.bundle import ExportOptions, export_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = str(ROOT / "apps" / "demo.py")
-
-
-@pytest.fixture(scope="module")
-def models_folder(digits_checkpoint, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    (folder / "natural").mkdir()
-    ckpt = folder / "natural" / "best.safetensors"
-    shutil.copy(digits_checkpoint, ckpt)
-    export_bundle(ckpt, folder / "natural_export", ExportOptions(n=32, calibration_n=64, transfer_attacks=("pgd20",),
-                                                                 square_n=0), progress=lambda m: None)
-    return folder
 
 
 def app(folder, **params):
