@@ -55,7 +55,9 @@ def convert_fp16(src: Path, dst: Path) -> Path:
     import onnx
     from onnxconverter_common import float16
 
-    model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    with warnings.catch_warnings():  # it warns once per tiny weight it rounds to fp16's smallest value
+        warnings.simplefilter("ignore")
+        model = float16.convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
     onnx.checker.check_model(model)
     onnx.save(model, str(dst))
     return dst
