@@ -172,20 +172,33 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
     return _meta_from_header(path, _read_header(path))
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
-    """Rebuild the model a RobustEdge file describes and load its weights strictly (eval mode)."""
+def _read_robustedge_file(path: Path) -> tuple[dict[str, str], ModelMeta, dict[str, torch.Tensor]]:
+    """Header, metadata and every tensor of a RobustEdge file (model or training state)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = Path(path)
     header = _read_header(path)
     meta = _meta_from_header(path, header)
     try:
-        state = load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise RobustEdgeError(f"{path}: cannot read weights (truncated or corrupt?): {exc}") from None
-    if header.get("kind") == TRAINING_KIND:  # a run's last.safetensors: its model part
-        state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        raise RobustEdgeError(f"{path}: cannot read tensors (truncated or corrupt?): {exc}") from None
+    return header, meta, tensors
+
+
+def _model_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
+    """Rebuild the model a RobustEdge file describes and load its weights strictly (eval mode).
+
+    A run's ``last.safetensors`` (a training state) works too: its model part is used.
+    """
+    path = Path(path)
+    header, meta, state = _read_robustedge_file(path)
+    if header.get("kind") == TRAINING_KIND:
+        state = _model_part(state)
     model = meta.spec.build()
     load_state_strict(model, state, source=str(path), arch=meta.spec.arch)
     return model.to(device).eval(), meta
@@ -366,17 +379,9 @@ def save_training_state(path: str | os.PathLike, model: nn.Module, meta: ModelMe
 
 
 def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelMeta, dict]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """(model weights, metadata, the rest of the state) of a run's ``last.safetensors``."""
     path = Path(path)
-    header = _read_header(path)
-    meta = _meta_from_header(path, header)
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise RobustEdgeError(f"{path}: cannot read training state: {exc}") from None
+    header, meta, tensors = _read_robustedge_file(path)
     if header.get("kind") != TRAINING_KIND:
         raise RobustEdgeError(f"{path} is a model file, not a training state; resume needs a run's last.safetensors")
-    model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    return model_state, meta, _unflatten(json.loads(header["training"]), tensors)
+    return _model_part(tensors), meta, _unflatten(json.loads(header["training"]), tensors)
