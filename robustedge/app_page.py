@@ -152,10 +152,11 @@ def render() -> None:
 
     st.subheader(f"{choice}: {attack_name}, eps = {eps:.3f} ({eps * 255:.1f}/255)")
     cols = st.columns(3)
-    cols[0].image(_upscale(demo.to_image(x)), caption=f"clean: predicted {pred_clean} (true {truth})", clamp=True)
-    cols[1].image(_upscale(demo.to_image(x_adv)), caption=f"adversarial: predicted {pred_adv}", clamp=True)
+    cols[0].image(_upscale(demo.to_image(x)), caption=f"clean: predicted {pred_clean} (true {truth})", clamp=True, width=160)
+    cols[1].image(_upscale(demo.to_image(x_adv)), caption=f"adversarial: predicted {pred_adv}", clamp=True, width=160)
     cols[2].image(_upscale(demo.to_image(torch.from_numpy(demo.amplify(x_adv - x)).permute(2, 0, 1)[None])),
-                  caption=f"perturbation, amplified (max |delta| = {float((x_adv - x).abs().max()):.3f})", clamp=True)
+                  caption=f"perturbation, amplified (max |delta| = {float((x_adv - x).abs().max()):.3f})", clamp=True,
+                  width=160)
     if flipped:
         st.error(f"Prediction flipped: {pred_clean} -> {pred_adv}  (attack took {seconds:.2f} s)")
     else:
