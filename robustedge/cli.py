@@ -15,9 +15,10 @@ from robustedge import __version__
 from robustedge.errors import RobustEdgeError
 
 EXAMPLES = """examples:
-  robustedge quickstart                      train teachers, distil a student with B-MTARD, evaluate
-  robustedge eval runs/quickstart/student_bmtard.safetensors --attacks clean,pgd20,autoattack --n 500
-  robustedge models                          list the architectures in the registry
+  robustedge quickstart        teachers + B-MTARD student + PGD-AT baseline on digits, evaluated and exported
+  robustedge eval runs/quickstart/student_bmtard/best.safetensors --attacks clean,pgd20,autoattack --n 200
+  robustedge export runs/quickstart/student_bmtard/best.safetensors --out bundle
+  robustedge app               the browser demo on runs/quickstart
 """
 
 
