@@ -13,7 +13,7 @@ import logging
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Iterable
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -67,13 +67,14 @@ class _Batches:
     """onnxruntime's CalibrationDataReader over an in-memory (N, C, H, W) float32 array."""
 
     def __init__(self, images: np.ndarray, batch_size: int = 64) -> None:
-        self._iter: Iterable = iter([{INPUT_NAME: images[i:i + batch_size]} for i in range(0, len(images), batch_size)])
+        self._batches = [{INPUT_NAME: images[i:i + batch_size]} for i in range(0, len(images), batch_size)]
+        self._iter: Iterator[dict] = iter(self._batches)
 
-    def get_next(self):
+    def get_next(self) -> dict | None:
         return next(self._iter, None)
 
-    def rewind(self) -> None:  # pragma: no cover - not used by quantize_static's single pass
-        raise NotImplementedError
+    def rewind(self) -> None:
+        self._iter = iter(self._batches)
 
 
 def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "minmax",

@@ -9,7 +9,6 @@ white-box robust accuracy. The gate turns a regression into a non-zero exit.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,8 +135,3 @@ def format_table(table: dict[str, dict]) -> str:
         cells += [f"{row['size_mb']:.3f}", f"{row['latency_b1_ms']:.2f}", f"{row['latency_b64_ms']:.2f}"]
         lines.append(f"| {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def timed(fn, *args, **kwargs):
-    start = time.perf_counter()
-    return fn(*args, **kwargs), time.perf_counter() - start
