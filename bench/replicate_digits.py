@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
-from robustedge.cli import load_eval_split
+from robustedge.data import split_for_model
 from robustedge.evaluate import DEFAULT_ATTACKS, evaluate, parse_attacks
 from robustedge.methods import get_method, method_names
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
@@ -51,7 +51,7 @@ def evaluate_run(best: Path, n: int, eps: float, attacks: list[str], seed: int) 
     if cached.exists():
         return json.loads(cached.read_text())
     model, meta = load_model(best)
-    split = load_eval_split(meta, None, None, "test", n)
+    split = split_for_model(meta, None, None, "test", n)
     report = evaluate(model, split.float_images(), split.labels, attacks=attacks, eps=eps, batch_size=200,
                       seed=seed, show_progress=False, fold_bn=True)
     report.save(cached, best.with_name("eval.md"))

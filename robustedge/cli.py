@@ -52,6 +52,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from robustedge.attacks import check_eps
+    from robustedge.data import split_for_model
     from robustedge.checkpoint import load_model
     from robustedge.evaluate import evaluate, parse_attacks
     from robustedge.runtime import resolve_device
@@ -65,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if eps is None:
         raise RobustEdgeError("the checkpoint records no eps; pass --eps")
     eps = check_eps(eps)
-    split = load_eval_split(meta, args.dataset, args.data_root, args.split, args.n or None, args.download)
+    split = split_for_model(meta, args.dataset, args.data_root, args.split, args.n or None, args.download)
     x, y = split.float_images(device), split.labels.to(device)
     print(f"evaluating {args.checkpoint} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
           f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}",
@@ -80,22 +81,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(report.to_text())
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return 0
-
-
-def load_eval_split(meta, dataset: str | None, data_root: str | None, split: str, n: int | None,
-                    download: bool = False):
-    """The split a checkpoint should be judged on, shaped and split exactly as in its training run."""
-    from robustedge.data import load_dataset
-
-    data = meta.extra.get("data", {})
-    name = dataset or meta.dataset
-    ds = load_dataset(name, data_root or data.get("root"), image_size=meta.spec.image_size,
-                      channels=meta.spec.in_channels, val_fraction=data.get("val_fraction", 0.1),
-                      seed=data.get("seed", 0), download=download)
-    if ds.num_classes != meta.spec.num_classes:
-        raise RobustEdgeError(f"dataset '{name}' has {ds.num_classes} classes but the checkpoint's "
-                              f"{meta.spec.arch} has {meta.spec.num_classes} outputs")
-    return ds.split(split).take(n)
 
 
 def _fraction(text: str) -> float:

@@ -358,6 +358,21 @@ def load_dataset(name: str, root: str | None = None, *, image_size: int | None =
     return DATASETS[name](root, image_size, channels, val_fraction, seed, download)
 
 
+def split_for_model(meta, dataset: str | None, data_root: str | None, split: str, n: int | None,
+                    download: bool = False):
+    """A split of the data a model was trained on, shaped and split exactly as in its training run
+    (``meta`` is the model's :class:`~robustedge.checkpoint.ModelMeta`)."""
+    data = meta.extra.get("data", {})
+    name = dataset or meta.dataset
+    ds = load_dataset(name, data_root or data.get("root"), image_size=meta.spec.image_size,
+                      channels=meta.spec.in_channels, val_fraction=data.get("val_fraction", 0.1),
+                      seed=data.get("seed", 0), download=download)
+    if ds.num_classes != meta.spec.num_classes:
+        raise RobustEdgeError(f"dataset '{name}' has {ds.num_classes} classes but the checkpoint's "
+                              f"{meta.spec.arch} has {meta.spec.num_classes} outputs")
+    return ds.split(split).take(n)
+
+
 # --------------------------------------------------------------------------------------------
 # Batched device-side augmentation and iteration
 # --------------------------------------------------------------------------------------------

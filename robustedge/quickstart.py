@@ -104,9 +104,9 @@ def run_quickstart(s: QuickstartSettings) -> dict:
     adversarial: dict[str, torch.Tensor] = {}
     for name in ("student_bmtard", "student_pgd_at"):
         model, meta = load_model(s.out / name / "best.safetensors")
-        from robustedge.cli import load_eval_split
+        from robustedge.data import split_for_model
 
-        split = load_eval_split(meta, None, None, "test", s.eval_n)
+        split = split_for_model(meta, None, None, "test", s.eval_n)
         print(f"\n== evaluating {name} on {len(split)} test digits, eps={s.eps} ==", flush=True)
         t0 = time.perf_counter()
         report = evaluate(model, split.float_images(), split.labels, attacks=list(s.attacks), eps=s.eps,

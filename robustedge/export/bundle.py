@@ -66,9 +66,9 @@ def sha256(path: Path) -> str:
 
 
 def _calibration(meta, opts: ExportOptions, model: torch.nn.Module) -> np.ndarray:
-    from robustedge.cli import load_eval_split
+    from robustedge.data import split_for_model
 
-    train = load_eval_split(meta, None, opts.data_root, "train", None)
+    train = split_for_model(meta, None, opts.data_root, "train", None)
     if len(train) == 0:
         raise RobustEdgeError("no training images to calibrate INT8 with")
     gen = torch.Generator().manual_seed(opts.seed)
@@ -99,7 +99,7 @@ def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -
 def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, progress=print,
                   precomputed_adv: dict[str, torch.Tensor] | None = None) -> tuple[dict, list[str]]:
     """Build the bundle at ``out``; returns (manifest, gate failures)."""
-    from robustedge.cli import load_eval_split
+    from robustedge.data import split_for_model
 
     out, checkpoint = Path(out), Path(checkpoint)
     formats = parse_formats(opts.formats)
@@ -108,7 +108,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     model, meta = load_model(checkpoint, "cpu")
     if meta.eps is None:
         raise RobustEdgeError(f"{checkpoint} records no eps; it is needed for the robustness checks")
-    split = load_eval_split(meta, None, opts.data_root, "test", opts.n)
+    split = split_for_model(meta, None, opts.data_root, "test", opts.n)
     x, y = split.float_images(), split.labels
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
