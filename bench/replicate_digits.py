@@ -4,7 +4,8 @@
     python bench/replicate_digits.py --methods bmtard,rslad --seeds 0
 
 Students are the quickstart's MobileNetV2 (width 0.25) with its settings (digits 8x8, eps 0.1,
-10 epochs); only the method and the seed change. The teachers are trained once (seed 0) and
+20 epochs); only the method and the seed change. On a CPU, two runs go side by side in two
+processes with one thread each (robustedge.runtime.parallel_plan), as in the quickstart. The teachers are trained once (seed 0) and
 shared, as in the papers. Finished runs are skipped when the script is started again, so an
 interrupted replication resumes where it stopped. Results: mean +- std over seeds on the first
 --n test digits, written between markers in bench/RESULTS.md and as JSON beside the runs.
@@ -27,6 +28,7 @@ from robustedge.data import split_for_model
 from robustedge.evaluate import DEFAULT_ATTACKS, evaluate, parse_attacks
 from robustedge.methods import get_method, method_names
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
+from robustedge.runtime import cpu_cores, iter_jobs, parallel_plan, resolve_device, run_jobs
 from robustedge.train import train
 
 START, END = "<!-- replicate_digits:start -->", "<!-- replicate_digits:end -->"
@@ -56,6 +58,13 @@ def evaluate_run(best: Path, n: int, eps: float, attacks: list[str], seed: int) 
                       seed=seed, show_progress=False, fold_bn=True)
     report.save(cached, best.with_name("eval.md"))
     return report.to_dict()
+
+
+def run_and_evaluate(job: tuple) -> tuple[str, int, dict, float]:
+    base, method, seed, out, n, eps, attacks = job
+    start = time.perf_counter()
+    best = run_student(base, method, seed, out)
+    return method, seed, evaluate_run(best, n, eps, attacks, seed), time.perf_counter() - start
 
 
 def table(results: dict[str, list[dict]], attacks: list[str]) -> str:
@@ -88,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="runs/replicate_digits", help="folder for the runs")
     p.add_argument("--methods", default=",".join(method_names()), help="comma-separated methods")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--epochs", type=int, default=10, help="student epochs")
+    p.add_argument("--epochs", type=int, default=QuickstartSettings.epochs, help="student epochs")
     p.add_argument("--n", type=int, default=200, help="test digits evaluated")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="attacks of the evaluation")
     p.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="Markdown to update")
@@ -96,37 +105,35 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    torch.set_num_threads(torch.get_num_threads())
     settings = QuickstartSettings(out=out, epochs=args.epochs, device=args.device, progress=False)
     configs = quickstart_configs(settings)
-    for name in ("teacher_clean", "teacher_robust"):
-        if not (out / name / "result.json").exists():
-            train(configs[name])
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     seeds = [int(s) for s in args.seeds.split(",")]
     attacks = parse_attacks(args.attacks)
     for method in methods:
         get_method(method)
+    workers, threads = parallel_plan(resolve_device(args.device), 2)
+    teachers = [configs[n] for n in ("teacher_clean", "teacher_robust") if not (out / n / "result.json").exists()]
+    run_jobs(train, teachers, min(workers, len(teachers)), threads)
+    # seeds outermost: after the first pass every method has a result
+    jobs = [(configs["student_bmtard"], method, seed, out, args.n, settings.eps, attacks)
+            for seed in seeds for method in methods]
     results: dict[str, list[dict]] = {}
-    t0 = time.perf_counter()
-    machine = f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}"
-    for seed in seeds:  # seeds outermost: after the first pass every method has a result
-        for method in methods:
-            start = time.perf_counter()
-            best = run_student(configs["student_bmtard"], method, seed, out)
-            results.setdefault(method, []).append(evaluate_run(best, args.n, settings.eps, attacks, seed))
-            print(f"{method} seed {seed}: " + ", ".join(f"{a} {100 * results[method][-1]['accuracy'][a]:.1f}"
-                                                      for a in attacks) + f" ({time.perf_counter() - start:.0f} s)",
-                  flush=True)
-            atomic_write_json(out / "replication.json", {"methods": methods, "seeds": seeds, "n": args.n,
-                                                         "eps": settings.eps, "results": results})
-            section = (f"## Replication on digits (`python bench/replicate_digits.py`)\n\n"
-                       f"MobileNetV2 (width 0.25) students on digits 8x8, eps = {settings.eps}, {args.epochs} epochs, "
-                       f"teachers ResNet-20 (natural) and WRN-10-2 (TRADES) shared by all runs; seeds {args.seeds} "
-                       f"(finished per method: {', '.join(f'{m} {len(r)}' for m, r in results.items())}); "
-                       f"accuracy (%) on the first {args.n} test digits (attacks on the conv+BN-folded student), "
-                       f"mean ± std over the finished seeds; {machine}.\n\n{table(results, attacks)}\n")
-            write_results(Path(args.results), section)
+    machine = (f"{cpu_cores()} CPU cores, {workers} run(s) at a time with {threads} thread(s) each, "
+               f"torch {torch.__version__}")
+    for method, seed, result, seconds in iter_jobs(run_and_evaluate, jobs, workers, threads):
+        results.setdefault(method, []).append(result)
+        print(f"{method} seed {seed}: " + ", ".join(f"{a} {100 * result['accuracy'][a]:.1f}" for a in attacks)
+              + f" ({seconds:.0f} s)", flush=True)
+        atomic_write_json(out / "replication.json", {"methods": methods, "seeds": seeds, "n": args.n,
+                                                     "eps": settings.eps, "results": results})
+        section = (f"## Replication on digits (`python bench/replicate_digits.py`)\n\n"
+                   f"MobileNetV2 (width 0.25) students on digits 8x8, eps = {settings.eps}, {args.epochs} epochs, "
+                   f"teachers ResNet-20 (natural) and WRN-10-2 (TRADES) shared by all runs; seeds {args.seeds} "
+                   f"(finished per method: {', '.join(f'{m} {len(r)}' for m, r in results.items())}); "
+                   f"accuracy (%) on the first {args.n} test digits (attacks on the conv+BN-folded student), "
+                   f"mean ± std over the finished seeds; {machine}.\n\n{table(results, attacks)}\n")
+        write_results(Path(args.results), section)
     print(table(results, attacks))
     return 0
 

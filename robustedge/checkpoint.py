@@ -285,16 +285,35 @@ def load_weights(spec: ModelSpec, path: str | os.PathLike, device: torch.device 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class FrozenTeacher(nn.Module):
-    """A teacher that only infers: eval mode forever, no parameter gradients, under no_grad,
-    optionally in a lower precision than the student; always returns fp32 logits."""
+def teacher_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a teacher runs in; ``auto`` is bf16 where the hardware computes it natively
+    (CUDA with bf16, CPUs with AVX512-BF16/AMX through oneDNN) and fp32 elsewhere."""
+    if precision == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+                bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    if precision not in _PRECISIONS:
+        raise RobustEdgeError(f"unknown teacher precision '{precision}'; valid: auto, {', '.join(_PRECISIONS)}")
+    return _PRECISIONS[precision]
 
-    def __init__(self, model: nn.Module, precision: str = "fp32") -> None:
+
+class FrozenTeacher(nn.Module):
+    """A teacher that only infers: eval mode forever, no parameter gradients, under inference
+    mode, optionally in a lower precision than the student; always returns fp32 logits.
+
+    Its soft labels only enter the loss as constants, so bf16 (8 bits of mantissa) changes a target
+    probability by well under 1%; the benchmark (bench/train_step.py) checks the step's loss stays
+    within tolerance of an fp32 teacher's.
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu") -> None:
         super().__init__()
-        if precision not in _PRECISIONS:
-            raise RobustEdgeError(f"unknown teacher precision '{precision}'; valid: {', '.join(_PRECISIONS)}")
-        self.dtype = _PRECISIONS[precision]
-        self.model = model.to(self.dtype).eval()
+        self.dtype = teacher_dtype(precision, device)
+        self.model = model.to(device=device, dtype=self.dtype).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -303,8 +322,10 @@ class FrozenTeacher(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.model(x.to(self.dtype)).float()
+        with torch.inference_mode():
+            logits = self.model(x.detach().to(self.dtype)).float()
+        # inference tensors cannot be saved for backward; the KL terms save their target
+        return logits.clone()
 
 
 def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
@@ -325,7 +346,7 @@ def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
     from robustedge.models import fold_batchnorm
 
     # a teacher only infers, so its BNs are folded into its convs once, here (see models/folding.py)
-    return FrozenTeacher(fold_batchnorm(model), cfg.precision).to(device)
+    return FrozenTeacher(fold_batchnorm(model), cfg.precision, device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to attack")
     p.add_argument("--n", type=int, default=1000, help="evaluate the first N examples of the split (0: all)")
     p.add_argument("--eps", type=float, default=None, help="L-inf radius in [0, 1] (default: the checkpoint's eps)")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size of the white-box attacks")
+    p.add_argument("--batch-size", type=_batch_size, default="auto",
+                   help="batch size of the attacks, or 'auto': the largest that fits in memory")
     p.add_argument("--aa-batch-size", type=int, default=None, help="batch size of AutoAttack (default: --batch-size)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of AutoAttack")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -73,6 +74,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
           file=sys.stderr)
     report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
                       aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn)
+    print(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""),
+          file=sys.stderr)
     report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
                    "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
     ckpt = Path(args.checkpoint)
@@ -81,6 +84,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(report.to_text())
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return 0
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{text}'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _fraction(text: str) -> float:
@@ -120,8 +135,15 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--eps", type=_fraction, help="training attack radius, e.g. 8/255")
         p.add_argument("--step-size", type=_fraction, help="training attack step, e.g. 2/255")
         p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision")
-        p.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
-        p.add_argument("--channels-last", action="store_true", default=None, help="channels_last memory format")
+        p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile the student and its attack twin (pays off on long GPU runs)")
+        p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels_last memory format (default on: faster convolutions on CPU and GPU)")
+        p.add_argument("--fold-attack", action=argparse.BooleanOptionalAction, default=None,
+                       help="run the training attack on a conv+BN-folded twin of the student (default on; "
+                            "the same function in eval mode with fewer operations)")
+        p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp16"],
+                       help="precision of every teacher (default auto: bf16 where the hardware has it)")
         p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--seed", type=int, help="seed of initialisation, data order and attacks")
@@ -140,7 +162,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 _FLAG_KEYS = {"method": "method", "arch": "model.arch", "width": "model.width", "dataset": "data.name",
               "data_root": "data.root", "download": "data.download", "epochs": "epochs", "batch_size": "batch_size",
               "lr": "optim.lr", "eps": "attack.eps", "step_size": "attack.step_size", "amp": "amp",
-              "compile": "compile", "channels_last": "channels_last", "sync_bn": "sync_bn", "device": "device",
+              "compile": "compile", "channels_last": "channels_last", "fold_attack": "fold_attack", "sync_bn": "sync_bn", "device": "device",
               "seed": "seed", "name": "name", "out_dir": "out_dir", "robust_teacher": "teachers.robust.checkpoint",
               "clean_teacher": "teachers.clean.checkpoint"}
 
@@ -154,6 +176,9 @@ def resolve_train_config(args: argparse.Namespace):
     cfg = apply_values(cfg, {**flags, **parse_overrides(args.overrides)})
     if args.no_progress:
         cfg.progress = False
+    if getattr(args, "teacher_precision", None):
+        for teacher in cfg.teachers.values():
+            teacher.precision = args.teacher_precision
     if cfg.method not in args.valid_methods:
         other = "distill" if args.kind == "train" else "train"
         raise RobustEdgeError(f"method '{cfg.method}' is not a `robustedge {args.kind}` method "
@@ -180,7 +205,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
                                    "Re-running replaces the previous quickstart folder.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="output folder")
-    p.add_argument("--epochs", type=int, default=10, help="epochs of each student")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of each student")
     p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of each teacher")
     p.add_argument("--n", type=int, default=200, help="test examples in the final evaluation")
     p.add_argument("--attacks", default="all", help="attacks of the final evaluation (comma-separated or 'all')")
@@ -225,7 +250,7 @@ def _gate(args: argparse.Namespace, base=None):
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
     from robustedge.export.bundle import FILES
-    from robustedge.export.convert import CALIBRATION_METHODS
+    from robustedge.export.convert import CALIBRATION_METHODS, INT8_ACTIVATIONS
 
     p = sub.add_parser(
         "export", help="export a checkpoint to ONNX / fp16 / INT8 / TensorRT and re-verify robustness",
@@ -242,6 +267,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-method", default="minmax", choices=CALIBRATION_METHODS, help="INT8 calibration")
     p.add_argument("--calibrate-adversarial", action="store_true",
                    help="calibrate INT8 on half clean, half PGD-20 examples of the float model")
+    p.add_argument("--int8-activations", default="uint8", choices=INT8_ACTIVATIONS,
+                   help="activation type of the ONNX INT8 file: uint8 is ONNX Runtime's fast x86 path; int8 for "
+                        "runtimes that want signed; TensorRT INT8 engines always use int8-symmetric")
     p.add_argument("--transfer-attacks", default="pgd20,autoattack", help="attacks crafted on torch and replayed")
     p.add_argument("--square-n", type=int, default=100, help="examples for the black-box Square attack (0: off)")
     p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (AutoAttack's 5000)")
@@ -278,6 +306,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     opts = ExportOptions(formats=parse_formats(args.formats), n=args.n, calibration_n=args.calibration_n,
                          calibration_method=args.calibration_method, calibrate_adversarial=args.calibrate_adversarial,
+                         int8_activations=args.int8_activations,
                          transfer_attacks=tuple(a.strip() for a in args.transfer_attacks.split(",") if a.strip()),
                          square_n=args.square_n, square_queries=args.square_queries, data_root=args.data_root,
                          seed=args.seed, gate=_gate(args))

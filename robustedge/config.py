@@ -47,7 +47,7 @@ class TeacherConfig:
     width: float = 1.0
     mean: list[float] | None = None
     std: list[float] | None = None
-    precision: str = "fp32"  # fp32 | bf16 | fp16: teachers only infer, so they may run lower
+    precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16: teachers only infer
 
 
 @dataclass
@@ -88,7 +88,8 @@ class TrainConfig:
     eval_n: int = 512
     eval_eps: float | None = None  # None: attack.eps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
-    channels_last: bool = False
+    channels_last: bool = True
+    fold_attack: bool = True  # attack a BN-folded twin of the student (same function, fewer ops)
     compile: bool = False
     sync_bn: bool = False
     seed: int = 0

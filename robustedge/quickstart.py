@@ -31,6 +31,7 @@ from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_mod
 from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig)
 from robustedge.errors import RobustEdgeError
 from robustedge.evaluate import DEFAULT_ATTACKS, EvalReport, evaluate
+from robustedge.runtime import parallel_plan, resolve_device, run_jobs
 from robustedge.train import train
 
 DIGITS_EPS = 0.1
@@ -40,7 +41,7 @@ MARKER = "quickstart.json"
 @dataclass
 class QuickstartSettings:
     out: Path = Path("runs/quickstart")
-    epochs: int = 10
+    epochs: int = 20
     teacher_epochs: int = 10
     eval_n: int = 200
     eps: float = DIGITS_EPS
@@ -88,34 +89,75 @@ def _prepare_out(out: Path) -> None:
     atomic_write_json(out / MARKER, {"status": "running"})
 
 
+ADVERSARIAL_FILE = "eval_adversarial.safetensors"  # the evaluation's adversarial examples, reused by the export
+
+
+def _train_job(cfg: TrainConfig) -> float:
+    t0 = time.perf_counter()
+    train(cfg)
+    return time.perf_counter() - t0
+
+
+def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
+    """Evaluate one student; writes eval.json/.md (and the adversarial examples of the B-MTARD one)."""
+    s, name = job
+    from safetensors.torch import save_file
+
+    from robustedge.checkpoint import atomic_path
+    from robustedge.data import split_for_model
+
+    model, meta = load_model(s.out / name / "best.safetensors")
+    split = split_for_model(meta, None, None, "test", s.eval_n)
+    print(f"== evaluating {name} on {len(split)} test digits, eps={s.eps} ==", flush=True)
+    adversarial: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    report = evaluate(model, split.float_images(), split.labels, attacks=list(s.attacks), eps=s.eps,
+                      batch_size=200, seed=s.seed, show_progress=s.progress, fold_bn=True,
+                      adversarial_out=adversarial)
+    seconds = time.perf_counter() - t0
+    report.info |= {"checkpoint": str(s.out / name / "best.safetensors"), "method": meta.method}
+    report.save(s.out / name / "eval.json", s.out / name / "eval.md")
+    if name == "student_bmtard" and adversarial:
+        with atomic_path(s.out / name / ADVERSARIAL_FILE) as tmp:
+            save_file({k: v.contiguous() for k, v in adversarial.items()}, str(tmp))
+    print(f"== {name} evaluated in {seconds:.0f} s ==", flush=True)
+    return {"report": report.to_dict(), "seconds": seconds}
+
+
+def _phase(title: str, fn, items: list, workers: int, threads: int) -> list:
+    mode = f" ({workers} processes x {threads} thread{'s' if threads > 1 else ''})" if workers > 1 else ""
+    print(f"\n== {title}{mode} ==", flush=True)
+    return run_jobs(fn, items, workers, threads)
+
+
 def run_quickstart(s: QuickstartSettings) -> dict:
     start = time.perf_counter()
     _prepare_out(s.out)
     configs = quickstart_configs(s)
+    workers, threads = parallel_plan(resolve_device(s.device), 2)
+    if workers > 1:  # bars from two processes would overwrite each other; epoch lines name their run
+        for cfg in configs.values():
+            cfg.progress = False
     timings = {}
-    for name, cfg in configs.items():
-        print(f"\n== {name}: {cfg.method} {cfg.model.arch} (width {cfg.model.width}), {cfg.epochs} epochs ==",
-              flush=True)
-        t0 = time.perf_counter()
-        train(cfg)
-        timings[name] = time.perf_counter() - t0
+    for names in (("teacher_clean", "teacher_robust"), ("student_bmtard", "student_pgd_at")):
+        title = "; ".join(f"{n}: {configs[n].method} {configs[n].model.arch} (width {configs[n].model.width}), "
+                          f"{configs[n].epochs} epochs" for n in names)
+        seconds = _phase(f"training {title}", _train_job, [configs[n] for n in names], workers, threads)
+        timings |= dict(zip(names, seconds))
 
+    students = ["student_bmtard", "student_pgd_at"]
+    evaluated = _phase("evaluating both students with the full suite", _eval_job, [(s, n) for n in students],
+                       workers, threads)
     reports: dict[str, EvalReport] = {}
+    for name, result in zip(students, evaluated):
+        raw = {k: v for k, v in result["report"].items() if k != "w_robust"}
+        reports[name] = EvalReport(**raw)
+        timings[f"eval_{name}"] = result["seconds"]
     adversarial: dict[str, torch.Tensor] = {}
-    for name in ("student_bmtard", "student_pgd_at"):
-        model, meta = load_model(s.out / name / "best.safetensors")
-        from robustedge.data import split_for_model
+    if (s.out / "student_bmtard" / ADVERSARIAL_FILE).exists():
+        from safetensors.torch import load_file
 
-        split = split_for_model(meta, None, None, "test", s.eval_n)
-        print(f"\n== evaluating {name} on {len(split)} test digits, eps={s.eps} ==", flush=True)
-        t0 = time.perf_counter()
-        report = evaluate(model, split.float_images(), split.labels, attacks=list(s.attacks), eps=s.eps,
-                          batch_size=200, seed=s.seed, show_progress=s.progress, fold_bn=True,
-                          adversarial_out=adversarial if name == "student_bmtard" else None)
-        timings[f"eval_{name}"] = time.perf_counter() - t0
-        report.info |= {"checkpoint": str(s.out / name / "best.safetensors"), "method": meta.method}
-        report.save(s.out / name / "eval.json", s.out / name / "eval.md")
-        reports[name] = report
+        adversarial = load_file(str(s.out / "student_bmtard" / ADVERSARIAL_FILE))
 
     export_table, gate_failures = "", []
     if s.export:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import random
 import sys
-from typing import Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -47,3 +47,70 @@ def progress(iterable: Iterable[T], desc: str, total: int | None = None, enabled
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total, file=sys.stderr, leave=False, dynamic_ncols=True, **kw)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS / Windows
+        return os.cpu_count() or 1
+
+
+def parallel_plan(device: torch.device, jobs: int) -> tuple[int, int]:
+    """(worker processes, threads each) for ``jobs`` independent small-model jobs.
+
+    Small models on a CPU are bound by per-operator overhead, not arithmetic: one thread gets
+    nearly as many images/s as two, so two runs side by side with one thread each finish in
+    about half the time of the same runs one after another with two threads each (measured in
+    bench/RESULTS.md). On a GPU the jobs run one after another in this process.
+    """
+    cores = cpu_cores()
+    if device.type != "cpu" or jobs < 2 or cores < 2:
+        return 1, torch.get_num_threads()
+    workers = min(jobs, cores)
+    return workers, max(1, cores // workers)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel stop this worker when its parent dies (a killed quickstart must not
+    leave runs training in the background and writing into its folder)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover - no glibc
+        pass
+
+
+def _init_worker(threads: int) -> None:
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    os.environ["ROBUSTEDGE_NO_PROGRESS"] = "1"  # interleaved bars from several processes are unreadable
+
+
+def iter_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int) -> Iterator[T]:
+    """``fn(item)`` for each item, yielded in order as they finish, in ``workers`` spawned processes
+    when more than one.
+
+    ``fn`` must be a module-level function and items picklable; the first exception raised in a
+    worker is re-raised here.
+    """
+    if workers <= 1:
+        for item in items:
+            yield fn(item)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        yield from pool.map(fn, items)
+
+
+def run_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int) -> list[T]:
+    """All of :func:`iter_jobs` as a list."""
+    return list(iter_jobs(fn, items, workers, threads))

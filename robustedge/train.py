@@ -147,21 +147,9 @@ class Trainer:
         channels, size = data.input_shape[0], data.input_shape[1]
         spec = ModelSpec(cfg.model.arch, data.num_classes, channels, cfg.model.width, size, cfg.model.mean,
                          cfg.model.std)
-        seed_everything(cfg.seed)
-        model = spec.build().to(device)
-        if cfg.sync_bn and world > 1:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if cfg.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-
-        method_cls = get_method(cfg.method)
-        teachers = {role: load_teacher(cfg.teachers[role], data.num_classes, channels, size, device)
-                    for role in method_cls.teacher_roles if role in cfg.teachers}
-        method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                    weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-        amp_dtype, use_scaler = _amp_settings(cfg, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        parts = build_parts(cfg, spec, device, world, data.num_classes)
+        model, method, optimizer, scaler = parts.model, parts.method, parts.optimizer, parts.scaler
+        method_cls = type(method)
 
         start_epoch, history, best = 0, [], float("-inf")
         if self.resume:
@@ -177,9 +165,7 @@ class Trainer:
                 raise RobustEdgeError(f"{last_path} already finished epoch {start_epoch}/{cfg.epochs}; "
                                       f"raise --epochs to train longer")
 
-        net = torch.compile(model) if cfg.compile else model
-        student = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None) \
-            if world > 1 else net
+        student = parts.wrap(world, device)
 
         per_rank_batch = max(1, cfg.batch_size // world)
         loader = DeviceLoader(data.train, per_rank_batch, device=device, shuffle=True, augment=cfg.data.augment,
@@ -199,13 +185,12 @@ class Trainer:
         selection_key = "val_wrobust" if method_cls.adversarial else "val_clean"
         t_run = time.perf_counter()
         for epoch in range(start_epoch, cfg.epochs):
-            row = self._train_epoch(epoch, student, model, method, optimizer, scaler, amp_dtype, loader,
-                                    device, rank, world, main)
+            row = self._train_epoch(epoch, student, parts, loader, device, rank, world, main)
             if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
                 if main:
                     report = evaluate(unwrap(model), val_x, val_y, attacks=["clean", "pgd20"],
                                       eps=cfg.eval_eps or cfg.attack.eps, batch_size=256, seed=cfg.seed,
-                                      show_progress=False)
+                                      show_progress=False, fold_bn=True)
                     row.update(val_clean=report.accuracy["clean"], val_pgd20=report.accuracy["pgd20"],
                                val_wrobust=report.w_robust("pgd20"))
             history.append(row)
@@ -224,7 +209,7 @@ class Trainer:
                     for key, value in row.items():
                         if isinstance(value, (int, float)) and key != "epoch":
                             writer.add_scalar(key, value, epoch + 1)
-                print(_epoch_line(row, cfg.epochs), flush=True)
+                print(_epoch_line(cfg.name, row, cfg.epochs), flush=True)
             for callback in self.callbacks:
                 callback(epoch, row)
 
@@ -245,9 +230,9 @@ class Trainer:
         return result
 
     # ------------------------------------------------------------------------------------------
-    def _train_epoch(self, epoch, student, model, method, optimizer, scaler, amp_dtype, loader, device, rank,
-                     world, main) -> dict:
+    def _train_epoch(self, epoch, student, parts: "TrainingParts", loader, device, rank, world, main) -> dict:
         cfg = self.cfg
+        model, method, optimizer = parts.model, parts.method, parts.optimizer
         lr = cfg.optim.lr * lr_factor(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -255,25 +240,13 @@ class Trainer:
         loader.set_epoch(epoch)
         torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # attack starts: see module docstring
         student.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
         sums = torch.zeros(3, device=device)  # loss, train accuracy, grad norm
         extra: dict[str, torch.Tensor] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
         bar = progress(loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", total=len(loader),
                        enabled=cfg.progress and main)
         for x, y in bar:
-            if cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss, logs = method.step(student, x, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = nn.utils.clip_grad_norm_(params, float("inf"))
-            scaler.step(optimizer)
-            scaler.update()
-            method.after_step(logs)
+            logs, grad_norm = parts.step(student, x, y)
             sums += torch.stack([logs["loss"].float(), logs["train_acc"].float(), grad_norm.float()])
             for key, value in logs.items():
                 if key not in ("loss", "train_acc"):
@@ -306,6 +279,74 @@ class Trainer:
         return row
 
 
+@dataclass
+class TrainingParts:
+    """What one optimisation step needs, built from a config (shared by the trainer and bench/)."""
+
+    cfg: TrainConfig
+    model: nn.Module  # the student itself (no wrappers): checkpoints, validation
+    method: "object"
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+
+    def wrap(self, world: int = 1, device: torch.device | None = None) -> nn.Module:
+        """The student as the step sees it: compiled if asked, under DDP with several ranks."""
+        net = torch.compile(self.model) if self.cfg.compile else self.model
+        if world > 1:
+            device = device or self.device
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        return net
+
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """One optimisation step; returns the method's logs and the gradient norm as device tensors."""
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None \
+            else nullcontext()
+        with autocast:
+            loss, logs = self.method.step(student, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(logs)
+        return logs, grad_norm
+
+
+def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: int = 1,
+                num_classes: int | None = None) -> TrainingParts:
+    """Student (seeded), teachers (folded, in their precision), method, optimiser and AMP scaler.
+
+    With ``fold_attack`` the method attacks a linked conv+BN-folded twin of the student
+    (models/folding.py), compiled along with the student when ``compile`` is set.
+    """
+    seed_everything(cfg.seed)
+    model = spec.build().to(device)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    method_cls = get_method(cfg.method)
+    teachers = {role: load_teacher(cfg.teachers[role], num_classes or spec.num_classes, spec.in_channels,
+                                   spec.image_size, device)
+                for role in method_cls.teacher_roles if role in cfg.teachers}
+    method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
+    if cfg.fold_attack and method_cls.adversarial:
+        from robustedge.models import fold_batchnorm
+
+        twin = fold_batchnorm(model, linked=True)
+        method.attack_twin = torch.compile(twin) if cfg.compile else twin
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    amp_dtype, use_scaler = _amp_settings(cfg, device)
+    return TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
+                         amp_dtype, device)
+
+
 def _tensorboard(run_dir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -323,8 +364,8 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _epoch_line(row: dict, epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"train acc {100 * row['train_acc']:.1f}%",
+def _epoch_line(name: str, row: dict, epochs: int) -> str:
+    parts = [f"{name} epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"train acc {100 * row['train_acc']:.1f}%",
              f"{row['img_per_s']:.0f} img/s"]
     if "val_clean" in row:
         parts += [f"val clean {100 * row['val_clean']:.1f}%", f"val PGD-20 {100 * row['val_pgd20']:.1f}%"]
@@ -338,4 +379,4 @@ def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[EpochCallba
     return Trainer(cfg, resume=resume, callbacks=callbacks).run()
 
 
-__all__ = ["TrainResult", "Trainer", "lr_factor", "state_digest", "train"]
+__all__ = ["TrainResult", "Trainer", "TrainingParts", "build_parts", "lr_factor", "state_digest", "train"]

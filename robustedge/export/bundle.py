@@ -40,6 +40,7 @@ class ExportOptions:
     calibration_n: int = 512
     calibration_method: str = "minmax"
     calibrate_adversarial: bool = False
+    int8_activations: str = "uint8"  # the ONNX INT8 file's; TensorRT INT8 always uses int8-symmetric
     transfer_attacks: tuple[str, ...] = TRANSFER_ATTACKS
     square_n: int = 100
     square_queries: int = 5000
@@ -126,8 +127,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         if "onnx-int8" in formats or "trt-int8" in formats:
             progress(f"INT8: {opts.calibration_method} calibration on {opts.calibration_n} training images"
                      + (" (half PGD-20 adversarial)" if opts.calibrate_adversarial else ""))
-            convert.quantize_int8(tmp / FILES["onnx"], tmp / FILES["onnx-int8"], _calibration(meta, opts, model),
-                                  opts.calibration_method)
+            calibration = _calibration(meta, opts, model)
+            convert.quantize_int8(tmp / FILES["onnx"], tmp / FILES["onnx-int8"], calibration,
+                                  opts.calibration_method, activations=opts.int8_activations)
         trt_formats = [f for f in formats if f.startswith("trt")]
         if trt_formats:
             ok, why = convert.tensorrt_available()
@@ -136,8 +138,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
                     skipped[fmt] = why
                     progress(f"skipping {fmt}: {why}")
                     continue
-                source = tmp / FILES["onnx-int8" if fmt == "trt-int8" else "onnx"]
+                source = tmp / FILES["onnx"]
+                if fmt == "trt-int8":
+                    source = convert.quantize_int8(source, tmp / "trt-source.int8.onnx", calibration,
+                                                   opts.calibration_method, activations="int8-symmetric")
                 convert.build_tensorrt(source, tmp / FILES[fmt], fmt.split("-")[1], meta.spec.input_shape)
+                if fmt == "trt-int8":
+                    source.unlink()
         if "onnx-int8" not in formats and (tmp / FILES["onnx-int8"]).exists():
             (tmp / FILES["onnx-int8"]).unlink()
 

@@ -8,7 +8,8 @@ through ``state_dict`` so it is checkpointed and restored on resume.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from contextlib import contextmanager
+from typing import Any, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,8 @@ class Method:
         self.gamma = gamma
         self.device = torch.device(device)
         self.epoch = 0
+        # the trainer's BN-folded twin of the student (models/folding.py); None: attack the student itself
+        self.attack_twin: nn.Module | None = None
 
     # -- hooks the trainer calls --------------------------------------------------------------
     def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -85,15 +88,35 @@ class Method:
         return {k: float(v) for k, v in self.state_dict().items() if v.numel() == 1}
 
     # -- shared pieces --------------------------------------------------------------------------
-    def perturb(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
-                target_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """The training-time attack, with the student in eval mode as in the papers' code."""
+    @contextmanager
+    def eval_view(self, student: nn.Module) -> Iterator[nn.Module]:
+        """The student as the training-time attack sees it: in eval mode, as in the papers' code.
+
+        With a folded twin that is the same function with conv+BN merged (refreshed from the
+        student's current weights here), which makes every attack pass cheaper; otherwise the
+        student itself, switched to eval mode and back.
+        """
+        if self.attack_twin is not None:
+            self.attack_twin.refresh()  # (through torch.compile's wrapper when compiled)
+            yield self.attack_twin
+            return
         net = attack_view(student)
         was_training = net.training
         net.eval()
-        a = self.attack_cfg
         try:
-            return pgd(net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, loss=loss,  # type: ignore[arg-type]
-                       target_probs=target_probs, start=a.start, init_std=a.init_std)  # type: ignore[arg-type]
+            yield net
         finally:
             net.train(was_training)
+
+    def pgd(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
+            target_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The configured training attack on ``net`` (already in its eval view)."""
+        a = self.attack_cfg
+        return pgd(net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, loss=loss,  # type: ignore[arg-type]
+                   target_probs=target_probs, start=a.start, init_std=a.init_std)  # type: ignore[arg-type]
+
+    def perturb(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
+                target_probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The training-time attack on the student's eval view."""
+        with self.eval_view(student) as net:
+            return self.pgd(net, x, y, loss, target_probs)

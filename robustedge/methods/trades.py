@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from robustedge.methods import register
-from robustedge.methods.base import Method, accuracy, attack_view, kl_batchmean
+from robustedge.methods.base import Method, accuracy, kl_batchmean
 
 
 @register
@@ -13,13 +13,10 @@ class TRADES(Method):
     defaults = {"beta": 6.0}
 
     def step(self, student, x, y):
-        net = attack_view(student)
-        was_training = net.training
-        net.eval()  # the attack's target S(x) is taken in eval mode, as in the TRADES code
-        with torch.no_grad():
-            target = F.softmax(net(x).float(), dim=1)
-        net.train(was_training)
-        x_adv = self.perturb(student, x, loss="kl", target_probs=target)
+        with self.eval_view(student) as net:  # the attack's target S(x) is taken in eval mode, as in the TRADES code
+            with torch.no_grad():
+                target = F.softmax(net(x).float(), dim=1)
+            x_adv = self.pgd(net, x, loss="kl", target_probs=target)
         logits_nat = student(x)
         logits_adv = student(x_adv)
         natural = F.cross_entropy(logits_nat.float(), y)

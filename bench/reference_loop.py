@@ -1,0 +1,162 @@
+"""The reference training step: the loop as the authors' released code writes it (RSLAD, MTARD,
+B-MTARD, TRADES), used by bench/train_step.py as the baseline our trainer is measured against.
+
+Style kept on purpose: a per-sample ``DataLoader`` over PIL images with torchvision transforms
+(``num_workers=0`` as in the MTARD scripts), fp32 everywhere, models with their BatchNorms, the
+student switched to eval for the attack and back, one forward pass per use (TRADES recomputes its
+target), teachers in fp32 under ``no_grad``, the B-MTARD balances as Python floats read with
+``.item()``. Loss definitions are DESIGN.md's (KL with ``batchmean``), so that a step's loss is
+the same number as our trainer's on the same batch and the same random start.
+
+Not part of the library: this file exists to be slow in the authors' way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+
+class PILImages(torch.utils.data.Dataset):
+    """HWC uint8 images served one at a time as PIL images, like torchvision's CIFAR10."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+def reference_loader(images_nchw: torch.Tensor, labels: torch.Tensor, batch_size: int, padding: int = 4):
+    from torchvision import transforms
+
+    size = images_nchw.shape[-1]
+    transform = transforms.Compose([transforms.RandomCrop(size, padding=padding), transforms.RandomHorizontalFlip(),
+                                    transforms.ToTensor()])
+    hwc = images_nchw.permute(0, 2, 3, 1).numpy()
+    if hwc.shape[-1] == 1:
+        hwc = hwc[..., 0]
+    return torch.utils.data.DataLoader(PILImages(hwc, labels.numpy(), transform), batch_size=batch_size,
+                                       shuffle=True, num_workers=0)
+
+
+def kl(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    return F.kl_div(F.log_softmax(student_logits, dim=1), target_probs, reduction="batchmean")
+
+
+def pgd_ce(model, x, y, eps, step_size, steps):
+    """mtard_inner_loss_ce / ARD / PGD-AT: CE-PGD from x + 0.001 N(0, I), student in eval mode."""
+    model.eval()
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape, device=x.device).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y)
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    return torch.clamp(x_adv, 0.0, 1.0).detach()
+
+
+def pgd_kl(model, x, target_fn, eps, step_size, steps):
+    """rslad_inner_loss / TRADES: maximise KL(target || S(x')); ``target_fn()`` is re-evaluated
+    every step as in the TRADES code (RSLAD passes fixed teacher probabilities)."""
+    model.eval()
+    x_adv = x.detach() + 0.001 * torch.randn(x.shape, device=x.device).detach()
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), target_fn(), reduction="sum")
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    return torch.clamp(x_adv, 0.0, 1.0).detach()
+
+
+class ReferenceStep:
+    """One optimisation step per method, in the authors' style; ``state`` holds B-MTARD's floats."""
+
+    def __init__(self, method: str, student: nn.Module, teachers: dict[str, nn.Module], optimizer,
+                 eps: float, step_size: float, steps: int, args: dict) -> None:
+        self.method, self.student, self.teachers, self.optimizer = method, student, teachers, optimizer
+        self.eps, self.step_size, self.steps, self.args = eps, step_size, steps, args
+        for t in teachers.values():
+            t.eval()
+        self.w_adv, self.w_nat, self.tau_adv, self.tau_nat = 0.5, 0.5, 1.0, 1.0
+        self.init_adv = self.init_nat = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        s, a = self.student, self.args
+        s.train()
+        self.optimizer.zero_grad()
+        if self.method == "natural":
+            loss = F.cross_entropy(s(x), y)
+        elif self.method == "pgd_at":
+            loss = F.cross_entropy(s(pgd_ce(s, x, y, self.eps, self.step_size, self.steps)), y)
+        elif self.method == "trades":
+            def target():
+                return F.softmax(s(x), dim=1)  # in eval mode inside the attack, as in trades.py
+            x_adv = pgd_kl(s, x, lambda: target().detach(), self.eps, self.step_size, self.steps)
+            logits = s(x)
+            loss = F.cross_entropy(logits, y) + a.get("beta", 6.0) * kl(s(x_adv), F.softmax(s(x), dim=1))
+        elif self.method == "ard":
+            alpha, tau = a.get("alpha", 1.0), a.get("tau", 30.0)
+            with torch.no_grad():
+                teacher_logits = self.teachers["robust"](x)
+            x_adv = pgd_ce(s, x, y, self.eps, self.step_size, self.steps)
+            loss = alpha * tau * tau * kl(s(x_adv) / tau, F.softmax(teacher_logits / tau, dim=1)) \
+                + (1.0 - alpha) * F.cross_entropy(s(x), y)
+        elif self.method == "rslad":
+            with torch.no_grad():
+                teacher_logits = self.teachers["robust"](x)
+            target = F.softmax(teacher_logits, dim=1)
+            x_adv = pgd_kl(s, x, lambda: target, self.eps, self.step_size, self.steps)
+            w = a.get("adv_weight", 5.0 / 6.0)
+            loss = w * kl(s(x_adv), target) + (1.0 - w) * kl(s(x), target)
+        elif self.method in ("mtard", "bmtard"):
+            with torch.no_grad():
+                teacher_nat_logits = self.teachers["clean"](x)
+            x_adv = pgd_ce(s, x, y, self.eps, self.step_size, self.steps)
+            student_adv_logits = s(x_adv)
+            with torch.no_grad():
+                teacher_adv_logits = self.teachers["robust"](x_adv)
+            student_nat_logits = s(x)
+            p_adv = F.softmax(teacher_adv_logits / self.tau_adv, dim=1)
+            p_nat = F.softmax(teacher_nat_logits / self.tau_nat, dim=1)
+            loss_adv, loss_nat = kl(student_adv_logits, p_adv), kl(student_nat_logits, p_nat)
+            loss = self.w_adv * loss_adv + self.w_nat * loss_nat
+            self._balance(loss_adv.item(), loss_nat.item(), p_adv, p_nat, a)
+        else:
+            raise ValueError(f"no reference step for {self.method}")
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def _balance(self, l_adv: float, l_nat: float, p_adv, p_nat, a: dict) -> None:
+        """MTARD's weight update, and for B-MTARD the entropy balance, on Python floats."""
+        if self.init_adv is None:
+            self.init_adv, self.init_nat = l_adv, l_nat
+        r_adv, r_nat = l_adv / self.init_adv, l_nat / self.init_nat
+        eta = a.get("eta", 0.025)
+        w_adv = max(0.0, self.w_adv - eta * (self.w_adv - r_adv / (r_adv + r_nat)))
+        w_nat = max(0.0, self.w_nat - eta * (self.w_nat - r_nat / (r_adv + r_nat)))
+        self.w_adv, self.w_nat = w_adv / (w_adv + w_nat), w_nat / (w_adv + w_nat)
+        if self.method == "bmtard":
+            h_adv = -(p_adv * torch.log(p_adv.clamp_min(1e-12))).sum(1).mean().item()
+            h_nat = -(p_nat * torch.log(p_nat.clamp_min(1e-12))).sum(1).mean().item()
+            g = a.get("g", 0.001)
+            sign = lambda v: math.copysign(1.0, v) if v != 0 else 0.0  # noqa: E731
+            self.tau_adv = min(10.0, max(1.0, self.tau_adv - g * sign(h_adv / h_nat - 1.0)))
+            self.tau_nat = min(10.0, max(1.0, self.tau_nat - g * sign(h_nat / h_adv - 1.0)))
