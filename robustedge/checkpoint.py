@@ -88,7 +88,7 @@ class ModelSpec:
 
     def build(self) -> Classifier:
         norm = (self.mean, self.std) if self.mean is not None else None
-        return build_model(self.arch, self.num_classes, self.in_channels, self.width, norm)
+        return build_model(self.arch, self.num_classes, self.in_channels, self.width, norm, self.image_size)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -328,11 +328,45 @@ class FrozenTeacher(nn.Module):
         return logits.clone()
 
 
+ROBUSTBENCH_PREFIX = "robustbench:"
+ROBUSTBENCH_DIR = "teachers/robustbench"  # where robustbench caches the weights it downloads
+
+
+def load_robustbench(name: str, dataset: str | None, device: torch.device | str = "cpu",
+                     model_dir: str = ROBUSTBENCH_DIR) -> nn.Module:
+    """A RobustBench L-inf model by its leaderboard name, through ``robustbench.utils.load_model``.
+
+    RobustBench models take [0, 1] pixels and normalise inside, as ours do, so they can be
+    teachers as they are (they are not folded: their architectures are not all traceable).
+    """
+    try:
+        from robustbench.utils import load_model as robustbench_load
+    except ImportError:
+        raise RobustEdgeError(f"teacher '{ROBUSTBENCH_PREFIX}{name}' needs the RobustBench package: "
+                              f"pip install 'robustedge[zoo]'") from None
+    if dataset not in ("cifar10", "cifar100", "imagenet"):
+        raise RobustEdgeError(f"RobustBench has no L-inf models for dataset '{dataset}' (cifar10, cifar100, imagenet)")
+    try:
+        model = robustbench_load(model_name=name, dataset=dataset, threat_model="Linf", model_dir=model_dir)
+    except Exception as exc:  # robustbench raises KeyError/ValueError/HTTP errors for unknown names or no network
+        raise RobustEdgeError(f"RobustBench could not load '{name}' ({dataset}, Linf): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return model.to(device).eval()
+
+
 def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
-                 device: torch.device | str = "cpu") -> FrozenTeacher:
-    """A teacher from a RobustEdge model file, or from foreign weights plus a registry ``arch``."""
+                 device: torch.device | str = "cpu", dataset: str | None = None) -> FrozenTeacher:
+    """A teacher from a RobustEdge model file, from foreign weights plus a registry ``arch``, or
+    ``robustbench:<name>`` (the ``zoo`` extra) for any RobustBench L-inf model of ``dataset``."""
     if not cfg.checkpoint:
-        raise RobustEdgeError("a teacher needs 'checkpoint' (a model file)")
+        raise RobustEdgeError("a teacher needs 'checkpoint' (a model file or robustbench:<name>)")
+    if str(cfg.checkpoint).startswith(ROBUSTBENCH_PREFIX):
+        model = load_robustbench(str(cfg.checkpoint)[len(ROBUSTBENCH_PREFIX):], dataset, device)
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+        if out.shape[-1] != num_classes:
+            raise RobustEdgeError(f"teacher {cfg.checkpoint} predicts {out.shape[-1]} classes; the data has {num_classes}")
+        return FrozenTeacher(model, cfg.precision, device)
     path = Path(cfg.checkpoint)
     if cfg.arch is None:
         model, meta = load_model(path, device)

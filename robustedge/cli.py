@@ -155,6 +155,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="any config field, e.g. --set optim.milestones=[100,150] --set method_args.beta=6")
         p.add_argument("--resume", action="store_true", help="continue the run from its last.safetensors")
+        p.add_argument("--dry-run", action="store_true",
+                       help="print the resolved config, parameter counts and the time per epoch estimated from "
+                            "3 real steps on this device, then stop (missing teacher files: random stand-ins)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_train, kind=kind, valid_methods=valid)
 
@@ -190,6 +193,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from robustedge.train import train
 
     cfg = resolve_train_config(args)
+    if args.dry_run:
+        from robustedge.dryrun import dry_run
+
+        print(dry_run(cfg), end="")
+        return 0
     result = train(cfg, resume=args.resume)
     if result.history and int(__import__("os").environ.get("RANK", "0")) == 0:
         print(f"done in {result.seconds:.0f} s; best: {result.best_path}; last: {result.last_path}; "
@@ -379,6 +387,33 @@ def _print_lines(lines: list[str]) -> int:
     return 0
 
 
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="one HTML + Markdown page comparing runs: curves, robustness, export, latency",
+                       description="For every training run in the folders (a run folder, or a folder of runs such as "
+                                   "a quickstart): training curves (loss, clean/PGD-20 validation, B-MTARD temperatures "
+                                   "and loss weights), the robustness table (eval.json), accuracy against eps "
+                                   "(PGD-20, computed once and cached as eps_curve.json), the export verification "
+                                   "table of a bundle beside the run, and an accuracy-robustness-latency scatter.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="+", help="run folders or folders of runs")
+    p.add_argument("--out", help="output folder (default: <first run folder>/report)")
+    p.add_argument("--curve-n", type=int, default=100, help="test examples for the eps curves (0: no curves)")
+    p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from robustedge.report import build_report
+
+    if args.curve_n < 0:
+        raise RobustEdgeError(f"--curve-n must be >= 0, got {args.curve_n}")
+    folders = [Path(r) for r in args.runs]
+    out = Path(args.out) if args.out else folders[0] / "report"
+    page = build_report(folders, out, args.curve_n, args.data_root, progress=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {page} and {page.with_suffix('.md')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="robustedge", description="Robust distillation, robustness evaluation and verified edge export.",
@@ -390,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_report(sub)
     _add_app(sub)
     _add_listing(sub)
     return parser

@@ -174,6 +174,11 @@ def run_quickstart(s: QuickstartSettings) -> dict:
         timings["export"] = time.perf_counter() - t0
         export_table = format_table(manifest["table"])
 
+    t0 = time.perf_counter()
+    from robustedge.report import build_report
+
+    report_page = build_report([s.out], s.out / "report", curve_n=100, progress=lambda m: None)
+    timings["report"] = time.perf_counter() - t0
     total = time.perf_counter() - start
     table = comparison_table(reports)
     summary = {"status": "done", "seconds": total, "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
@@ -186,6 +191,7 @@ def run_quickstart(s: QuickstartSettings) -> dict:
     if export_table:
         print("exported B-MTARD student, verified through ONNX Runtime (accuracy in %):\n" + export_table)
         print("export gate: " + ("passed" if not gate_failures else "FAILED: " + "; ".join(gate_failures)))
+    print(f"report: {report_page}")
     print(f"quickstart finished in {total:.0f} s ({total / 60:.1f} min); outputs in {s.out.resolve()}")
     sys.stdout.flush()
     return summary

@@ -332,7 +332,7 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
         model = model.to(memory_format=torch.channels_last)
     method_cls = get_method(cfg.method)
     teachers = {role: load_teacher(cfg.teachers[role], num_classes or spec.num_classes, spec.in_channels,
-                                   spec.image_size, device)
+                                   spec.image_size, device, cfg.data.name)
                 for role in method_cls.teacher_roles if role in cfg.teachers}
     method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
     if cfg.fold_attack and method_cls.adversarial:

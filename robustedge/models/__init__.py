@@ -36,9 +36,19 @@ def model_names() -> list[str]:
     return sorted(MODELS) + ["wideresnet-<depth>-<widen>"]
 
 
+def stem_stride(image_size: int) -> int:
+    """The stem's stride for square inputs of ``image_size``: 1 up to 63 pixels (the CIFAR
+    layout, and digits at 8x8), ``image_size // 32`` above, so the first stage always works on
+    about a 32x32 grid: Tiny-ImageNet's 64x64 costs what CIFAR costs, as in the ARD/RSLAD
+    Tiny-ImageNet setups. Parameter shapes do not change, so weights load across sizes."""
+    return 1 if image_size < 64 else image_size // 32
+
+
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
-                normalization: tuple[list[float], list[float]] | None = None) -> Classifier:
-    """Build a registry model; ``wideresnet-28-10`` style names give any WideResNet."""
+                normalization: tuple[list[float], list[float]] | None = None, image_size: int = 32) -> Classifier:
+    """Build a registry model; ``wideresnet-28-10`` style names give any WideResNet.
+
+    ``image_size`` adapts the stem (see :func:`stem_stride`)."""
     if num_classes < 2:
         raise RobustEdgeError(f"num_classes must be >= 2, got {num_classes}")
     if in_channels < 1:
@@ -56,9 +66,14 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
             raise unknown_name("model", name, model_names())
     except ValueError as exc:
         raise RobustEdgeError(f"cannot build model '{name}': {exc}") from None
+    if image_size < 1:
+        raise RobustEdgeError(f"image_size must be >= 1, got {image_size}")
+    stride = stem_stride(image_size)
+    if stride > 1:
+        model.conv1.stride = (stride, stride)
     if normalization is not None:
         model.set_normalization(*normalization)
     return model
 
 
-__all__ = ["Classifier", "MODELS", "build_model", "fold_batchnorm", "model_names"]
+__all__ = ["Classifier", "MODELS", "build_model", "fold_batchnorm", "model_names", "stem_stride"]

@@ -1,0 +1,363 @@
+"""``robustedge report RUN_DIR [RUN_DIR...]``: one page to pick a model for a device.
+
+For every training run found under the given folders (a run holds ``metrics.csv`` and
+``best.safetensors``; a quickstart folder holds several): training curves (loss, clean and
+PGD-20 validation accuracy, B-MTARD's temperatures and loss weights), the robustness table
+(``eval.json`` from the quickstart or ``robustedge eval``), accuracy against eps (PGD-20 on the
+first test examples, computed here once and cached as ``eps_curve.json`` beside the run), the
+export verification table of any bundle beside it (``manifest.json``), and one scatter of
+accuracy, robustness and latency across the runs. Written as ``report.html`` (self-contained:
+figures inlined) and ``report.md`` (figures in ``report_files/``), each atomically.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
+from robustedge.errors import RobustEdgeError
+
+EPS_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the curve's eps, as multiples of the run's eps
+
+
+@dataclass
+class RunInfo:
+    name: str
+    folder: Path
+    history: list[dict]
+    method: str = ""
+    arch: str = ""
+    eps: float | None = None
+    evaluation: dict | None = None
+    curve: dict | None = None
+    bundle: dict | None = None
+    latency_ms: float | None = None
+    latency_source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def find_runs(folders: list[Path]) -> list[Path]:
+    """Training runs in the given folders: the folder itself, or its direct sub-folders."""
+    runs: list[Path] = []
+    for folder in folders:
+        if not folder.is_dir():
+            raise RobustEdgeError(f"{folder} is not a folder")
+        if (folder / "metrics.csv").exists():
+            runs.append(folder)
+        else:
+            runs += sorted(p for p in folder.iterdir() if (p / "metrics.csv").exists())
+    if not runs:
+        raise RobustEdgeError(f"no training runs (folders with metrics.csv) in {', '.join(map(str, folders))}")
+    return list(dict.fromkeys(runs))
+
+
+def _read_history(path: Path) -> list[dict]:
+    rows = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def _bundle_for(run: Path) -> dict | None:
+    for candidate in (run.parent / f"{run.name}_export", run / "export"):
+        if (candidate / "manifest.json").exists():
+            return json.loads((candidate / "manifest.json").read_text()) | {"folder": str(candidate)}
+    return None
+
+
+def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], repeats: int = 20) -> float:
+    from robustedge.models import fold_batchnorm
+
+    net = fold_batchnorm(model).eval()
+    x = torch.rand(1, *shape)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 3):
+            start = time.perf_counter()
+            net(x)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1000
+
+
+def eps_curve(run: Path, n: int, data_root: str | None = None) -> dict | None:
+    """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached)."""
+    cache = run / "eps_curve.json"
+    if cache.exists():
+        cached = json.loads(cache.read_text())
+        if cached.get("n") == n:
+            return cached
+    from robustedge.data import split_for_model
+    from robustedge.evaluate import evaluate
+
+    model, meta = load_model(run / "best.safetensors")
+    if not meta.eps:
+        return None
+    split = split_for_model(meta, None, data_root, "test", n)
+    x, y = split.float_images(), split.labels
+    eps_values = [round(f * meta.eps, 6) for f in EPS_FACTORS]
+    accuracy = []
+    for eps in eps_values:
+        attacks = ["clean"] if eps == 0 else ["clean", "pgd20"]
+        report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=256, show_progress=False, fold_bn=True)
+        accuracy.append(report.accuracy["clean" if eps == 0 else "pgd20"])
+    curve = {"n": len(y), "attack": "pgd20", "eps": eps_values, "accuracy": accuracy}
+    atomic_write_json(cache, curve)
+    return curve
+
+
+def collect(run: Path, curve_n: int, data_root: str | None = None) -> RunInfo:
+    info = RunInfo(run.name, run, _read_history(run / "metrics.csv"))
+    best = run / "best.safetensors"
+    if best.exists():
+        model, meta = load_model(best)
+        info.method, info.arch, info.eps = meta.method or "", meta.spec.arch, meta.eps
+        if info.eps:
+            info.extra["eps"] = info.eps
+        info.latency_ms, info.latency_source = _torch_latency_ms(model, meta.spec.input_shape), "torch eager b1, here"
+        if curve_n > 0:
+            info.curve = eps_curve(run, curve_n, data_root)
+    for candidate in (run / "eval.json", run / "best-eval" / "eval.json"):
+        if candidate.exists():
+            info.evaluation = json.loads(candidate.read_text())
+            break
+    info.bundle = _bundle_for(run)
+    return info
+
+
+# ---- figures -------------------------------------------------------------------------------
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def training_figure(info: RunInfo) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = info.history
+    panels = [("loss", ["loss"]), ("accuracy (%)", ["train_acc", "val_clean", "val_pgd20"])]
+    if any("tau_adv" in r for r in h):
+        panels += [("temperature", ["tau_adv", "tau_nat"]), ("loss weight", ["w_adv", "w_nat"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.1))
+    for ax, (title, keys) in zip(list(axes) if len(panels) > 1 else [axes], panels):
+        for key in keys:
+            points = [(r["epoch"], r[key]) for r in h if key in r]
+            if points:
+                xs, ys = zip(*points)
+                scale = 100 if title.startswith("accuracy") else 1
+                ax.plot(xs, [v * scale for v in ys], marker="o", markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def curve_figure(runs: list[RunInfo]) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with_curves = [r for r in runs if r.curve]
+    if not with_curves:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for r in with_curves:
+        ax.plot([e * 255 for e in r.curve["eps"]], [100 * a for a in r.curve["accuracy"]], marker="o", label=r.name)
+    ax.set_xlabel("eps (x 1/255)")
+    ax.set_ylabel("PGD-20 accuracy (%)")
+    ax.set_title(f"accuracy against eps (first {with_curves[0].curve['n']} test examples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _robust_metric(info: RunInfo) -> tuple[str, float, float] | None:
+    """(attack name, clean, robust) from the evaluation, else from the last validation."""
+    if info.evaluation:
+        acc = info.evaluation["accuracy"]
+        attack = next((a for a in ("autoattack", "pgd20", "cw", "fgsm") if a in acc), None)
+        if attack:
+            return attack, acc["clean"], acc[attack]
+    last = next((r for r in reversed(info.history) if "val_pgd20" in r), None)
+    return ("val PGD-20", last["val_clean"], last["val_pgd20"]) if last else None
+
+
+def scatter_figure(runs: list[RunInfo]) -> bytes | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []  # (label, latency, clean, robust, exported?)
+    for r in runs:
+        metric = _robust_metric(r)
+        if not (r.latency_ms and metric):
+            continue
+        points.append((f"{r.name}\n{metric[0]}", r.latency_ms, metric[1], metric[2], False))
+        for fmt, row in (r.bundle or {}).get("table", {}).items():
+            robust = row.get("transfer_autoattack", row.get("transfer_pgd20"))
+            if fmt != "torch" and row.get("latency_b1_ms") and robust is not None:
+                points.append((f"{r.name} [{fmt}]", row["latency_b1_ms"], row["clean"], robust, True))
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    cmap = plt.get_cmap("viridis")
+    for label, latency, clean, robust, exported in points:
+        ax.scatter(latency, 100 * robust, s=60 + 400 * clean, color=cmap(clean), edgecolor="black", alpha=0.85,
+                   marker="s" if exported else "o")
+        ax.annotate(f"{label}\nclean {100 * clean:.1f}%", (latency, 100 * robust), fontsize=7,
+                    xytext=(6, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, batch 1, this machine (ms, log): circles torch eager, squares exported runtimes")
+    ax.set_ylabel("robust accuracy (%; transfer for exports)")
+    ax.set_title("accuracy (marker size, colour) - robustness - latency")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+# ---- tables ----------------------------------------------------------------------------------
+
+def _pct(v) -> str:
+    return "" if v is None else f"{100 * v:.1f}"
+
+
+def robustness_table(runs: list[RunInfo]) -> list[list[str]]:
+    from robustedge.evaluate import DEFAULT_ATTACKS
+
+    found = {a for r in runs if r.evaluation for a in r.evaluation["accuracy"]}
+    attacks = [a for a in DEFAULT_ATTACKS if a in found] + sorted(found - set(DEFAULT_ATTACKS))
+    if not attacks:
+        return []
+    rows = [["run", "method", "n"] + attacks + (["W-Robust (AA)"] if "autoattack" in attacks else [])]
+    for r in runs:
+        if not r.evaluation:
+            continue
+        acc = r.evaluation["accuracy"]
+        row = [r.name, r.method, str(r.evaluation.get("n", ""))] + [_pct(acc.get(a)) for a in attacks]
+        if "autoattack" in attacks:
+            row.append(_pct((acc["clean"] + acc["autoattack"]) / 2) if "autoattack" in acc else "")
+        rows.append(row)
+    return rows
+
+
+def export_table(info: RunInfo) -> list[list[str]]:
+    table = info.bundle.get("table", {}) if info.bundle else {}
+    if not table:
+        return []
+    columns = [c for c in ("clean", "agreement", "transfer_pgd20", "transfer_autoattack", "square") if
+               any(c in row for row in table.values())]
+    rows = [["format"] + [c.replace("_", " ") + " (%)" for c in columns] + ["size (MB)", "b1 (ms)", "b64 (ms)"]]
+    for fmt, row in table.items():
+        rows.append([fmt] + [_pct(row.get(c)) for c in columns]
+                    + [f"{row.get('size_mb', 0):.3f}", f"{row.get('latency_b1_ms', 0):.2f}",
+                       f"{row.get('latency_b64_ms', 0):.2f}"])
+    return rows
+
+
+def _md_table(rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    out = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(out) + "\n"
+
+
+def _html_table(rows: list[list[str]]) -> str:
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+# ---- the page --------------------------------------------------------------------------------
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:0.6em 0 1.4em}th,td{border:1px solid #ccc;padding:4px 9px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f2f4f7}img{max-width:100%;margin:0.4em 0}
+h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}.note{color:#666;font-size:0.9em}"""
+
+
+def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: str | None = None,
+                 progress=print) -> Path:
+    """Write ``out/report.html``, ``out/report.md`` and ``out/report_files/*.png``; return the HTML path."""
+    runs = []
+    for run in find_runs(folders):
+        progress(f"reading {run}" + (" (computing the eps curve)" if curve_n and not (run / "eps_curve.json").exists()
+                                     else ""))
+        runs.append(collect(run, curve_n, data_root))
+    figures: dict[str, bytes] = {}
+    sections: list[tuple[str, list[tuple[str, str | list[list[str]]]]]] = []
+    summary = [("table", robustness_table(runs))]
+    for key, maker in (("scatter", scatter_figure), ("eps_curves", curve_figure)):
+        png = maker(runs)
+        if png:
+            figures[key] = png
+            summary.append(("figure", key))
+    latency_notes = [f"{r.name}: {r.latency_ms:.2f} ms ({r.latency_source})" for r in runs if r.latency_ms]
+    if latency_notes:
+        summary.append(("note", "Latency: " + "; ".join(latency_notes)))
+    sections.append(("Summary", summary))
+    for r in runs:
+        key = f"training_{r.name}"
+        figures[key] = training_figure(r)
+        items: list[tuple[str, str | list[list[str]]]] = [("figure", key)]
+        if r.history:
+            last = r.history[-1]
+            items.append(("note", f"{len(r.history)} epochs, {sum(h.get('seconds', 0) for h in r.history):.0f} s of "
+                                  f"training, {last.get('img_per_s', 0):.0f} img/s in the last epoch"))
+        if r.bundle:
+            items.append(("note", f"Export bundle {r.bundle['folder']}, verified through each runtime:"))
+            items.append(("table", export_table(r)))
+        sections.append((f"{r.name} ({r.method} {r.arch})", items))
+
+    out.mkdir(parents=True, exist_ok=True)
+    assets = out / "report_files"
+    assets.mkdir(exist_ok=True)
+    for key, png in figures.items():
+        tmp = assets / f".{key}.png.tmp"
+        tmp.write_bytes(png)
+        tmp.replace(assets / f"{key}.png")
+    title = "RobustEdge report: " + ", ".join(str(f) for f in folders)
+    md = [f"# {title}\n"]
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, items in sections:
+        md.append(f"## {heading}\n")
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        for kind, value in items:
+            if kind == "table":
+                md.append(_md_table(value))  # type: ignore[arg-type]
+                body.append(_html_table(value))  # type: ignore[arg-type]
+            elif kind == "figure":
+                md.append(f"![{value}](report_files/{value}.png)\n")
+                data = base64.b64encode(figures[value]).decode()  # type: ignore[index]
+                body.append(f'<img alt="{value}" src="data:image/png;base64,{data}">')
+            else:
+                md.append(f"{value}\n")
+                body.append(f'<p class="note">{html.escape(str(value))}</p>')
+    atomic_write_text(out / "report.md", "\n".join(md))
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
