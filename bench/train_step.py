@@ -48,7 +48,7 @@ EXACT_TOLERANCE = 1e-4
 
 
 def _config(method: str, arch: str, batch: int, device: str, teachers: dict[str, str], fast: bool,
-            compile_: bool):
+            compile_: bool, amp: str = "auto"):
     from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
 
     cfg = TrainConfig(name="bench", method=method, batch_size=batch, device=device, seed=0,
@@ -60,6 +60,8 @@ def _config(method: str, arch: str, batch: int, device: str, teachers: dict[str,
         cfg.channels_last = cfg.fold_attack = False
         cfg.amp = "off"
     cfg.compile = compile_ and fast
+    if fast:
+        cfg.amp = amp
     return cfg
 
 
@@ -122,7 +124,7 @@ def measure(job: dict) -> dict:
             return start
     else:
         def parts_for(fast: bool):
-            cfg = _config(method, arch, batch, job["device"], teachers, fast, job["compile"])
+            cfg = _config(method, arch, batch, job["device"], teachers, fast, job["compile"], job["amp"])
             return build_parts(cfg, spec, device)
 
         if job["impl"] == "exact":  # the loss check only, in its own process so it does not inflate peaks
@@ -147,6 +149,18 @@ def measure(job: dict) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if job.get("profile"):  # one more step under the profiler: where the time of a step goes
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        x0, y0 = images[:batch].float().div(255).to(device), labels[:batch].to(device)
+        with profile(activities=activities) as prof:
+            if job["impl"] == "reference":
+                step(x0, y0)
+            else:
+                float(parts.step(student, x0, y0)[0]["loss"])
+        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        result["profile_table"] = prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40)
     start = run_steps()
     seconds = time.perf_counter() - start
     result.update(job, img_s=job["steps"] * batch / seconds, step_s=seconds / job["steps"], peak_mb=_peak_mb(device),
@@ -191,7 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="measurements per side (medians are reported)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile our student and attack twin")
+    p.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                   help="our AMP setting (auto: bf16 on CUDA, off on CPU, as the trainer)")
     p.add_argument("--json", help="write the rows here too")
+    p.add_argument("--profile", action="store_true", help="print the top operators of one step of each side")
     args = p.parse_args(argv)
 
     batch = args.batch or (32 if args.small else 128)
@@ -209,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
                 for repeat in range(args.repeats):
                     for impl in ("reference", "ours", "exact")[: 3 if repeat == 0 else 2]:
                         job = dict(impl=impl, method=method, arch=arch, batch=batch, steps=args.steps,
-                                   warmup=args.warmup, device=args.device, teachers=teachers, compile=args.compile)
+                                   warmup=args.warmup, device=args.device, teachers=teachers, compile=args.compile,
+                                   amp=args.amp, profile=args.profile and repeat == 0 and impl != "exact")
                         with ProcessPoolExecutor(1, mp_context=context) as pool:
                             samples[impl].append(pool.submit(measure, job).result())
                 ref, ours = samples["reference"], samples["ours"]
@@ -224,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
                 row["exact_rel_diff"] = abs(row["loss_exact"] - row["loss_ref"]) / max(abs(row["loss_ref"]), 1e-12)
                 row["fast_rel_diff"] = abs(row["loss_fast"] - row["loss_ref"]) / max(abs(row["loss_ref"]), 1e-12)
                 rows.append(row)
+                for side, runs in (("reference", ref), ("ours", ours)):
+                    if runs[0].get("profile_table"):
+                        print(f"--- {arch} {method} {side}: one step, top operators by self time\n{runs[0]['profile_table']}")
                 print(f"{arch} {method}: reference {row['ref_img_s']:.1f} img/s, ours {row['ours_img_s']:.1f} img/s "
                       f"({row['speedup']:.2f}x); loss ref {row['loss_ref']:.6f} exact {row['loss_exact']:.6f} "
                       f"(rel {row['exact_rel_diff']:.1e}) fast {row['loss_fast']:.6f} (rel {row['fast_rel_diff']:.1e})",

@@ -85,9 +85,9 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
     """Static INT8 quantisation in QDQ format: symmetric int8 weights per output channel, and
     activations as
 
-    - ``uint8`` (asymmetric, U8S8): ONNX Runtime's fast x86 kernels. On this machine's AVX512-VNNI
-      CPU a MobileNetV2 at batch 1 runs 4.7x faster than with int8 activations (bench/RESULTS.md);
-      ARM builds run both at the same speed. The default.
+    - ``uint8`` (asymmetric, U8S8): the pairing ONNX Runtime's x86 integer kernels are built around
+      (unsigned activations x signed weights). The default. On this machine's AVX512-VNNI CPU,
+      S8S8 runs at the same speed (MobileNetV2 batch 1: 0.67 vs 0.65 ms; bench/RESULTS.md).
     - ``int8`` (asymmetric, S8S8);
     - ``int8-symmetric``: zero points 0, which TensorRT's explicit quantisation requires.
 
