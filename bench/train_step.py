@@ -27,7 +27,6 @@ timed (reported; bf16 teachers and folding move it by float rounding only).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import multiprocessing
 import resource

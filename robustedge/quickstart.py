@@ -6,7 +6,13 @@
 3. both students through the full robustness suite on the test split;
 4. the B-MTARD student exported to ONNX fp32 / fp16 / INT8 and re-verified on each artifact through
    ONNX Runtime (transfer PGD-20 and AutoAttack examples, black-box Square on the runtime);
-   a table and the folder.
+   a table, the report (``report/report.html``) and the folder.
+
+On a CPU, the teachers, then the students, then the two evaluations run side by side in two
+processes with one thread each (robustedge.runtime.parallel_plan): models this small are bound by
+per-operator overhead, so two single-thread runs finish in about the time of one two-thread run.
+Students train for 20 epochs: at 10, adversarial training of this tiny student failed to take off
+for some seeds (bench/RESULTS.md).
 
 Digits are used at their native 8x8, one channel: upscaling adds no information but costs 2-4x
 in every forward pass, and AutoAttack's cost is all forward passes. eps = 0.1 (25.5/255): at 8/255

@@ -214,20 +214,22 @@ def scatter_figure(runs: list[RunInfo]) -> bytes | None:
         metric = _robust_metric(r)
         if not (r.latency_ms and metric):
             continue
-        points.append((f"{r.name}\n{metric[0]}", r.latency_ms, metric[1], metric[2], False))
+        points.append((f"{r.name} [{metric[0]}]", r.latency_ms, metric[1], metric[2], False))
         for fmt, row in (r.bundle or {}).get("table", {}).items():
             robust = row.get("transfer_autoattack", row.get("transfer_pgd20"))
             if fmt != "torch" and row.get("latency_b1_ms") and robust is not None:
                 points.append((f"{r.name} [{fmt}]", row["latency_b1_ms"], row["clean"], robust, True))
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
     cmap = plt.get_cmap("viridis")
-    for label, latency, clean, robust, exported in points:
+    for i, (label, latency, clean, robust, exported) in enumerate(points, 1):
         ax.scatter(latency, 100 * robust, s=60 + 400 * clean, color=cmap(clean), edgecolor="black", alpha=0.85,
-                   marker="s" if exported else "o")
-        ax.annotate(f"{label}\nclean {100 * clean:.1f}%", (latency, 100 * robust), fontsize=7,
-                    xytext=(6, 4), textcoords="offset points")
+                   marker="s" if exported else "o", label=f"{i}: {label}, clean {100 * clean:.1f}%")
+        ax.annotate(str(i), (latency, 100 * robust), fontsize=8, ha="center", va="center", weight="bold")
+    legend = ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, frameon=False)
+    for handle in legend.legend_handles:
+        handle.set_sizes([30])
     ax.set_xscale("log")
     ax.set_xlabel("latency, batch 1, this machine (ms, log): circles torch eager, squares exported runtimes")
     ax.set_ylabel("robust accuracy (%; transfer for exports)")
