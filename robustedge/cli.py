@@ -394,10 +394,10 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
                                    "and loss weights), the robustness table (eval.json), accuracy against eps "
                                    "(PGD-20, computed once and cached as eps_curve.json), the export verification "
                                    "table of a bundle beside the run, and an accuracy-robustness-latency scatter.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders or folders of runs")
     p.add_argument("--out", help="output folder (default: <first run folder>/report)")
-    p.add_argument("--curve-n", type=int, default=100, help="test examples for the eps curves (0: no curves)")
+    p.add_argument("--curve-n", type=int, default=100, help="test examples for the eps curves (default 100; 0: no curves)")
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
     p.set_defaults(func=cmd_report)
 
