@@ -347,7 +347,8 @@ def load_dataset(name: str, root: str | None = None, *, image_size: int | None =
                  download: bool = False) -> Dataset:
     """Load a registry dataset as uint8 tensors with seeded train/val/test splits.
 
-    ``image_size``/``channels`` default to the dataset's native shape (digits: 16x16, 1 channel).
+    ``image_size``/``channels`` default to the dataset's standard shape (digits: 16x16, 1 channel,
+    upscaled from the 8x8 originals).
     """
     if name not in DATASETS:
         raise unknown_name("dataset", name, list(DATASETS))
