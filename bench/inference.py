@@ -20,28 +20,15 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def torch_latency_ms(model: torch.nn.Module, x: torch.Tensor, iters: int, warmup: int = 5) -> float:
-    times = []
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        for _ in range(iters):
-            start = time.perf_counter()
-            model(x)
-            times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
-
-
 def main(argv: list[str] | None = None) -> int:
     from robustedge.export.convert import convert_fp16, export_onnx, quantize_int8, tensorrt_available
-    from robustedge.export.runners import OrtRunner, median_latency_ms
+    from robustedge.export.runners import OrtRunner, TorchRunner, median_latency_ms
     from robustedge.models import build_model, fold_batchnorm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                 for precision in ("fp16", "int8"):
                     engine = build_tensorrt(fp32, folder / f"{precision}.engine", precision, shape, calib)
                     runners[f"tensorrt {precision}"] = TrtRunner(engine)
-            eager = fold_batchnorm(model).eval()
+            eager = TorchRunner(fold_batchnorm(model))
             sizes = {"torch fp32": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20}
             sizes |= {name: path.stat().st_size / 2**20 for name, path in files.items()}
             for batch in batches:
                 x = rng.random((batch, *shape), dtype=np.float32)
                 samples: dict[str, list[float]] = {}
                 for _ in range(args.repeats):
-                    samples.setdefault("torch fp32", []).append(torch_latency_ms(eager, torch.from_numpy(x), args.iters))
+                    samples.setdefault("torch fp32", []).append(median_latency_ms(eager, x, batch, repeats=args.iters))
                     for name, runner in runners.items():
                         samples.setdefault(name, []).append(median_latency_ms(runner, x, batch, repeats=args.iters))
                 base = statistics.median(samples["torch fp32"])

@@ -52,37 +52,34 @@ def kl(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor
     return F.kl_div(F.log_softmax(student_logits, dim=1), target_probs, reduction="batchmean")
 
 
-def pgd_ce(model, x, y, eps, step_size, steps):
-    """mtard_inner_loss_ce / ARD / PGD-AT: CE-PGD from x + 0.001 N(0, I), student in eval mode."""
+def inner_max(model, x, objective, eps, step_size, steps):
+    """The inner maximisation of the released codes (mtard_inner_loss_ce, rslad_inner_loss, TRADES'
+    trades_loss): sign-gradient ascent on ``objective(logits)`` from x + 0.001 N(0, I), the student
+    in eval mode, projected onto the eps-ball and [0, 1] after every step."""
     model.eval()
     x_adv = x.detach() + 0.001 * torch.randn(x.shape, device=x.device).detach()
     for _ in range(steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
-            loss = F.cross_entropy(model(x_adv), y)
+            loss = objective(model(x_adv))
         grad = torch.autograd.grad(loss, [x_adv])[0]
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
         x_adv = torch.clamp(x_adv, 0.0, 1.0)
     model.train()
     return torch.clamp(x_adv, 0.0, 1.0).detach()
+
+
+def pgd_ce(model, x, y, eps, step_size, steps):
+    """MTARD / ARD / PGD-AT: maximise the cross-entropy."""
+    return inner_max(model, x, lambda logits: F.cross_entropy(logits, y), eps, step_size, steps)
 
 
 def pgd_kl(model, x, target_fn, eps, step_size, steps):
-    """rslad_inner_loss / TRADES: maximise KL(target || S(x')); ``target_fn()`` is re-evaluated
-    every step as in the TRADES code (RSLAD passes fixed teacher probabilities)."""
-    model.eval()
-    x_adv = x.detach() + 0.001 * torch.randn(x.shape, device=x.device).detach()
-    for _ in range(steps):
-        x_adv.requires_grad_()
-        with torch.enable_grad():
-            loss = F.kl_div(F.log_softmax(model(x_adv), dim=1), target_fn(), reduction="sum")
-        grad = torch.autograd.grad(loss, [x_adv])[0]
-        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
-        x_adv = torch.clamp(x_adv, 0.0, 1.0)
-    model.train()
-    return torch.clamp(x_adv, 0.0, 1.0).detach()
+    """RSLAD / TRADES: maximise KL(target || S(x')); ``target_fn()`` is re-evaluated every step as
+    in the TRADES code (RSLAD passes fixed teacher probabilities)."""
+    return inner_max(model, x, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_fn(), reduction="sum"),
+                     eps, step_size, steps)
 
 
 class ReferenceStep:

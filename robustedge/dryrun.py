@@ -59,28 +59,27 @@ def dry_run(cfg: TrainConfig, steps: int = 2, warmup: int = 1) -> str:
              f"data: {channels}x{size}x{size}, {classes} classes, {n_train} training images ({source})",
              f"student: {spec.arch} (width {spec.width}): {_count(spec.build())} parameters"]
     timing_cfg = copy.deepcopy(cfg)
+    stand_ins = {}
     with tempfile.TemporaryDirectory() as tmp:
         for role in method.teacher_roles:
             teacher = cfg.teachers.get(role)
             if teacher is None:
                 raise RobustEdgeError(f"method '{cfg.method}' needs a {role} teacher (teachers.{role}.checkpoint)")
             if teacher.checkpoint.startswith("robustbench:") or Path(teacher.checkpoint).exists():
-                from robustedge.checkpoint import load_teacher
-
-                model = load_teacher(teacher, classes, channels, size, "cpu", cfg.data.name).model
-                lines.append(f"{role} teacher: {teacher.checkpoint}: {_count(model)} parameters")
                 continue
             if teacher.arch is None:
                 raise RobustEdgeError(f"{role} teacher {teacher.checkpoint} not found, and no 'arch' to time a "
                                       f"stand-in with")
             tspec = ModelSpec(teacher.arch, classes, channels, teacher.width, size, teacher.mean, teacher.std)
-            model = tspec.build()
-            lines.append(f"{role} teacher: {teacher.arch} (width {teacher.width}): {_count(model)} parameters "
-                         f"({teacher.checkpoint} not found: random weights for the timing)")
-            stand_in = save_model(Path(tmp) / f"{role}.safetensors", model, ModelMeta(tspec, dataset="synthetic"))
+            stand_in = save_model(Path(tmp) / f"{role}.safetensors", tspec.build(), ModelMeta(tspec, dataset="synthetic"))
+            stand_ins[role] = (f"{teacher.arch} (width {teacher.width}; {teacher.checkpoint} not found: "
+                               f"random weights for the timing)")
             timing_cfg.teachers[role] = copy.deepcopy(teacher)
             timing_cfg.teachers[role].checkpoint, timing_cfg.teachers[role].arch = str(stand_in), None
         parts = build_parts(timing_cfg, spec, device, 1, classes)
+        for role, teacher in parts.method.teachers.items():
+            lines.append(f"{role} teacher: {stand_ins.get(role, cfg.teachers[role].checkpoint)}: "
+                         f"{_count(teacher.model)} parameters as run (conv+BN folded), {teacher.dtype}")
         student = parts.wrap()
         student.train()
         batch = cfg.batch_size

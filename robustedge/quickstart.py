@@ -115,15 +115,16 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     model, meta = load_model(s.out / name / "best.safetensors")
     split = split_for_model(meta, None, None, "test", s.eval_n)
     print(f"== evaluating {name} on {len(split)} test digits, eps={s.eps} ==", flush=True)
+    keep = name == "student_bmtard"  # the exported student: its adversarial examples are reused
     adversarial: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     report = evaluate(model, split.float_images(), split.labels, attacks=list(s.attacks), eps=s.eps,
                       batch_size=200, seed=s.seed, show_progress=s.progress, fold_bn=True,
-                      adversarial_out=adversarial)
+                      adversarial_out=adversarial if keep else None)
     seconds = time.perf_counter() - t0
     report.info |= {"checkpoint": str(s.out / name / "best.safetensors"), "method": meta.method}
     report.save(s.out / name / "eval.json", s.out / name / "eval.md")
-    if name == "student_bmtard" and adversarial:
+    if adversarial:
         with atomic_path(s.out / name / ADVERSARIAL_FILE) as tmp:
             save_file({k: v.contiguous() for k, v in adversarial.items()}, str(tmp))
     print(f"== {name} evaluated in {seconds:.0f} s ==", flush=True)
@@ -140,10 +141,7 @@ def run_quickstart(s: QuickstartSettings) -> dict:
     start = time.perf_counter()
     _prepare_out(s.out)
     configs = quickstart_configs(s)
-    workers, threads = parallel_plan(resolve_device(s.device), 2)
-    if workers > 1:  # bars from two processes would overwrite each other; epoch lines name their run
-        for cfg in configs.values():
-            cfg.progress = False
+    workers, threads = parallel_plan(resolve_device(s.device), 2)  # workers run without bars (runtime.py)
     timings = {}
     for names in (("teacher_clean", "teacher_robust"), ("student_bmtard", "student_pgd_at")):
         title = "; ".join(f"{n}: {configs[n].method} {configs[n].model.arch} (width {configs[n].model.width}), "

@@ -17,10 +17,10 @@ import csv
 import html
 import io
 import json
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
@@ -40,9 +40,7 @@ class RunInfo:
     evaluation: dict | None = None
     curve: dict | None = None
     bundle: dict | None = None
-    latency_ms: float | None = None
-    latency_source: str = ""
-    extra: dict = field(default_factory=dict)
+    latency_ms: float | None = None  # torch eager, batch 1, measured here
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
@@ -75,42 +73,38 @@ def _bundle_for(run: Path) -> dict | None:
     return None
 
 
-def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...], repeats: int = 20) -> float:
+def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
+    """Batch-1 latency of the folded model in torch eager (the export table's ``torch`` row's way)."""
+    from robustedge.export.runners import TorchRunner, median_latency_ms
     from robustedge.models import fold_batchnorm
 
-    net = fold_batchnorm(model).eval()
-    x = torch.rand(1, *shape)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
-            start = time.perf_counter()
-            net(x)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1000
+    return median_latency_ms(TorchRunner(fold_batchnorm(model)), np.random.default_rng(0).random((1, *shape),
+                                                                                               dtype=np.float32), 1,
+                             repeats=20, warmup=3)
 
 
-def eps_curve(run: Path, n: int, data_root: str | None = None) -> dict | None:
+def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | None = None) -> dict | None:
     """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached)."""
     cache = run / "eps_curve.json"
     if cache.exists():
         cached = json.loads(cache.read_text())
         if cached.get("n") == n:
             return cached
-    from robustedge.data import split_for_model
-    from robustedge.evaluate import evaluate
-
-    model, meta = load_model(run / "best.safetensors")
     if not meta.eps:
         return None
+    from robustedge.data import split_for_model
+    from robustedge.evaluate import evaluate
+    from robustedge.models import fold_batchnorm
+
     split = split_for_model(meta, None, data_root, "test", n)
     x, y = split.float_images(), split.labels
+    folded = fold_batchnorm(model)  # once for the whole curve
     eps_values = [round(f * meta.eps, 6) for f in EPS_FACTORS]
     accuracy = []
     for eps in eps_values:
-        attacks = ["clean"] if eps == 0 else ["clean", "pgd20"]
-        report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=256, show_progress=False, fold_bn=True)
-        accuracy.append(report.accuracy["clean" if eps == 0 else "pgd20"])
+        attack = "clean" if eps == 0 else "pgd20"
+        report = evaluate(folded, x, y, attacks=[attack], eps=eps, batch_size=256, show_progress=False)
+        accuracy.append(report.accuracy[attack])
     curve = {"n": len(y), "attack": "pgd20", "eps": eps_values, "accuracy": accuracy}
     atomic_write_json(cache, curve)
     return curve
@@ -122,11 +116,9 @@ def collect(run: Path, curve_n: int, data_root: str | None = None) -> RunInfo:
     if best.exists():
         model, meta = load_model(best)
         info.method, info.arch, info.eps = meta.method or "", meta.spec.arch, meta.eps
-        if info.eps:
-            info.extra["eps"] = info.eps
-        info.latency_ms, info.latency_source = _torch_latency_ms(model, meta.spec.input_shape), "torch eager b1, here"
+        info.latency_ms = _torch_latency_ms(model, meta.spec.input_shape)
         if curve_n > 0:
-            info.curve = eps_curve(run, curve_n, data_root)
+            info.curve = eps_curve(run, model, meta, curve_n, data_root)
     for candidate in (run / "eval.json", run / "best-eval" / "eval.json"):
         if candidate.exists():
             info.evaluation = json.loads(candidate.read_text())
@@ -317,9 +309,9 @@ def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: 
         if png:
             figures[key] = png
             summary.append(("figure", key))
-    latency_notes = [f"{r.name}: {r.latency_ms:.2f} ms ({r.latency_source})" for r in runs if r.latency_ms]
+    latency_notes = [f"{r.name}: {r.latency_ms:.2f} ms" for r in runs if r.latency_ms]
     if latency_notes:
-        summary.append(("note", "Latency: " + "; ".join(latency_notes)))
+        summary.append(("note", "Latency, torch eager at batch 1 on this machine: " + "; ".join(latency_notes)))
     sections.append(("Summary", summary))
     for r in runs:
         key = f"training_{r.name}"

@@ -290,6 +290,10 @@ class TrainingParts:
     scaler: torch.amp.GradScaler
     amp_dtype: torch.dtype | None
     device: torch.device
+    params: list[torch.Tensor] = field(default_factory=list)  # what the gradient norm is taken over
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def wrap(self, world: int = 1, device: torch.device | None = None) -> nn.Module:
         """The student as the step sees it: compiled if asked, under DDP with several ranks."""
@@ -310,7 +314,7 @@ class TrainingParts:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], float("inf"))
+        grad_norm = nn.utils.clip_grad_norm_(self.params, float("inf"))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.method.after_step(logs)

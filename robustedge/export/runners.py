@@ -17,6 +17,18 @@ import torch
 from robustedge.errors import RobustEdgeError
 
 
+class TorchRunner:
+    """A torch model behind the runners' interface (float32 numpy in, logits out), in eval and
+    inference mode: so torch is timed and queried exactly like the exported runtimes."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model.eval()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
+
+
 class OrtRunner:
     def __init__(self, path: Path, threads: int | None = None) -> None:
         import onnxruntime as ort

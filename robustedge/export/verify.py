@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from robustedge.errors import RobustEdgeError
-from robustedge.export.runners import RunnerModule, median_latency_ms, open_runner, predict
+from robustedge.export.runners import RunnerModule, TorchRunner, median_latency_ms, open_runner, predict
 
 TRANSFER_ATTACKS = ("pgd20", "autoattack")
 
@@ -71,12 +71,7 @@ def _accuracy(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def torch_row(model: torch.nn.Module, samples: dict[str, np.ndarray], size_bytes: int) -> dict:
-    model = model.eval()
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return model(torch.from_numpy(x)).numpy()
-
+    run = TorchRunner(model)
     row = _common_row(run, samples)
     row.update(size_mb=size_bytes / 2**20, latency_b1_ms=median_latency_ms(run, samples["x"], 1),
                latency_b64_ms=median_latency_ms(run, samples["x"], 64))

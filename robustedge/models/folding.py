@@ -49,7 +49,7 @@ class FoldedClassifier(nn.Module):
         self.body = body
         self.register_buffer("input_mean", mean.clone(), persistent=False)
         self.register_buffer("input_std", std.clone(), persistent=False)
-        self._source: Classifier | None = None  # set for linked twins (not a submodule: no state_dict entry)
+        # linked twins only: (folded conv, live conv, live BN) and (own tensor, live tensor) pairs
         self._fused: list[tuple[nn.Conv2d, nn.Conv2d, _BatchNorm]] = []
         self._copied: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -61,7 +61,7 @@ class FoldedClassifier(nn.Module):
     @torch.no_grad()
     def refresh(self) -> "FoldedClassifier":
         """Re-derive every tensor from the linked source model's current weights and BN statistics."""
-        if self._source is None:
+        if not self._copied:  # every linked twin copies at least the input normalisation
             raise RuntimeError("refresh() needs a twin made with fold_batchnorm(model, linked=True)")
         for folded, conv, bn in self._fused:
             weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
@@ -103,12 +103,10 @@ def _fold_pairs(traced: fx.GraphModule) -> list[tuple[str, str]]:
 def fold_batchnorm(model: Classifier, *, linked: bool = False) -> FoldedClassifier:
     """An eval-only copy of ``model`` with every conv -> BN pair folded into one conv.
 
-    ``linked=True`` keeps a reference to ``model`` so that :meth:`FoldedClassifier.refresh` can
+    ``linked=True`` keeps references to ``model``'s tensors (not the module: no state_dict entry) so that :meth:`FoldedClassifier.refresh` can
     follow its training; the copy keeps the model's device, dtype and memory format.
     """
-    was_training = model.training
     source = copy.deepcopy(model).eval()
-    model.train(was_training)
     traced = fx.symbolic_trace(_Body(source))
     pairs = _fold_pairs(traced)
     for p in traced.parameters():
@@ -116,7 +114,6 @@ def fold_batchnorm(model: Classifier, *, linked: bool = False) -> FoldedClassifi
     folded = FoldedClassifier(traced, model.input_mean, model.input_std).eval()
     if linked:
         live = dict(model.named_modules())
-        object.__setattr__(folded, "_source", model)  # a reference, not a submodule
         fused_names = set()
         for conv_name, bn_name in pairs:
             folded._fused.append((traced.get_submodule(conv_name), live[_strip(conv_name)], live[_strip(bn_name)]))
