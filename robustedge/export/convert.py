@@ -87,7 +87,7 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
 
     - ``uint8`` (asymmetric, U8S8): the pairing ONNX Runtime's x86 integer kernels are built around
       (unsigned activations x signed weights). The default. On this machine's AVX512-VNNI CPU,
-      S8S8 runs at the same speed (MobileNetV2 batch 1: 0.67 vs 0.65 ms; bench/RESULTS.md).
+      S8S8 runs at the same speed (MobileNetV2 batch 1: 0.64 vs 0.65 ms; bench/RESULTS.md).
     - ``int8`` (asymmetric, S8S8);
     - ``int8-symmetric``: zero points 0, which TensorRT's explicit quantisation requires.
 
