@@ -1,5 +1,7 @@
-"""Streamlit demo page (`robustedge app [--models DIR]` runs the package copy of this file; `ROBUSTEDGE_MODELS=DIR streamlit run apps/demo.py` runs this one)."""
+"""Streamlit demo page. `robustedge app [--models DIR]` runs the packaged copy
+(robustedge/app/streamlit_app.py); from a checkout, `ROBUSTEDGE_MODELS=DIR streamlit run apps/demo.py` runs
+the same page."""
 
-from robustedge.app_page import render
+from robustedge.app.page import render
 
 render()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
+from robustedge.checkpoint import load_model
+from robustedge.files import atomic_write_json, atomic_write_text
 from robustedge.data import split_for_model
 from robustedge.evaluate import DEFAULT_ATTACKS, evaluate, parse_attacks
 from robustedge.methods import get_method, method_names

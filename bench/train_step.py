@@ -11,7 +11,7 @@ files and loaded the way each side loads them. Every measurement runs in a fresh
 (peak memory is that process's high-water mark), ours and the reference alternate, and the
 table gives medians over ``--repeats`` and the ratio of the medians.
 
-- *reference*: bench/reference_loop.py — per-sample DataLoader + torchvision transforms, fp32,
+- *reference*: robustedge/reference.py — per-sample DataLoader + torchvision transforms, fp32,
   unfolded models, one forward pass per use, teachers in fp32 under no_grad.
 - *ours*: robustedge.train.build_parts + TrainingParts.step, the trainer's own code, with a
   config's defaults: on-device data and augmentation (DeviceLoader), channels_last, the attack on
@@ -38,8 +38,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 METHODS = ["natural", "pgd_at", "trades", "ard", "rslad", "mtard", "bmtard"]
 TEACHERS = {"robust": "wrn34_10", "clean": "resnet56"}
@@ -103,7 +101,7 @@ def measure(job: dict) -> dict:
         return float(step(check_x, check_y))
 
     if job["impl"] == "reference":
-        from reference_loop import ReferenceStep, reference_loader
+        from robustedge.reference import ReferenceStep, reference_loader
 
         seed_everything(0)
         student = spec.build().to(device)

@@ -1,34 +1,72 @@
 """``robustedge <command>``: the command-line front end.
 
-Each command is a thin function over the library. A :class:`RobustEdgeError` becomes one line on
-stderr and exit status 2; anything else is a bug and keeps its traceback.
+Each command is a thin function over the library. Every option is parsed and range-checked where
+it is read (:mod:`robustedge.options`); a :class:`RobustEdgeError` or a bad option becomes one line on
+stderr and exit status 2, before anything is written; anything else is a bug and keeps its
+traceback. docs/design.md describes what each command computes.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Callable
 
-from robustedge import __version__
+from robustedge import __version__, options
 from robustedge.errors import RobustEdgeError
 
 EXAMPLES = """examples:
   robustedge quickstart        teachers + B-MTARD student + PGD-AT baseline on digits, evaluated and exported
   robustedge eval runs/quickstart/student_bmtard/best.safetensors --attacks clean,pgd20,autoattack --n 200
   robustedge export runs/quickstart/student_bmtard/best.safetensors --out bundle
+  robustedge verify bundle     re-check a bundle (or: python bundle/verify.py, without torch)
   robustedge app               the browser demo on runs/quickstart
+docs/design.md (in the source tree) describes the algorithms, the evaluation protocol and the bundle format.
 """
 
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (and exit 2) like every other error."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument (\S+): \1 ", r"\1 ", message)  # "argument --n: --n must..." -> "--n must..."
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _typed(parse: Callable, *args) -> Callable[[str], object]:
+    """An argparse ``type`` from one of :mod:`robustedge.options`' parsers (their message, one line)."""
+    def convert(text: str):
+        try:
+            return parse(text, *args)
+        except RobustEdgeError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _count(minimum: int, name: str) -> Callable[[str], object]:
+    return _typed(options.parse_int, name, minimum)
+
+
+SEED = _typed(options.parse_seed, "--seed")
+EPS = _typed(options.parse_eps, "--eps")
+
+
+# --------------------------------------------------------------------------------------------
+# eval
+# --------------------------------------------------------------------------------------------
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from robustedge.evaluate import DEFAULT_ATTACKS, SUITE
 
     p = sub.add_parser(
         "eval", help="robustness suite (clean, FGSM, PGD-20, CW-inf, AutoAttack) on a checkpoint",
-        description="Evaluate a RobustEdge checkpoint with the suite of DESIGN.md section 4 and write "
-                    "JSON + Markdown. Attacks: " + "; ".join(f"{a.name}: {a.description}" for a in SUITE.values()),
+        description="Evaluate a RobustEdge checkpoint with the suite of docs/design.md (\"Evaluation protocol\") "
+                    "and write JSON + Markdown. Attacks: " + "; ".join(f"{a.name}: {a.description}"
+                                                                     for a in SUITE.values()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a .safetensors model written by RobustEdge")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
@@ -37,12 +75,14 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (not needed for digits)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to attack")
-    p.add_argument("--n", type=int, default=1000, help="evaluate the first N examples of the split (0: all)")
-    p.add_argument("--eps", type=float, default=None, help="L-inf radius in [0, 1] (default: the checkpoint's eps)")
-    p.add_argument("--batch-size", type=_batch_size, default="auto",
+    p.add_argument("--n", type=_count(0, "--n"), default=1000, help="evaluate the first N examples of the split (0: all)")
+    p.add_argument("--eps", type=EPS, default=None,
+                   help="L-inf radius in [0, 1], e.g. 0.031 or 8/255 (default: the checkpoint's eps)")
+    p.add_argument("--batch-size", type=_typed(options.parse_batch_size, "--batch-size"), default="auto",
                    help="batch size of the attacks, or 'auto': the largest that fits in memory")
-    p.add_argument("--aa-batch-size", type=int, default=None, help="batch size of AutoAttack (default: --batch-size)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random starts and of AutoAttack")
+    p.add_argument("--aa-batch-size", type=_count(1, "--aa-batch-size"), default=None,
+                   help="batch size of AutoAttack (default: --batch-size)")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the random starts and of AutoAttack")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>-eval/ beside the checkpoint)")
     p.add_argument("--fold-bn", action="store_true",
@@ -53,64 +93,43 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from robustedge.attacks import check_eps
-    from robustedge.data import split_for_model
     from robustedge.checkpoint import load_model
-    from robustedge.evaluate import evaluate, parse_attacks
+    from robustedge.data import split_for_model
+    from robustedge.evaluate import EVAL_OUTPUTS, evaluate, parse_attacks
+    from robustedge.files import check_output_files
     from robustedge.runtime import resolve_device
 
     attacks = parse_attacks(args.attacks)
-    if args.n < 0:
-        raise RobustEdgeError(f"--n must be >= 0, got {args.n}")
     device = resolve_device(args.device)
-    model, meta = load_model(args.checkpoint, device)
+    ckpt = Path(args.checkpoint)
+    out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + "-eval")
+    check_output_files(out, EVAL_OUTPUTS)
+    model, meta = load_model(ckpt, device)
     eps = args.eps if args.eps is not None else meta.eps
     if eps is None:
         raise RobustEdgeError("the checkpoint records no eps; pass --eps")
-    eps = check_eps(eps)
     split = split_for_model(meta, args.dataset, args.data_root, args.split, args.n or None, args.download)
     x, y = split.float_images(device), split.labels.to(device)
-    print(f"evaluating {args.checkpoint} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
+    print(f"evaluating {ckpt} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
           f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}",
-          file=sys.stderr)
+          flush=True)
     report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
                       aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn)
-    print(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""),
-          file=sys.stderr)
-    report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
-                   "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + "-eval")
+    print(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""))
+    report.info |= {"checkpoint": str(ckpt), "dataset": args.dataset or meta.dataset, "split": args.split,
+                    "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
     report.save(out / "eval.json", out / "eval.md")
     print(report.to_text())
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     return 0
 
 
-def _batch_size(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    """Floats, or fractions like 8/255 (how the field writes eps)."""
-    try:
-        if "/" in text:
-            num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
+# --------------------------------------------------------------------------------------------
+# train / distill
+# --------------------------------------------------------------------------------------------
 
 def _add_training(sub: argparse._SubParsersAction) -> None:
+    from robustedge.config import recipe_names
     from robustedge.methods import METHODS, method_names
 
     names = method_names()
@@ -119,22 +138,24 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
             ("distill", "distil a student from teachers: ard, rslad, mtard, bmtard", "distill")):
         valid = [n for n in names if bool(METHODS[n].teacher_roles) == (kind == "distill")]
         p = sub.add_parser(command, help=helptext, formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description=f"{helptext}.\n\nSettings come from --config (YAML, see configs/), then the "
-                                       f"flags below, then --set key=value overrides. Under `torchrun "
-                                       f"--nproc_per_node N` the same command trains with DDP; --batch-size is "
-                                       f"the global batch.\nMethods here: {', '.join(valid)}.")
-        p.add_argument("--config", help="YAML recipe (e.g. configs/cifar10_resnet18_bmtard.yaml)")
+                           description=f"{helptext}.\n\nSettings come from --config (a YAML file, or the name of a "
+                                       f"recipe shipped with RobustEdge), then the flags below, then --set key=value "
+                                       f"overrides. Under `torchrun --nproc_per_node N` the same command trains with "
+                                       f"DDP; --batch-size is the global batch.\nMethods here: {', '.join(valid)}.\n"
+                                       f"Shipped recipes: {', '.join(recipe_names())}.")
+        p.add_argument("--config", help="YAML recipe: a file, or a shipped recipe name (e.g. cifar10_resnet18_bmtard)")
         p.add_argument("--method", choices=valid, help="training method")
         p.add_argument("--arch", help="model architecture (see `robustedge models`)")
-        p.add_argument("--width", type=float, help="width multiplier of the model")
+        p.add_argument("--width", type=_typed(options.parse_positive, "--width"), help="width multiplier of the model")
         p.add_argument("--dataset", help="dataset name (see `robustedge datasets`)")
         p.add_argument("--data-root", help="folder holding the dataset")
         p.add_argument("--download", action="store_true", default=None, help="download the dataset if missing")
-        p.add_argument("--epochs", type=int, help="number of epochs")
-        p.add_argument("--batch-size", type=int, help="global batch size")
-        p.add_argument("--lr", type=float, help="initial learning rate")
-        p.add_argument("--eps", type=_fraction, help="training attack radius, e.g. 8/255")
-        p.add_argument("--step-size", type=_fraction, help="training attack step, e.g. 2/255")
+        p.add_argument("--epochs", type=_count(1, "--epochs"), help="number of epochs")
+        p.add_argument("--batch-size", type=_count(1, "--batch-size"), help="global batch size")
+        p.add_argument("--lr", type=_typed(options.parse_positive, "--lr"), help="initial learning rate")
+        p.add_argument("--eps", type=EPS, help="training attack radius, e.g. 8/255")
+        p.add_argument("--step-size", type=_typed(options.parse_positive, "--step-size"),
+                       help="training attack step, e.g. 2/255")
         p.add_argument("--amp", choices=["auto", "off", "bf16", "fp16"], help="mixed precision")
         p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile the student and its attack twin (pays off on long GPU runs)")
@@ -147,7 +168,7 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                        help="precision of every teacher (default auto: bf16 where the hardware has it)")
         p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-        p.add_argument("--seed", type=int, help="seed of initialisation, data order and attacks")
+        p.add_argument("--seed", type=SEED, help="seed of initialisation, data order and attacks")
         p.add_argument("--name", help="run name (folder under --out-dir)")
         p.add_argument("--out-dir", help="where runs are written (default runs/)")
         if kind == "distill":
@@ -166,14 +187,14 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
 _FLAG_KEYS = {"method": "method", "arch": "model.arch", "width": "model.width", "dataset": "data.name",
               "data_root": "data.root", "download": "data.download", "epochs": "epochs", "batch_size": "batch_size",
               "lr": "optim.lr", "eps": "attack.eps", "step_size": "attack.step_size", "amp": "amp",
-              "compile": "compile", "channels_last": "channels_last", "fold_attack": "fold_attack", "sync_bn": "sync_bn", "device": "device",
-              "seed": "seed", "name": "name", "out_dir": "out_dir", "robust_teacher": "teachers.robust.checkpoint",
-              "clean_teacher": "teachers.clean.checkpoint"}
+              "compile": "compile", "channels_last": "channels_last", "fold_attack": "fold_attack",
+              "sync_bn": "sync_bn", "device": "device", "seed": "seed", "name": "name", "out_dir": "out_dir",
+              "robust_teacher": "teachers.robust.checkpoint", "clean_teacher": "teachers.clean.checkpoint"}
 
 
 def resolve_train_config(args: argparse.Namespace):
-    """--config, then explicit flags, then --set overrides."""
-    from robustedge.config import TrainConfig, apply_values, load_config, parse_overrides
+    """--config, then explicit flags, then --set overrides; validated as a whole."""
+    from robustedge.config import TrainConfig, apply_values, load_config, parse_overrides, validate_config
 
     cfg = load_config(args.config) if args.config else TrainConfig()
     flags = {key: getattr(args, attr) for attr, key in _FLAG_KEYS.items() if getattr(args, attr, None) is not None}
@@ -187,7 +208,7 @@ def resolve_train_config(args: argparse.Namespace):
         other = "distill" if args.kind == "train" else "train"
         raise RobustEdgeError(f"method '{cfg.method}' is not a `robustedge {args.kind}` method "
                               f"(use `robustedge {other}`); valid here: {', '.join(args.valid_methods)}")
-    return cfg
+    return validate_config(cfg)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -200,26 +221,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dry_run(cfg), end="")
         return 0
     result = train(cfg, resume=args.resume)
-    if result.history and int(__import__("os").environ.get("RANK", "0")) == 0:
-        print(f"done in {result.seconds:.0f} s; best: {result.best_path}; last: {result.last_path}; "
+    if result.history and int(os.environ.get("RANK", "0")) == 0:
+        best = result.best_path or "none (validation off: eval_n = 0)"
+        print(f"done in {result.seconds:.0f} s; best: {best}; last: {result.last_path}; "
               f"metrics: {result.run_dir / 'metrics.csv'}")
     return 0
 
+
+# --------------------------------------------------------------------------------------------
+# quickstart
+# --------------------------------------------------------------------------------------------
 
 def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quickstart", help="the whole pipeline on the embedded digits data (offline, CPU)",
                        description="Train a clean teacher (natural) and a robust teacher (TRADES) on the embedded "
                                    "digits data, distil a MobileNetV2 student with B-MTARD, train the same student "
                                    "with PGD-AT as the baseline, evaluate both with the full suite and print a table. "
-                                   "Re-running replaces the previous quickstart folder.",
+                                   "Re-running replaces the previous quickstart folder (and nothing else).",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/quickstart", help="output folder")
-    p.add_argument("--epochs", type=int, default=20, help="epochs of each student")
-    p.add_argument("--teacher-epochs", type=int, default=10, help="epochs of each teacher")
-    p.add_argument("--n", type=int, default=200, help="test examples in the final evaluation")
+    p.add_argument("--epochs", type=_count(1, "--epochs"), default=20, help="epochs of each student")
+    p.add_argument("--teacher-epochs", type=_count(1, "--teacher-epochs"), default=10, help="epochs of each teacher")
+    p.add_argument("--n", type=_count(1, "--n"), default=200, help="test examples in the final evaluation")
     p.add_argument("--attacks", default="all", help="attacks of the final evaluation (comma-separated or 'all')")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of every run")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export + verification step")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)
@@ -229,9 +255,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from robustedge.evaluate import parse_attacks
     from robustedge.quickstart import QuickstartSettings, run_quickstart
 
-    for flag in ("epochs", "teacher_epochs", "n"):
-        if getattr(args, flag) < 1:
-            raise RobustEdgeError(f"--{flag.replace('_', '-')} must be >= 1")
     run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
                                       eval_n=args.n, device=args.device, seed=args.seed,
                                       attacks=tuple(parse_attacks(args.attacks)), progress=not args.no_progress,
@@ -239,40 +262,44 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# export / verify
+# --------------------------------------------------------------------------------------------
+
 def _add_gate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-drop", type=float, default=None,
+    p.add_argument("--max-drop", type=_typed(options.parse_fraction, "--max-drop"), default=None,
                    help="gate: largest clean or robust accuracy drop (fraction, e.g. 0.05) of an artifact vs torch")
-    p.add_argument("--min-agreement", type=float, default=None,
+    p.add_argument("--min-agreement", type=_typed(options.parse_fraction, "--min-agreement"), default=None,
                    help="gate: smallest top-1 agreement with torch (fraction, e.g. 0.95)")
 
 
 def _gate(args: argparse.Namespace, base=None):
-    from robustedge.export.verify import Gate
+    from robustedge.verify_core import Gate
 
     gate = base or Gate()
-    for value, name in ((args.max_drop, "--max-drop"), (args.min_agreement, "--min-agreement")):
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise RobustEdgeError(f"{name} must be a fraction in [0, 1], got {value}")
     return Gate(args.max_drop if args.max_drop is not None else gate.max_robust_drop,
                 args.min_agreement if args.min_agreement is not None else gate.min_agreement)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from robustedge.export.bundle import FILES
     from robustedge.export.convert import CALIBRATION_METHODS, INT8_ACTIVATIONS
+    from robustedge.verify_core import FORMATS
 
     p = sub.add_parser(
         "export", help="export a checkpoint to ONNX / fp16 / INT8 / TensorRT and re-verify robustness",
-        description="Export to a bundle (model files, manifest.json with sha256 hashes, verify.npz) and verify "
-                    "every artifact through its own runtime: clean accuracy, agreement with torch, transfer "
-                    "robustness (PGD-20, AutoAttack crafted on torch), black-box Square on the runtime, size, "
-                    "latency. Exits 1 when the gate fails.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Export to a bundle (model files, manifest.json with sha256 hashes, verify.npz, and verify.py: "
+                    "the bundle's own torch-free verifier) and verify every artifact through its own runtime: clean "
+                    "accuracy, agreement with torch, transfer robustness (PGD-20, AutoAttack crafted on torch), "
+                    "black-box Square on the runtime, size, latency. Exits 1 when the gate fails.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a RobustEdge .safetensors model")
-    p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FILES)}")
+    p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FORMATS)}")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out bundle")
-    p.add_argument("--n", type=int, default=500, help="test examples used for verification")
-    p.add_argument("--calibration-n", type=int, default=512, help="training images for INT8 calibration")
+    p.add_argument("--force", action="store_true",
+                   help="replace --out if it is a RobustEdge bundle (never any other folder)")
+    p.add_argument("--n", type=_count(1, "--n"), default=500, help="test examples used for verification")
+    p.add_argument("--calibration-n", type=_count(1, "--calibration-n"), default=512,
+                   help="training images for INT8 calibration")
     p.add_argument("--calibration-method", default="minmax", choices=CALIBRATION_METHODS, help="INT8 calibration")
     p.add_argument("--calibrate-adversarial", action="store_true",
                    help="calibrate INT8 on half clean, half PGD-20 examples of the float model")
@@ -280,17 +307,21 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="activation type of the ONNX INT8 file: uint8 is ONNX Runtime's fast x86 path; int8 for "
                         "runtimes that want signed; TensorRT INT8 engines always use int8-symmetric")
     p.add_argument("--transfer-attacks", default="pgd20,autoattack", help="attacks crafted on torch and replayed")
-    p.add_argument("--square-n", type=int, default=100, help="examples for the black-box Square attack (0: off)")
-    p.add_argument("--square-queries", type=int, default=5000, help="Square's query budget (AutoAttack's 5000)")
+    p.add_argument("--square-n", type=_count(0, "--square-n"), default=100,
+                   help="examples for the black-box Square attack (0: off)")
+    p.add_argument("--square-queries", type=_count(1, "--square-queries"), default=5000,
+                   help="Square's query budget (AutoAttack's 5000)")
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=SEED, default=0, help="seed of calibration sampling and the attacks")
     _add_gate(p)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="re-verify an export bundle (hashes, accuracy, robustness, latency)",
-                       description="Check every file against manifest.json, then re-run the verification table "
-                                   "through each runtime and apply the gate (exit 1 when it fails).")
+                       description="Check the manifest and every file against its sha256, then re-run the "
+                                   "verification table through each runtime and apply the gate (exit 1 when it "
+                                   "fails). `python BUNDLE/verify.py` runs the same checks without torch.")
     p.add_argument("bundle", help="a folder written by `robustedge export`")
-    p.add_argument("--square-n", type=int, default=None, help="examples for Square (default: as exported; 0: off)")
+    p.add_argument("--square-n", type=_count(0, "--square-n"), default=None,
+                   help="examples for Square (default: as exported; 0: off)")
     _add_gate(p)
     p.set_defaults(func=cmd_verify)
 
@@ -304,29 +335,18 @@ def _report_gate(failures: list[str], where: Path) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import shutil
+    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.verify_core import format_table
 
-    from robustedge.export.bundle import ExportOptions, export_bundle, parse_formats
-    from robustedge.export.verify import format_table
-
-    for flag in ("n", "calibration_n"):
-        if getattr(args, flag) < 1:
-            raise RobustEdgeError(f"--{flag.replace('_', '-')} must be >= 1")
-    out = Path(args.out)
-    opts = ExportOptions(formats=parse_formats(args.formats), n=args.n, calibration_n=args.calibration_n,
+    opts = ExportOptions(formats=args.formats, n=args.n, calibration_n=args.calibration_n,
                          calibration_method=args.calibration_method, calibrate_adversarial=args.calibrate_adversarial,
                          int8_activations=args.int8_activations,
                          transfer_attacks=tuple(a.strip() for a in args.transfer_attacks.split(",") if a.strip()),
                          square_n=args.square_n, square_queries=args.square_queries, data_root=args.data_root,
                          seed=args.seed, gate=_gate(args))
-    target = out
-    if args.force and out.exists():
-        target = out.with_name(out.name + ".new")
-        shutil.rmtree(target, ignore_errors=True)
-    manifest, failures = export_bundle(args.checkpoint, target, opts, progress=lambda m: print(m, file=sys.stderr))
-    if target != out:
-        shutil.rmtree(out)
-        target.rename(out)
+    out = Path(args.out)
+    manifest, failures = export_bundle(args.checkpoint, out, opts, progress=lambda m: print(m, file=sys.stderr),
+                                       force=args.force)
     print(format_table(manifest["table"]))
     print(f"fp32 ONNX vs torch: max |logit difference| {manifest['table']['onnx']['max_abs_logit_diff']:.2e}")
     for fmt, why in manifest["skipped"].items():
@@ -335,15 +355,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from robustedge.export.bundle import read_bundle, verify_bundle
-    from robustedge.export.verify import Gate, format_table
+    from robustedge.export.bundle import verify_bundle
+    from robustedge.verify_core import Gate, format_table, load_manifest
 
-    _, manifest = read_bundle(args.bundle)
-    report, failures = verify_bundle(args.bundle, _gate(args, Gate(**manifest["gate"])), args.square_n,
+    manifest = load_manifest(Path(args.bundle))
+    report, failures = verify_bundle(args.bundle, _gate(args, Gate.from_dict(manifest["gate"])), args.square_n,
                                      progress=lambda m: print(m, file=sys.stderr))
     print(format_table(report["table"]))
     return _report_gate(failures, Path(args.bundle))
 
+
+# --------------------------------------------------------------------------------------------
+# app, report, listings
+# --------------------------------------------------------------------------------------------
 
 def _add_app(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help="the Streamlit attack demo in the browser",
@@ -351,54 +375,39 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
                                    "folder, an image and an attack, and see clean vs adversarial predictions.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default="runs/quickstart", help="folder with checkpoints / export bundles")
-    p.add_argument("--port", type=int, default=8501, help="port to serve on")
+    p.add_argument("--port", type=_typed(options.parse_port, "--port"), default=8501, help="port to serve on (1-65535)")
     p.add_argument("--host", default="localhost", help="address to bind (localhost keeps it private)")
     p.set_defaults(func=cmd_app)
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    import os
     import subprocess
+
+    from robustedge.app import PAGE_SCRIPT
 
     folder = Path(args.models)
     if not folder.is_dir():
         raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` first or pass --models")
-    script = Path(__file__).resolve().parents[1] / "apps" / "demo.py"
-    if not script.is_file():
-        raise RobustEdgeError(f"the demo page {script} is missing; it ships in the source tree: install RobustEdge "
-                              f"from a checkout (pip install -e .)")
     env = {**os.environ, "ROBUSTEDGE_MODELS": str(folder.resolve())}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(script), "--server.port", str(args.port),
+    cmd = [sys.executable, "-m", "streamlit", "run", str(PAGE_SCRIPT), "--server.port", str(args.port),
            "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     print(f"RobustEdge demo on http://{args.host}:{args.port}  (models: {folder.resolve()}; Ctrl+C to stop)")
     return subprocess.call(cmd, env=env)
 
 
-def _add_listing(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("models", help="list the model registry")
-    p.set_defaults(func=lambda a: _print_lines(__import__("robustedge.models", fromlist=["x"]).model_names()))
-    p = sub.add_parser("methods", help="list the training methods")
-    p.set_defaults(func=lambda a: _print_lines(__import__("robustedge.methods", fromlist=["x"]).method_names()))
-    p = sub.add_parser("datasets", help="list the dataset registry")
-    p.set_defaults(func=lambda a: _print_lines(list(__import__("robustedge.data", fromlist=["x"]).DATASETS)))
-
-
-def _print_lines(lines: list[str]) -> int:
-    print("\n".join(lines))
-    return 0
-
-
 def _add_report(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="one HTML + Markdown page comparing runs: curves, robustness, export, latency",
                        description="For every training run in the folders (a run folder, or a folder of runs such as "
-                                   "a quickstart): training curves (loss, clean/PGD-20 validation, B-MTARD temperatures "
-                                   "and loss weights), the robustness table (eval.json), accuracy against eps "
-                                   "(PGD-20, computed once and cached as eps_curve.json), the export verification "
-                                   "table of a bundle beside the run, and an accuracy-robustness-latency scatter.",
+                                   "a quickstart): training curves (loss, clean/PGD-20 validation, and the method's "
+                                   "own values such as B-MTARD's temperatures and loss weights), the robustness table "
+                                   "(eval.json), accuracy against eps (PGD-20, computed once and cached as "
+                                   "eps_curve.json), the export verification table of a bundle beside the run, and an "
+                                   "accuracy-robustness-latency scatter. A malformed file is skipped with a warning.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run folders or folders of runs")
-    p.add_argument("--out", help="output folder (default: <first run folder>/report)")
-    p.add_argument("--curve-n", type=int, default=100, help="test examples for the eps curves (default 100; 0: no curves)")
+    p.add_argument("--out", help="output folder (default: <first run folder>/report); new, empty or a previous report")
+    p.add_argument("--curve-n", type=_count(0, "--curve-n"), default=100,
+                   help="test examples for the eps curves (default 100; 0: no curves)")
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
     p.set_defaults(func=cmd_report)
 
@@ -406,8 +415,6 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from robustedge.report import build_report
 
-    if args.curve_n < 0:
-        raise RobustEdgeError(f"--curve-n must be >= 0, got {args.curve_n}")
     folders = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else folders[0] / "report"
     page = build_report(folders, out, args.curve_n, args.data_root, progress=lambda m: print(m, file=sys.stderr))
@@ -415,13 +422,44 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_listing(sub: argparse._SubParsersAction) -> None:
+    def lister(names: Callable[[], list[str]]):
+        return lambda args: _print_lines(names())
+
+    def models() -> list[str]:
+        from robustedge.models import model_names
+        return model_names()
+
+    def methods() -> list[str]:
+        from robustedge.methods import method_names
+        return method_names()
+
+    def datasets() -> list[str]:
+        from robustedge.data import DATASETS
+        return list(DATASETS)
+
+    def recipes() -> list[str]:
+        from robustedge.config import recipe_names
+        return recipe_names()
+
+    for name, helptext, names in (("models", "list the model registry", models),
+                                  ("methods", "list the training methods", methods),
+                                  ("datasets", "list the dataset registry", datasets),
+                                  ("recipes", "list the YAML recipes shipped with RobustEdge (for --config)", recipes)):
+        sub.add_parser(name, help=helptext).set_defaults(func=lister(names))
+
+
+def _print_lines(lines: list[str]) -> int:
+    print("\n".join(lines))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="robustedge", description="Robust distillation, robustness evaluation and verified edge export.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="robustedge", description="Robust distillation, robustness evaluation and verified edge export.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"robustedge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (AutoAttack's per-attack log)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     _add_quickstart(sub)
     _add_training(sub)
     _add_eval(sub)
@@ -434,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a bad option (2, its one line already printed)
+        return int(exc.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -1,13 +1,19 @@
 """Run configuration: plain dataclasses, loadable from YAML, overridable from the command line.
 
-Defaults are the papers' (DESIGN.md section 3): SGD lr 0.1, momentum 0.9, weight decay 2e-4,
-batch 128, 300 epochs with lr x0.1 at 215/260/285, eps 8/255, 10 attack steps of 2/255 from
-x + 0.001 * N(0, I).
+Defaults are the papers' (docs/design.md, "Training methods"): SGD lr 0.1, momentum 0.9, weight
+decay 2e-4, batch 128, 300 epochs with lr x0.1 at 215/260/285, eps 8/255, 10 attack steps of 2/255
+from x + 0.001 * N(0, I).
+
+Every value is type-checked against its field when it is read (YAML, ``--set``, flags or the API),
+so ``epochs: "ten"`` is a one-line error naming the key, the expected type and the value; numbers
+may be written as fractions (``eps: 8/255``). :func:`validate_config` then checks ranges and names
+before a run touches disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +22,10 @@ from typing import Any
 import yaml
 
 from robustedge.errors import RobustEdgeError
+from robustedge.options import check_range, parse_int, parse_number, parse_seed
+
+TEACHER_ROLES = ("robust", "clean")  # every method's teacher_roles come from these
+RECIPES = Path(__file__).with_name("configs")  # recipes shipped with the package
 
 
 @dataclass
@@ -85,7 +95,7 @@ class TrainConfig:
     epochs: int = 300
     batch_size: int = 128
     eval_every: int = 1  # validation clean + PGD-20 every N epochs (and at the last)
-    eval_n: int = 512
+    eval_n: int = 512  # validation examples; 0 turns validation (and best.safetensors) off
     eval_eps: float | None = None  # None: attack.eps
     amp: str = "auto"  # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
     channels_last: bool = True
@@ -103,12 +113,72 @@ class TrainConfig:
         return Path(self.out_dir) / self.name
 
 
+# --------------------------------------------------------------------------------------------
+# Types: every value checked against its field's annotation
+# --------------------------------------------------------------------------------------------
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_describe(args[0]).split(' ', 1)[1]}s" if args else "a list"
+    if origin is dict:
+        return "a mapping"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` as the annotated type, or a one-line error naming key, type and value."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        try:
+            return _coerce(value, inner[0], key)
+        except RobustEdgeError:
+            raise RobustEdgeError(f"config key '{key}' expects {_describe(hint)}, got {value!r}") from None
+    bad = RobustEdgeError(f"config key '{key}' expects {_describe(hint)}, got {value!r}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if hint is float:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                return parse_number(value, f"config key '{key}'")
+            except RobustEdgeError:
+                raise bad from None
+        raise bad
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise bad
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    return value
+
+
 def _from_dict(cls: type, raw: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from a dict, refusing unknown keys with the list of valid ones."""
+    """Build dataclass ``cls`` from a dict, refusing unknown keys and values of the wrong type."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        raise RobustEdgeError(f"config '{where or 'top level'}' must be a mapping, got {type(raw).__name__}")
+        raise RobustEdgeError(f"config '{where.rstrip('.') or 'top level'}' must be a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -121,26 +191,49 @@ def _from_dict(cls: type, raw: Any, where: str) -> Any:
         elif key == "teachers":
             if not isinstance(value, dict):
                 raise RobustEdgeError("config 'teachers' must map a role (robust, clean) to a teacher")
+            for role in value:
+                if role not in TEACHER_ROLES:
+                    raise RobustEdgeError(f"unknown teacher role '{role}'; valid roles: {', '.join(TEACHER_ROLES)}")
             value = {role: _from_dict(TeacherConfig, t, f"teachers.{role}.") for role, t in value.items()}
+        else:
+            value = _coerce(value, hint, f"{where}{key}")
         kwargs[key] = value
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise RobustEdgeError(f"bad config at '{where}': {exc}") from None
+    return cls(**kwargs)
 
 
 def config_from_dict(raw: dict) -> TrainConfig:
     return _from_dict(TrainConfig, raw, "")
 
 
+def resolve_recipe(path_or_name: str | Path) -> Path:
+    """A config file path, or the name of a recipe shipped with RobustEdge (``cifar10_resnet18_bmtard``)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    shipped = RECIPES / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    if path.exists():
+        raise RobustEdgeError(f"config {path} is not a file")
+    raise RobustEdgeError(f"config file not found: {path} (shipped recipes: {', '.join(recipe_names())})")
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES.glob("*.yaml"))
+
+
 def load_config(path: str | Path) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise RobustEdgeError(f"config file not found: {path}")
+    path = resolve_recipe(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise RobustEdgeError(f"{path} is not a YAML text file (it is not UTF-8 text)") from None
+    except OSError as exc:
+        raise RobustEdgeError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RobustEdgeError(f"{path} is not valid YAML: {exc}") from None
+        raise RobustEdgeError(f"{path} is not valid YAML: {' '.join(str(exc).split())}") from None
     return config_from_dict(raw)
 
 
@@ -180,3 +273,87 @@ def apply_values(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 def dump_config(cfg: TrainConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranges and names, checked before a run touches disk
+# --------------------------------------------------------------------------------------------
+
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+SCHEDULES = ("piecewise", "cosine", "constant")
+STARTS = ("gaussian", "uniform", "none")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
+    if value not in valid:
+        raise RobustEdgeError(f"config key '{key}' must be one of {', '.join(valid)}, got {value!r}")
+
+
+def _check_normalization(mean, std, where: str) -> None:
+    if (mean is None) != (std is None):
+        raise RobustEdgeError(f"config '{where}mean' and '{where}std' must be given together")
+    if mean is not None and (len(mean) != len(std) or any(s <= 0 for s in std)):
+        raise RobustEdgeError(f"config '{where}mean'/'{where}std' need equal lengths and positive std")
+
+
+def validate_config(cfg: TrainConfig) -> TrainConfig:
+    """Check every range and name of ``cfg`` (one line per problem, the first one raised)."""
+    from robustedge.data import DATASETS
+    from robustedge.methods import get_method
+    from robustedge.models import check_arch
+    from robustedge.runtime import resolve_device
+
+    for key in ("epochs", "batch_size", "eval_every", "log_every"):
+        parse_int(getattr(cfg, key), f"config key '{key}'", 1)
+    parse_int(cfg.eval_n, "config key 'eval_n' (0 turns validation off)", 0)
+    parse_seed(cfg.seed, "config key 'seed'")
+    if cfg.eval_eps is not None:
+        check_range(cfg.eval_eps, "config key 'eval_eps'", 0.0, 1.0)
+    if not cfg.name or cfg.name in (".", "..") or "/" in cfg.name or "\\" in cfg.name:
+        raise RobustEdgeError(f"config key 'name' must be a folder name (no '/'), got {cfg.name!r}")
+    _choice(cfg.amp, AMP_MODES, "amp")
+    method = get_method(cfg.method)
+    method.check_args(cfg.method_args)
+    a = cfg.attack
+    check_range(a.eps, "config key 'attack.eps'", 0.0, 1.0)
+    parse_int(a.steps, "config key 'attack.steps'", 0)
+    if a.steps > 0:
+        check_range(a.step_size, "config key 'attack.step_size'", 0.0, low_open=True)
+    _choice(a.start, STARTS, "attack.start")
+    check_range(a.init_std, "config key 'attack.init_std'", 0.0)
+    o = cfg.optim
+    check_range(o.lr, "config key 'optim.lr'", 0.0, low_open=True)
+    check_range(o.momentum, "config key 'optim.momentum'", 0.0, 1.0, high_open=True)
+    check_range(o.weight_decay, "config key 'optim.weight_decay'", 0.0)
+    check_range(o.gamma, "config key 'optim.gamma'", 0.0, low_open=True)
+    _choice(o.schedule, SCHEDULES, "optim.schedule")
+    for i, m in enumerate(o.milestones):
+        parse_int(m, f"config key 'optim.milestones[{i}]'", 0)
+    d = cfg.data
+    if d.name not in DATASETS:
+        raise RobustEdgeError(f"config key 'data.name': unknown dataset '{d.name}'; valid: {', '.join(DATASETS)}")
+    check_range(d.val_fraction, "config key 'data.val_fraction'", 0.0, 1.0, high_open=True)
+    parse_seed(d.seed, "config key 'data.seed'")
+    parse_int(d.padding, "config key 'data.padding'", 0)
+    for key in ("image_size", "channels"):
+        if getattr(d, key) is not None:
+            parse_int(getattr(d, key), f"config key 'data.{key}'", 1)
+    check_arch(cfg.model.arch)
+    check_range(cfg.model.width, "config key 'model.width'", 0.0, low_open=True)
+    _check_normalization(cfg.model.mean, cfg.model.std, "model.")
+    for role, teacher in cfg.teachers.items():
+        where = f"teachers.{role}."
+        if teacher.arch is not None:
+            check_arch(teacher.arch)
+        check_range(teacher.width, f"config key '{where}width'", 0.0, low_open=True)
+        _check_normalization(teacher.mean, teacher.std, where)
+        _choice(teacher.precision, PRECISIONS, f"{where}precision")
+    for role in method.teacher_roles:
+        if not (cfg.teachers.get(role) and cfg.teachers[role].checkpoint):
+            raise RobustEdgeError(f"method '{cfg.method}' needs a {role} teacher (config "
+                                  f"'teachers.{role}.checkpoint', or --{role}-teacher FILE)")
+    resolve_device(cfg.device)
+    if cfg.amp == "fp16" and resolve_device(cfg.device).type != "cuda":
+        raise RobustEdgeError("amp fp16 needs CUDA; use amp bf16 or off on the CPU")
+    return cfg

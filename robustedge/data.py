@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from robustedge.errors import RobustEdgeError, unknown_name
+from robustedge.seeds import augment_seed, holdout_seed, shuffle_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
@@ -104,7 +105,7 @@ def _seeded_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, t
 
 
 def _train_val(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[Split, Split]:
-    keep, held = _seeded_holdout(len(labels), val_fraction, seed)
+    keep, held = _seeded_holdout(len(labels), val_fraction, holdout_seed(seed, "val"))
     return Split(images[keep], labels[keep]), Split(images[held], labels[held])
 
 
@@ -121,7 +122,7 @@ def _load_digits(root: str | None, image_size: int | None, channels: int | None,
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     images = _convert(images, image_size or 16, channels or 1)
     # 20% test, seeded; validation carved from the rest.
-    rest, test_idx = _seeded_holdout(len(labels), 0.2, seed + 1)
+    rest, test_idx = _seeded_holdout(len(labels), 0.2, holdout_seed(seed, "test"))
     train, val = _train_val(images[rest], labels[rest], val_fraction, seed)
     return Dataset("digits", train, val, Split(images[test_idx], labels[test_idx]),
                    [str(i) for i in range(10)], {"source": "sklearn.datasets.load_digits"})
@@ -423,7 +424,7 @@ class DeviceLoader:
     def _indices(self) -> torch.Tensor:
         n = len(self.labels)
         if self.shuffle:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            gen = torch.Generator().manual_seed(shuffle_seed(self.seed, self.epoch))
             order = torch.randperm(n, generator=gen)
         else:
             order = torch.arange(n)
@@ -441,7 +442,7 @@ class DeviceLoader:
         order = self._indices()
         gen = None
         if self.augment:
-            gen = torch.Generator(device=self.device).manual_seed(self.seed * 7_919 + self.epoch * 31 + self.rank)
+            gen = torch.Generator(device=self.device).manual_seed(augment_seed(self.seed, self.epoch, self.rank))
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.images[idx]

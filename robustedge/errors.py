@@ -1,14 +1,17 @@
 """The one exception type users see.
 
-Everything a user can get wrong (a name, a path, a shape, a flag) raises ``RobustEdgeError`` with a
-one-line message that says what was wrong and what would be right. The CLI prints that line and exits
-non-zero; anything else escaping is a bug in RobustEdge and keeps its traceback.
+Everything a user can get wrong (a name, a path, a shape, a flag, a bundle) raises
+``RobustEdgeError`` with a one-line message that says what was wrong and what would be right. The
+CLI prints that line and exits 2; anything else escaping is a bug in RobustEdge and keeps its
+traceback. The class is defined in the torch-free :mod:`robustedge.verify_core` (which every bundle
+carries as its own verifier), so the library and the on-device verifier raise the same type.
 """
 
-
-class RobustEdgeError(Exception):
-    """A user-facing error whose message is complete on its own (no traceback needed)."""
+from robustedge.verify_core import RobustEdgeError
 
 
 def unknown_name(kind: str, name: str, valid: "list[str] | tuple[str, ...]") -> RobustEdgeError:
     return RobustEdgeError(f"unknown {kind} '{name}'; valid {kind}s: {', '.join(sorted(valid))}")
+
+
+__all__ = ["RobustEdgeError", "unknown_name"]

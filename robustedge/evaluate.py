@@ -1,4 +1,4 @@
-"""The robustness suite of DESIGN.md section 4 and its report.
+"""The robustness suite (docs/design.md, "Evaluation protocol") and its report.
 
 Step sizes are stated relative to eps so that the protocol keeps its meaning at any eps: at
 eps = 8/255 they are exactly the field's numbers (PGD_SAT 2/255 = eps/4, PGD_TRADES 0.003,
@@ -8,6 +8,7 @@ surface in 20 steps, which would overstate robustness.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -19,11 +20,35 @@ import torch
 from torch import nn
 
 from robustedge.attacks import autoattack, check_eps, cw_inf, fgsm, pgd
-from robustedge.checkpoint import atomic_write_json, atomic_write_text
 from robustedge.errors import RobustEdgeError, unknown_name
+from robustedge.files import atomic_write_json, atomic_write_text, json_has_format
 from robustedge.runtime import progress
+from robustedge.verify_core import check_finite
 
 CIFAR_EPS = 8 / 255
+EVAL_FORMAT = "robustedge-eval/1"
+MD_HEADER = "Robustness on "
+
+
+def _is_eval_json(path: Path) -> bool:
+    """An eval.json RobustEdge wrote (with its format key, or the layout of versions before it)."""
+    if json_has_format(path, EVAL_FORMAT):
+        return True
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and {"n", "eps", "accuracy", "seconds", "info"} <= set(data)
+
+
+def _is_eval_md(path: Path) -> bool:
+    try:
+        return path.read_text(encoding="utf-8").startswith(MD_HEADER)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+EVAL_OUTPUTS = {"eval.json": _is_eval_json, "eval.md": _is_eval_md}  # what `robustedge eval` may overwrite
 WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, torch.Generator], torch.Tensor]
 
 
@@ -78,13 +103,18 @@ class EvalReport:
         return [(name, acc, None if name == "clean" else self.w_robust(name), self.seconds.get(name, 0.0))
                 for name, acc in self.accuracy.items()]
 
+    @classmethod
+    def from_dict(cls, raw: dict) -> "EvalReport":
+        """The inverse of :meth:`to_dict` (derived keys dropped)."""
+        return cls(**{k: raw[k] for k in ("n", "eps", "accuracy", "seconds", "info") if k in raw})
+
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = {"format": EVAL_FORMAT} | asdict(self)
         out["w_robust"] = {name: self.w_robust(name) for name in self.accuracy if name != "clean"}
         return out
 
     def to_markdown(self) -> str:
-        lines = [f"Robustness on {self.n} examples, L-inf eps = {self.eps:.4f} ({self.eps * 255:.1f}/255)", "",
+        lines = [f"{MD_HEADER}{self.n} examples, L-inf eps = {self.eps:.4f} ({self.eps * 255:.1f}/255)", "",
                  "| attack | accuracy (%) | W-Robust (%) | time (s) |", "|---|---:|---:|---:|"]
         for name, acc, wr, sec in self.rows():
             lines.append(f"| {name} | {100 * acc:.2f} | {'' if wr is None else f'{100 * wr:.2f}'} | {sec:.1f} |")
@@ -164,10 +194,18 @@ def auto_batch_size(model: nn.Module, example: torch.Tensor, *, cap: int = 1024,
     return batch
 
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Per-example correctness (bool) in batches, without gradients."""
+def _logits(model: nn.Module, x: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """Logits in batches without gradients; NaN/Inf is an error, never an accuracy."""
     with torch.no_grad():
-        return torch.cat([model(xb).argmax(1) == yb for xb, yb in zip(x.split(batch_size), y.split(batch_size))])
+        logits = torch.cat([model(xb).float() for xb in x.split(batch_size)])
+    if not torch.isfinite(logits).all():
+        check_finite(logits.cpu().numpy(), f"the model ({what})")
+    return logits
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, what: str) -> torch.Tensor:
+    """Per-example correctness (bool) in batches, without gradients."""
+    return _logits(model, x, batch_size, what).argmax(1) == y
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
@@ -198,15 +236,21 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             x = x.contiguous(memory_format=torch.channels_last)
     if batch_size == "auto":
         batch_size = auto_batch_size(model, x[:1]) if len(x) else 1
+    if len(y) == 0:
+        raise RobustEdgeError("nothing to evaluate: no examples")
+    if aa_batch_size is not None and (not isinstance(aa_batch_size, int) or aa_batch_size < 1):
+        raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size})
     try:
+        clean = _accuracy(model, x, y, batch_size, "clean inputs")  # also refuses a model with NaN/Inf logits
         for name in attacks:
             attack = SUITE[name]
             start = time.perf_counter()
             if name == "clean":
-                correct = _accuracy(model, x, y, batch_size)
+                correct = clean
             elif name == "autoattack":
                 x_adv, y_adv = autoattack(model, x, y, eps=eps, seed=seed, batch_size=aa_batch_size or batch_size)
+                _logits(model, x_adv, batch_size, "AutoAttack's examples")
                 correct = y_adv.to(y.device) == y
                 if adversarial_out is not None:
                     adversarial_out[name] = x_adv
@@ -216,13 +260,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
                 batches = list(zip(x.split(batch_size), y.split(batch_size)))
                 for xb, yb in progress(batches, desc=name, enabled=show_progress):
                     x_adv = attack.run(model, xb, yb, eps, gen)
-                    chunks.append(_accuracy(model, x_adv, yb, batch_size))
+                    chunks.append(_accuracy(model, x_adv, yb, batch_size, f"{name} examples"))
                     if adversarial_out is not None:
                         advs.append(x_adv)
                 correct = torch.cat(chunks)
                 if adversarial_out is not None:
                     adversarial_out[name] = torch.cat(advs)
-            report.accuracy[name] = float(correct.float().mean()) if len(y) else float("nan")
+            report.accuracy[name] = float(correct.float().mean())
             report.seconds[name] = time.perf_counter() - start
     finally:
         original.train(was_training)

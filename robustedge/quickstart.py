@@ -23,20 +23,27 @@ mirrored 2 is not a 2) and the crop padding is 1 pixel (the CIFAR 4 at a quarter
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
-from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig)
+from robustedge.checkpoint import load_model
+from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig,
+                               validate_config)
 from robustedge.errors import RobustEdgeError
-from robustedge.evaluate import DEFAULT_ATTACKS, EvalReport, evaluate
+from robustedge.evaluate import DEFAULT_ATTACKS, EvalReport, evaluate, parse_attacks
+from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, read_json,
+                              writer_alive, writer_identity)
+from robustedge.options import parse_eps, parse_int, parse_seed
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs
 from robustedge.train import train
 
@@ -83,16 +90,81 @@ def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
     return {c.name: c for c in (clean, robust, student, baseline)}
 
 
-def _prepare_out(out: Path) -> None:
-    """Reuse a previous quickstart folder, but never wipe a folder quickstart did not make."""
-    if out.exists():
-        if not out.is_dir():
-            raise RobustEdgeError(f"{out} exists and is not a folder")
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise RobustEdgeError(f"{out} is not empty and was not made by quickstart; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    atomic_write_json(out / MARKER, {"status": "running"})
+QUICKSTART_FORMAT = "robustedge-quickstart/1"
+
+
+def _legacy_marker(folder: Path) -> bool:  # quickstart folders written before the marker had a format key
+    try:
+        return "status" in json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+QUICKSTART = OutputKind("quickstart folder", MARKER, QUICKSTART_FORMAT, legacy=_legacy_marker)
+
+
+def read_marker(out: Path) -> dict:
+    """The quickstart marker; a ``running`` marker whose process is gone reads as ``interrupted``."""
+    marker = read_json(out / MARKER)
+    if not isinstance(marker, dict):
+        raise RobustEdgeError(f"{out / MARKER} is not a quickstart marker")
+    writer = marker.get("writer")
+    if marker.get("status") == "running" and isinstance(writer, dict) and \
+            not writer_alive(str(writer.get("host")), int(writer.get("pid", 0)), int(writer.get("start", 0))):
+        marker = marker | {"status": "interrupted"}
+    return marker
+
+
+def _check_out(out: Path) -> None:
+    """May ``out`` be (re)made? Only if new, empty, or a previous quickstart nobody is still writing."""
+    check_output_folder(out, QUICKSTART, replace=True)
+    if (out / MARKER).is_file() and QUICKSTART.owns(out) and read_marker(out).get("status") == "running":
+        raise RobustEdgeError(f"{out} is being written by a quickstart that is still running "
+                              f"(pid {read_marker(out)['writer']['pid']}); wait for it or choose another --out")
+
+
+def _mark(out: Path, status: str, **fields) -> None:
+    atomic_write_json(out / MARKER, {"format": QUICKSTART_FORMAT, "status": status, "writer": writer_identity(),
+                                     **fields})
+
+
+@contextlib.contextmanager
+def _marked(out: Path):
+    """Say ``running`` while the block runs and ``failed``/``interrupted`` if it does not finish;
+    SIGTERM is turned into an interruption so the marker never outlives its process claiming to run."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() \
+        else None
+    _mark(out, "running")
+    try:
+        yield
+    except KeyboardInterrupt:
+        _mark(out, "interrupted")
+        raise
+    except BaseException as exc:
+        _mark(out, "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
+    """Every setting checked before the quickstart touches disk; returns the four run configs."""
+    for name in ("epochs", "teacher_epochs", "eval_n"):
+        parse_int(getattr(s, name), name.replace("_", "-"), 1)
+    parse_seed(s.seed)
+    parse_eps(s.eps)
+    parse_int(s.square_queries, "square-queries", 1)
+    parse_attacks(list(s.attacks))
+    resolve_device(s.device)
+    configs = quickstart_configs(s)
+    for cfg in configs.values():
+        validate_config(cfg)
+    _check_out(s.out)
+    return configs
 
 
 ADVERSARIAL_FILE = "eval_adversarial.safetensors"  # the evaluation's adversarial examples, reused by the export
@@ -109,7 +181,7 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     s, name = job
     from safetensors.torch import save_file
 
-    from robustedge.checkpoint import atomic_path
+    from robustedge.files import atomic_path
     from robustedge.data import split_for_model
 
     model, meta = load_model(s.out / name / "best.safetensors")
@@ -138,9 +210,16 @@ def _phase(title: str, fn, items: list, workers: int, threads: int) -> list:
 
 
 def run_quickstart(s: QuickstartSettings) -> dict:
+    configs = validate_settings(s)
+    if s.out.exists():
+        shutil.rmtree(s.out)  # a previous quickstart's folder (checked above)
+    s.out.mkdir(parents=True)
+    with _marked(s.out):
+        return _run(s, configs)
+
+
+def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     start = time.perf_counter()
-    _prepare_out(s.out)
-    configs = quickstart_configs(s)
     workers, threads = parallel_plan(resolve_device(s.device), 2)  # workers run without bars (runtime.py)
     timings = {}
     for names in (("teacher_clean", "teacher_robust"), ("student_bmtard", "student_pgd_at")):
@@ -154,8 +233,7 @@ def run_quickstart(s: QuickstartSettings) -> dict:
                        workers, threads)
     reports: dict[str, EvalReport] = {}
     for name, result in zip(students, evaluated):
-        raw = {k: v for k, v in result["report"].items() if k != "w_robust"}
-        reports[name] = EvalReport(**raw)
+        reports[name] = EvalReport.from_dict(result["report"])
         timings[f"eval_{name}"] = result["seconds"]
     adversarial: dict[str, torch.Tensor] = {}
     if (s.out / "student_bmtard" / ADVERSARIAL_FILE).exists():
@@ -166,7 +244,7 @@ def run_quickstart(s: QuickstartSettings) -> dict:
     export_table, gate_failures = "", []
     if s.export:
         from robustedge.export.bundle import ExportOptions, export_bundle
-        from robustedge.export.verify import format_table
+        from robustedge.verify_core import format_table
 
         print("\n== exporting student_bmtard to ONNX fp32 / fp16 / INT8 and re-verifying ==", flush=True)
         t0 = time.perf_counter()
@@ -185,7 +263,7 @@ def run_quickstart(s: QuickstartSettings) -> dict:
     timings["report"] = time.perf_counter() - t0
     total = time.perf_counter() - start
     table = comparison_table(reports)
-    summary = {"status": "done", "seconds": total, "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
+    summary = {"format": QUICKSTART_FORMAT, "status": "done", "writer": writer_identity(), "seconds": total, "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
                "results": {k: r.to_dict() for k, r in reports.items()}, "export_gate_failures": gate_failures}
     atomic_write_text(s.out / "quickstart.md", f"# Quickstart results (digits, eps = {s.eps})\n\n{table}\n"
                                                 + (f"## Exported B-MTARD student\n\n{export_table}\n" if export_table
@@ -214,5 +292,3 @@ def comparison_table(reports: dict[str, EvalReport]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_summary(out: Path) -> dict:
-    return json.loads((out / MARKER).read_text())

@@ -7,7 +7,11 @@ PGD-20 validation accuracy, B-MTARD's temperatures and loss weights), the robust
 first test examples, computed here once and cached as ``eps_curve.json`` beside the run), the
 export verification table of any bundle beside it (``manifest.json``), and one scatter of
 accuracy, robustness and latency across the runs. Written as ``report.html`` (self-contained:
-figures inlined) and ``report.md`` (figures in ``report_files/``), each atomically.
+figures inlined) and ``report.md`` (figures in ``report_files/``), each atomically, plus
+``report.json``, the marker that lets a later report replace this one (and nothing else).
+
+A malformed ``metrics.csv``, ``eval.json``, ``manifest.json`` or ``eps_curve.json`` never stops the
+report: the file is skipped with a warning naming it, printed and listed on the page.
 """
 
 from __future__ import annotations
@@ -23,10 +27,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
+from robustedge.checkpoint import load_model
 from robustedge.errors import RobustEdgeError
+from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                              check_output_folder)
+from robustedge.verify_core import check_manifest, is_number
 
 EPS_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the curve's eps, as multiples of the run's eps
+REPORT_FORMAT = "robustedge-report/1"
+
+
+def _legacy_report(folder: Path) -> bool:  # report folders written before report.json existed
+    try:
+        return "<title>RobustEdge report:" in (folder / "report.html").read_text(encoding="utf-8")[:4096]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+REPORT = OutputKind("report folder", "report.json", REPORT_FORMAT, legacy=_legacy_report)
 
 
 @dataclass
@@ -41,6 +59,7 @@ class RunInfo:
     curve: dict | None = None
     bundle: dict | None = None
     latency_ms: float | None = None  # torch eager, batch 1, measured here
+    panels: dict | None = None  # the method's figure panels (Method.panels)
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
@@ -58,24 +77,73 @@ def find_runs(folders: list[Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
-def _read_history(path: Path) -> list[dict]:
+class Warnings(list):
+    """Files skipped while reading runs: printed as they happen and listed on the page."""
+
+    def __init__(self, progress) -> None:
+        super().__init__()
+        self.progress = progress
+
+    def skip(self, path: Path, why: str) -> None:
+        message = f"warning: skipped {path}: {why}"
+        self.append(message)
+        self.progress(message)
+
+
+def _read_json(path: Path, warnings: Warnings) -> object | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        warnings.skip(path, f"not readable JSON ({type(exc).__name__})")
+        return None
+
+
+def _read_history(path: Path, warnings: Warnings) -> list[dict]:
     rows = []
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            rows.append({k: float(v) for k, v in row.items() if v not in ("", None)})
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                values = {k: float(v) for k, v in row.items() if k is not None and v not in ("", None)}
+                if "epoch" not in values or not all(np.isfinite(list(values.values()))):
+                    raise ValueError("a row without an epoch or with a non-finite value")
+                rows.append(values)
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as exc:
+        warnings.skip(path, f"not a RobustEdge metrics.csv ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        return []
     return rows
 
 
-def _bundle_for(run: Path) -> dict | None:
+def _read_evaluation(path: Path, warnings: Warnings) -> dict | None:
+    data = _read_json(path, warnings)
+    if data is None:
+        return None
+    acc = data.get("accuracy") if isinstance(data, dict) else None
+    if not (isinstance(acc, dict) and "clean" in acc and all(is_number(v) and 0 <= v <= 1 for v in acc.values())):
+        warnings.skip(path, "no accuracy table of numbers in [0, 1] with a 'clean' entry")
+        return None
+    return data
+
+
+def _bundle_for(run: Path, warnings: Warnings) -> dict | None:
     for candidate in (run.parent / f"{run.name}_export", run / "export"):
-        if (candidate / "manifest.json").exists():
-            return json.loads((candidate / "manifest.json").read_text()) | {"folder": str(candidate)}
+        path = candidate / "manifest.json"
+        if path.exists():
+            manifest = _read_json(path, warnings)
+            if manifest is None:
+                return None
+            try:
+                check_manifest(manifest)
+            except RobustEdgeError as exc:
+                warnings.skip(path, str(exc))
+                return None
+            return manifest | {"folder": str(candidate)}
     return None
 
 
 def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """Batch-1 latency of the folded model in torch eager (the export table's ``torch`` row's way)."""
-    from robustedge.export.runners import TorchRunner, median_latency_ms
+    from robustedge.export.runners import TorchRunner
+    from robustedge.verify_core import median_latency_ms
     from robustedge.models import fold_batchnorm
 
     return median_latency_ms(TorchRunner(fold_batchnorm(model)), np.random.default_rng(0).random((1, *shape),
@@ -83,12 +151,27 @@ def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
                              repeats=20, warmup=3)
 
 
-def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | None = None) -> dict | None:
-    """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached)."""
+def _valid_curve(data: object) -> bool:
+    return isinstance(data, dict) and isinstance(data.get("n"), int) and isinstance(data.get("eps"), list) \
+        and isinstance(data.get("accuracy"), list) and len(data["eps"]) == len(data["accuracy"]) \
+        and all(is_number(v) for v in data["eps"] + data["accuracy"])
+
+
+def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | None = None,
+              warnings: Warnings | None = None) -> dict | None:
+    """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached).
+
+    A cache file that is not a curve is left alone (it may not be ours) and the curve is skipped."""
     cache = run / "eps_curve.json"
     if cache.exists():
-        cached = json.loads(cache.read_text())
-        if cached.get("n") == n:
+        warnings = warnings if warnings is not None else Warnings(lambda m: None)
+        cached = _read_json(cache, warnings)
+        if cached is None:
+            return None
+        if not _valid_curve(cached):
+            warnings.skip(cache, "not an eps curve; remove it to have it recomputed")
+            return None
+        if cached["n"] == n:
             return cached
     if not meta.eps:
         return None
@@ -110,21 +193,35 @@ def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | 
     return curve
 
 
-def collect(run: Path, curve_n: int, data_root: str | None = None) -> RunInfo:
-    info = RunInfo(run.name, run, _read_history(run / "metrics.csv"))
+def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: Warnings | None = None) -> RunInfo:
+    warnings = warnings if warnings is not None else Warnings(lambda m: None)
+    info = RunInfo(run.name, run, _read_history(run / "metrics.csv", warnings))
     best = run / "best.safetensors"
     if best.exists():
-        model, meta = load_model(best)
-        info.method, info.arch, info.eps = meta.method or "", meta.spec.arch, meta.eps
-        info.latency_ms = _torch_latency_ms(model, meta.spec.input_shape)
-        if curve_n > 0:
-            info.curve = eps_curve(run, model, meta, curve_n, data_root)
+        try:
+            model, meta = load_model(best)
+        except RobustEdgeError as exc:
+            warnings.skip(best, str(exc))
+        else:
+            info.method, info.arch, info.eps = meta.method or "", meta.spec.arch, meta.eps
+            info.panels = _panels(meta.method)
+            info.latency_ms = _torch_latency_ms(model, meta.spec.input_shape)
+            if curve_n > 0:
+                info.curve = eps_curve(run, model, meta, curve_n, data_root, warnings)
     for candidate in (run / "eval.json", run / "best-eval" / "eval.json"):
         if candidate.exists():
-            info.evaluation = json.loads(candidate.read_text())
+            info.evaluation = _read_evaluation(candidate, warnings)
             break
-    info.bundle = _bundle_for(run)
+    info.bundle = _bundle_for(run, warnings)
     return info
+
+
+def _panels(method: str | None) -> dict:
+    """The method's own figure panels (B-MTARD: temperatures and loss weights), from its registry entry."""
+    from robustedge.methods import METHODS, method_names
+
+    method_names()  # loads the registry
+    return dict(METHODS[method].panels) if method in METHODS else {}
 
 
 # ---- figures -------------------------------------------------------------------------------
@@ -146,8 +243,7 @@ def training_figure(info: RunInfo) -> bytes:
 
     h = info.history
     panels = [("loss", ["loss"]), ("accuracy (%)", ["train_acc", "val_clean", "val_pgd20"])]
-    if any("tau_adv" in r for r in h):
-        panels += [("temperature", ["tau_adv", "tau_nat"]), ("loss weight", ["w_adv", "w_nat"])]
+    panels += [(title, list(keys)) for title, keys in (info.panels or {}).items() if any(k in r for r in h for k in keys)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.1))
     for ax, (title, keys) in zip(list(axes) if len(panels) > 1 else [axes], panels):
         for key in keys:
@@ -159,7 +255,8 @@ def training_figure(info: RunInfo) -> bytes:
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
 
@@ -295,12 +392,16 @@ h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}.note{colo
 
 def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: str | None = None,
                  progress=print) -> Path:
-    """Write ``out/report.html``, ``out/report.md`` and ``out/report_files/*.png``; return the HTML path."""
-    runs = []
-    for run in find_runs(folders):
+    """Write ``out/report.html``, ``out/report.md`` and ``out/report_files/*.png``; return the HTML path.
+
+    ``out`` must be new, empty or a previous report, and must not hold one of the runs."""
+    found = find_runs(folders)
+    check_output_folder(out, REPORT, replace=True, protect=found)
+    runs, warnings = [], Warnings(progress)
+    for run in found:
         progress(f"reading {run}" + (" (computing the eps curve)" if curve_n and not (run / "eps_curve.json").exists()
                                      else ""))
-        runs.append(collect(run, curve_n, data_root))
+        runs.append(collect(run, curve_n, data_root, warnings))
     figures: dict[str, bytes] = {}
     sections: list[tuple[str, list[tuple[str, str | list[list[str]]]]]] = []
     summary = [("table", robustness_table(runs))]
@@ -312,6 +413,8 @@ def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: 
     latency_notes = [f"{r.name}: {r.latency_ms:.2f} ms" for r in runs if r.latency_ms]
     if latency_notes:
         summary.append(("note", "Latency, torch eager at batch 1 on this machine: " + "; ".join(latency_notes)))
+    if warnings:
+        summary.append(("note", "Skipped while reading the runs: " + "; ".join(warnings)))
     sections.append(("Summary", summary))
     for r in runs:
         key = f"training_{r.name}"
@@ -327,12 +430,10 @@ def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: 
         sections.append((f"{r.name} ({r.method} {r.arch})", items))
 
     out.mkdir(parents=True, exist_ok=True)
-    assets = out / "report_files"
-    assets.mkdir(exist_ok=True)
+    atomic_write_json(out / "report.json", {"format": REPORT_FORMAT, "runs": [str(r.folder) for r in runs],
+                                            "warnings": list(warnings)})
     for key, png in figures.items():
-        tmp = assets / f".{key}.png.tmp"
-        tmp.write_bytes(png)
-        tmp.replace(assets / f"{key}.png")
+        atomic_write_bytes(out / "report_files" / f"{key}.png", png)
     title = "RobustEdge report: " + ", ".join(str(f) for f in folders)
     md = [f"# {title}\n"]
     body = [f"<h1>{html.escape(title)}</h1>"]

@@ -32,14 +32,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from robustedge.checkpoint import (ModelMeta, ModelSpec, atomic_write_json, atomic_write_text, load_state_strict,
-                                   load_teacher, load_training_state, save_model, save_training_state, unwrap)
-from robustedge.config import TrainConfig, config_to_dict, dump_config
+from robustedge.checkpoint import ModelMeta, ModelSpec, save_model, unwrap
+from robustedge.files import atomic_write_json, atomic_write_text, check_writable_folder
+from robustedge.teachers import load_teacher
+from robustedge.training_state import load_training_state, save_training_state
+from robustedge.weights import load_state_strict
+from robustedge.config import TrainConfig, config_to_dict, dump_config, validate_config
 from robustedge.data import DeviceLoader, load_dataset
 from robustedge.errors import RobustEdgeError
 from robustedge.evaluate import evaluate
 from robustedge.methods import get_method
 from robustedge.runtime import progress, resolve_device, seed_everything
+from robustedge.seeds import attack_seed
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -47,7 +51,7 @@ EpochCallback = Callable[[int, dict], None]
 @dataclass
 class TrainResult:
     run_dir: Path
-    best_path: Path
+    best_path: Path | None  # None when validation is off (eval_n = 0): nothing selects a best
     last_path: Path
     history: list[dict] = field(default_factory=list)
     best_score: float = float("-inf")  # validation W-Robust (clean accuracy for natural training)
@@ -93,11 +97,48 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+@dataclass
+class _Run:
+    """What a run carries from its set-up through its epochs to its end."""
+
+    rank: int
+    world: int
+    device: torch.device
+    parts: "TrainingParts"
+    student: nn.Module
+    loader: DeviceLoader
+    meta: ModelMeta
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    start_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best: float = float("-inf")
+    best_written: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, callbacks: list[EpochCallback] | None = None) -> None:
         self.cfg = cfg
         self.resume = resume
         self.callbacks = list(callbacks or [])
+        self.writer = None  # TensorBoard, on the main rank when installed
+
+    @property
+    def last_path(self) -> Path:
+        return self.cfg.run_dir / "last.safetensors"
+
+    @property
+    def best_path(self) -> Path:
+        return self.cfg.run_dir / "best.safetensors"
+
+    @property
+    def validates(self) -> bool:
+        """Validation runs unless ``eval_n`` is 0; without it there is no best.safetensors."""
+        return self.cfg.eval_n > 0
 
     # ------------------------------------------------------------------------------------------
     def _setup_distributed(self) -> tuple[int, int, torch.device]:
@@ -113,170 +154,193 @@ class Trainer:
             torch.cuda.set_device(device)
         return rank, world, device
 
-    def _validate(self) -> None:
+    def _check_run_dir(self) -> None:
+        """Before anything is written: the run folder is new, or this is a resume of it."""
         cfg = self.cfg
-        for name, value in (("epochs", cfg.epochs), ("batch_size", cfg.batch_size), ("eval_every", cfg.eval_every),
-                            ("log_every", cfg.log_every)):
-            if value < 1:
-                raise RobustEdgeError(f"{name} must be >= 1, got {value}")
-        if not 0 <= cfg.attack.eps <= 1:
-            raise RobustEdgeError(f"attack.eps must be in [0, 1], got {cfg.attack.eps}")
-        if cfg.attack.steps < 0:
-            raise RobustEdgeError(f"attack.steps must be >= 0, got {cfg.attack.steps}")
-        if cfg.optim.lr <= 0:
-            raise RobustEdgeError(f"optim.lr must be > 0, got {cfg.optim.lr}")
-        lr_factor(cfg, 0)
+        check_writable_folder(Path(cfg.out_dir), "--out-dir")
+        check_writable_folder(cfg.run_dir, "run folder")
+        if not self.resume and self.last_path.exists():
+            raise RobustEdgeError(f"{cfg.run_dir} already holds a run; pass --resume to continue it or choose "
+                                  f"another --name/--out-dir")
+        if self.resume and not self.last_path.exists():
+            raise RobustEdgeError(f"nothing to resume: {self.last_path} does not exist")
 
     def run(self) -> TrainResult:
-        cfg = self.cfg
-        self._validate()
-        rank, world, device = self._setup_distributed()
-        main = rank == 0
-        run_dir = cfg.run_dir
-        last_path, best_path = run_dir / "last.safetensors", run_dir / "best.safetensors"
-        if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not self.resume and last_path.exists():
-                raise RobustEdgeError(f"{run_dir} already holds a run; pass --resume to continue it or choose "
-                                      f"another --name/--out-dir")
-        if self.resume and not last_path.exists():
-            raise RobustEdgeError(f"nothing to resume: {last_path} does not exist")
+        validate_config(self.cfg)
+        self._check_run_dir()
+        run = self._prepare()
+        t_run = time.perf_counter()
+        for epoch in range(run.start_epoch, self.cfg.epochs):
+            self._epoch(epoch, run)
+        return self._finish(run, time.perf_counter() - t_run)
 
+    def _prepare(self) -> _Run:
+        """Data, parts, the resumed state and the metadata every checkpoint carries."""
+        cfg = self.cfg
+        rank, world, device = self._setup_distributed()
         data = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                            val_fraction=cfg.data.val_fraction, seed=cfg.data.seed, download=cfg.data.download and main)
+                            val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
+                            download=cfg.data.download and rank == 0)
+        if self.validates and len(data.val) == 0:
+            raise RobustEdgeError(f"validation needs examples but the validation split is empty "
+                                  f"(data.val_fraction {cfg.data.val_fraction}); raise it or set eval_n: 0")
         channels, size = data.input_shape[0], data.input_shape[1]
         spec = ModelSpec(cfg.model.arch, data.num_classes, channels, cfg.model.width, size, cfg.model.mean,
                          cfg.model.std)
         parts = build_parts(cfg, spec, device, world, data.num_classes)
-        model, method, optimizer, scaler = parts.model, parts.method, parts.optimizer, parts.scaler
-        method_cls = type(method)
-
-        start_epoch, history, best = 0, [], float("-inf")
-        if self.resume:
-            weights, _, state = load_training_state(last_path)
-            if state["config"]["model"] != config_to_dict(cfg)["model"] or state["config"]["method"] != cfg.method:
-                raise RobustEdgeError(f"{last_path} was trained with a different model or method than this config")
-            load_state_strict(model, weights, source=str(last_path), arch=spec.arch)
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            method.load_state_dict(state["method"])
-            start_epoch, history, best = state["epoch"] + 1, state["history"], state["best_score"]
-            if start_epoch >= cfg.epochs:
-                raise RobustEdgeError(f"{last_path} already finished epoch {start_epoch}/{cfg.epochs}; "
-                                      f"raise --epochs to train longer")
-
-        student = parts.wrap(world, device)
-
-        per_rank_batch = max(1, cfg.batch_size // world)
-        loader = DeviceLoader(data.train, per_rank_batch, device=device, shuffle=True, augment=cfg.data.augment,
-                              padding=cfg.data.padding, flip=cfg.data.flip, seed=cfg.seed, drop_last=False, rank=rank, world_size=world)
         val = data.val.take(cfg.eval_n)
-        val_x, val_y = val.float_images(device), val.labels.to(device)
-        meta = ModelMeta(spec, dataset=cfg.data.name, eps=cfg.eval_eps or cfg.attack.eps, method=cfg.method,
-                         classes=data.classes,
+        meta = ModelMeta(spec, dataset=cfg.data.name, eps=cfg.eval_eps if cfg.eval_eps is not None else cfg.attack.eps,
+                         method=cfg.method, classes=data.classes,
                          extra={"data": {"root": cfg.data.root, "val_fraction": cfg.data.val_fraction,
                                          "seed": cfg.data.seed},
                                 "config": config_to_dict(cfg)})
-        if main:
-            atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-        writer = _tensorboard(run_dir) if main else None
+        loader = DeviceLoader(data.train, max(1, cfg.batch_size // world), device=device, shuffle=True,
+                              augment=cfg.data.augment, padding=cfg.data.padding, flip=cfg.data.flip, seed=cfg.seed,
+                              drop_last=False, rank=rank, world_size=world)
+        run = _Run(rank, world, device, parts, parts.model, loader, meta, val.float_images(device),
+                   val.labels.to(device))
+        if self.resume:
+            self._restore(run, spec)
+        run.student = parts.wrap(world, device)
+        if run.main:
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
+        self.writer = _tensorboard(cfg.run_dir) if run.main else None
+        return run
 
-        # adversarial methods keep the checkpoint with the best W-Robust, natural training the most accurate
-        selection_key = "val_wrobust" if method_cls.adversarial else "val_clean"
-        t_run = time.perf_counter()
-        for epoch in range(start_epoch, cfg.epochs):
-            row = self._train_epoch(epoch, student, parts, loader, device, rank, world, main)
-            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
-                if main:
-                    report = evaluate(unwrap(model), val_x, val_y, attacks=["clean", "pgd20"],
-                                      eps=cfg.eval_eps or cfg.attack.eps, batch_size=256, seed=cfg.seed,
-                                      show_progress=False, fold_bn=True)
-                    row.update(val_clean=report.accuracy["clean"], val_pgd20=report.accuracy["pgd20"],
-                               val_wrobust=report.w_robust("pgd20"))
-            history.append(row)
-            if main:
-                score = row.get(selection_key, float("-inf"))
-                if score > best:
-                    best = score
-                    meta.metrics = {k: row[k] for k in ("val_clean", "val_pgd20", "val_wrobust")} | {"epoch": epoch + 1}
-                    save_model(best_path, model, meta)
-                state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "method": method.state_dict(), "history": history, "best_score": best,
-                         "config": config_to_dict(cfg)}
-                save_training_state(last_path, model, meta, state)
-                _write_csv(run_dir / "metrics.csv", history)
-                if writer is not None:
-                    for key, value in row.items():
-                        if isinstance(value, (int, float)) and key != "epoch":
-                            writer.add_scalar(key, value, epoch + 1)
-                print(_epoch_line(cfg.name, row, cfg.epochs), flush=True)
-            for callback in self.callbacks:
-                callback(epoch, row)
+    def _restore(self, run: _Run, spec: ModelSpec) -> None:
+        cfg, parts = self.cfg, run.parts
+        weights, _, state = load_training_state(self.last_path)
+        if state.get("config", {}).get("model") != config_to_dict(cfg)["model"] or \
+                state.get("config", {}).get("method") != cfg.method:
+            raise RobustEdgeError(f"{self.last_path} was trained with a different model or method than this config")
+        load_state_strict(parts.model, weights, source=str(self.last_path), arch=spec.arch)
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.scaler.load_state_dict(state["scaler"])
+        parts.method.load_state_dict(state["method"])
+        run.start_epoch, run.history = state["epoch"] + 1, state["history"]
+        run.best = float("-inf") if state.get("best_score") is None else state["best_score"]
+        run.best_written = self.best_path.exists()
+        if run.start_epoch >= cfg.epochs:
+            raise RobustEdgeError(f"{self.last_path} already finished epoch {run.start_epoch}/{cfg.epochs}; "
+                                  f"raise --epochs to train longer")
 
-        result = TrainResult(run_dir, best_path, last_path, history, best, time.perf_counter() - t_run, world)
-        if world > 1:
-            digests = [None] * world
-            dist.all_gather_object(digests, state_digest(model))
+    def _epoch(self, epoch: int, run: _Run) -> None:
+        """One epoch: train, validate, checkpoint, log."""
+        cfg = self.cfg
+        row = self._train_epoch(epoch, run)
+        if self.validates and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs) and run.main:
+            report = evaluate(unwrap(run.parts.model), run.val_x, run.val_y, attacks=["clean", "pgd20"],
+                              eps=run.meta.eps, batch_size=256, seed=cfg.seed, show_progress=False, fold_bn=True)
+            row.update(val_clean=report.accuracy["clean"], val_pgd20=report.accuracy["pgd20"],
+                       val_wrobust=report.w_robust("pgd20"))
+        run.history.append(row)
+        if run.main:
+            self._checkpoint(epoch, row, run)
+        for callback in self.callbacks:
+            callback(epoch, row)
+
+    def _checkpoint(self, epoch: int, row: dict, run: _Run) -> None:
+        cfg, parts = self.cfg, run.parts
+        score = row.get(self._selection_key(), float("-inf"))
+        if score > run.best:
+            run.best = score
+            run.meta.metrics = {k: row[k] for k in ("val_clean", "val_pgd20", "val_wrobust")} | {"epoch": epoch + 1}
+            save_model(self.best_path, parts.model, run.meta)
+            run.best_written = True
+        state = {"epoch": epoch, "optimizer": parts.optimizer.state_dict(), "scaler": parts.scaler.state_dict(),
+                 "method": parts.method.state_dict(), "history": run.history,
+                 "best_score": run.best if run.best_written else None,
+                 "config": config_to_dict(cfg)}
+        save_training_state(self.last_path, parts.model, run.meta, state)
+        _write_csv(cfg.run_dir / "metrics.csv", run.history)
+        if self.writer is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.writer.add_scalar(key, value, epoch + 1)
+        print(_epoch_line(cfg.name, row, cfg.epochs, list(parts.method.summary())), flush=True)
+
+    def _selection_key(self) -> str:
+        """Adversarial methods keep the checkpoint with the best W-Robust, natural training the most accurate."""
+        return "val_wrobust" if get_method(self.cfg.method).adversarial else "val_clean"
+
+    def _finish(self, run: _Run, seconds: float) -> TrainResult:
+        cfg = self.cfg
+        best_path = self.best_path if run.best_written else None
+        result = TrainResult(cfg.run_dir, best_path, self.last_path, run.history, run.best, seconds, run.world)
+        if run.world > 1:
+            digests = [None] * run.world
+            dist.all_gather_object(digests, state_digest(run.parts.model))
             result.ranks_identical = len(set(digests)) == 1
-        if main:
-            atomic_write_json(run_dir / "result.json", {
-                "best": str(best_path), "last": str(last_path), "selection": selection_key, "best_score": best, "seconds": result.seconds,
-                "world_size": world, "ranks_identical": result.ranks_identical, "final_digest": state_digest(model),
-                "history": history})
-        if writer is not None:
-            writer.close()
-        if world > 1:
+        if run.main:
+            atomic_write_json(cfg.run_dir / "result.json", {
+                "best": str(best_path) if best_path else None, "last": str(self.last_path),
+                "selection": self._selection_key() if self.validates else "none (eval_n = 0: no validation)",
+                "best_score": run.best if run.best_written else None, "seconds": seconds,
+                "world_size": run.world, "ranks_identical": result.ranks_identical,
+                "final_digest": state_digest(run.parts.model), "history": run.history})
+        if self.writer is not None:
+            self.writer.close()
+        if run.world > 1:
             dist.barrier()
         return result
 
     # ------------------------------------------------------------------------------------------
-    def _train_epoch(self, epoch, student, parts: "TrainingParts", loader, device, rank, world, main) -> dict:
-        cfg = self.cfg
-        model, method, optimizer = parts.model, parts.method, parts.optimizer
+    def _train_epoch(self, epoch: int, run: _Run) -> dict:
+        cfg, parts = self.cfg, run.parts
+        method, optimizer = parts.method, parts.optimizer
         lr = cfg.optim.lr * lr_factor(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
         method.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + rank)  # attack starts: see module docstring
-        student.train()
-        sums = torch.zeros(3, device=device)  # loss, train accuracy, grad norm
+        run.loader.set_epoch(epoch)
+        torch.manual_seed(attack_seed(cfg.seed, epoch, run.rank))  # attack starts: see module docstring
+        run.student.train()
+        sums = torch.zeros(4, device=run.device)  # loss, train accuracy, grad norm (finite steps), finite steps
         extra: dict[str, torch.Tensor] = {}
         steps, seen, t0 = 0, 0, time.perf_counter()
-        bar = progress(loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", total=len(loader),
-                       enabled=cfg.progress and main)
+        total = len(run.loader)
+        bar = progress(run.loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", total=total,
+                       enabled=cfg.progress and run.main)
         for x, y in bar:
-            logs, grad_norm = parts.step(student, x, y)
-            sums += torch.stack([logs["loss"].float(), logs["train_acc"].float(), grad_norm.float()])
+            logs, grad_norm = parts.step(run.student, x, y)
+            finite = torch.isfinite(grad_norm)  # an fp16 scaler skips steps with inf gradients
+            sums += torch.stack([logs["loss"].float(), logs["train_acc"].float(),
+                                 torch.where(finite, grad_norm.float(), 0.0), finite.float()])
             for key, value in logs.items():
                 if key not in ("loss", "train_acc"):
                     extra[key] = extra.get(key, 0.0) + value.float()
             steps += 1
             seen += len(y)
-            if steps % cfg.log_every == 0 or steps == len(loader):
+            if steps % cfg.log_every == 0 or steps == total:
                 mean = (sums / steps).tolist()  # the only host sync of the loop
                 if not math.isfinite(mean[0]):
-                    raise RobustEdgeError(
-                        f"loss became {mean[0]} in epoch {epoch + 1} (step {steps}); stopped. The last good "
-                        f"checkpoint is {cfg.run_dir / 'last.safetensors'}; lower optim.lr or try amp off")
+                    raise RobustEdgeError(f"loss became {mean[0]} in epoch {epoch + 1} (step {steps}); stopped. "
+                                          + self._last_good() + "; lower optim.lr or try amp off")
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{mean[0]:.4f}", acc=f"{mean[1]:.3f}",
-                                    img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+                                    img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}")
         seconds = time.perf_counter() - t0
         totals = torch.cat([sums, torch.stack(list(extra.values())) if extra else sums[:0]])
-        if world > 1:
+        if run.world > 1:
             dist.all_reduce(totals)
-            totals /= world
+            totals /= run.world
             # DDP syncs BN statistics at the start of each forward, so after the epoch's last one every
             # rank holds its own; take rank 0's so validation, checkpoints and all ranks agree
-            for buffer in model.buffers():
+            for buffer in parts.model.buffers():
                 dist.broadcast(buffer, src=0)
-        values = (totals / max(1, steps)).tolist()
-        row = {"epoch": epoch + 1, "lr": lr, "loss": values[0], "train_acc": values[1], "grad_norm": values[2],
-               "img_per_s": seen * world / seconds, "seconds": seconds}
-        row.update({k: v for k, v in zip(extra, values[3:])})
+        values = totals.tolist()
+        row = {"epoch": epoch + 1, "lr": lr, "loss": values[0] / steps, "train_acc": values[1] / steps,
+               "grad_norm": values[2] / max(values[3], 1.0), "img_per_s": seen * run.world / seconds,
+               "seconds": seconds}
+        row.update({k: v / steps for k, v in zip(extra, values[4:])})
         row.update(method.summary())
         return row
+
+    def _last_good(self) -> str:
+        if self.last_path.exists():
+            return f"The last good checkpoint is {self.last_path}"
+        return "No checkpoint was written yet (this was the first epoch)"
 
 
 @dataclass
@@ -368,14 +432,12 @@ def _write_csv(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, buffer.getvalue())
 
 
-def _epoch_line(name: str, row: dict, epochs: int) -> str:
+def _epoch_line(name: str, row: dict, epochs: int, method_keys: list[str]) -> str:
     parts = [f"{name} epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"train acc {100 * row['train_acc']:.1f}%",
              f"{row['img_per_s']:.0f} img/s"]
     if "val_clean" in row:
         parts += [f"val clean {100 * row['val_clean']:.1f}%", f"val PGD-20 {100 * row['val_pgd20']:.1f}%"]
-    for key in ("tau_adv", "tau_nat", "w_adv", "w_nat"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.3f}")
+    parts += [f"{key} {row[key]:.3f}" for key in method_keys]  # the method's summary() (B-MTARD: taus, weights)
     return " | ".join(parts)
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +82,55 @@ def models_folder(digits_checkpoint, tmp_path_factory):
     export_bundle(ckpt, folder / "natural_export", ExportOptions(n=32, calibration_n=64, transfer_attacks=("pgd20",),
                                                                  square_n=0), progress=lambda m: None)
     return folder
+
+
+def _chromium() -> tuple[str, str]:
+    """Debian's chromium + chromedriver, installed here when missing (as the test set-up)."""
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if all(found):
+        return found  # type: ignore[return-value]
+    if shutil.which("apt-get") and hasattr(os, "geteuid") and os.geteuid() == 0:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=900)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium", "chromium-driver"], env=env,
+                       capture_output=True, timeout=1200)
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    if not all(found):
+        pytest.skip("Debian's chromium and chromium-driver are not installed and could not be installed here "
+                    "(needs root and apt-get)")
+    return found  # type: ignore[return-value]
+
+
+@pytest.fixture
+def chrome(tmp_path):
+    """Make a headless Chromium WebDriver (window size as 'W,H'); every one made is quit at the end."""
+    drivers = []
+
+    def make(window: str = "1400,1100"):
+        chromium, chromedriver = _chromium()
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+
+        options = webdriver.ChromeOptions()
+        options.binary_location = chromium
+        for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     f"--window-size={window}", f"--user-data-dir={tmp_path / f'profile{len(drivers)}'}"):
+            options.add_argument(flag)
+        drivers.append(webdriver.Chrome(service=Service(chromedriver), options=options))
+        return drivers[-1]
+
+    yield make
+    for driver in drivers:
+        driver.quit()
+
+
+@pytest.fixture
+def keep_screenshot():
+    """Copy a screenshot to $ROBUSTEDGE_SCREENSHOT_DIR when set (how bench/screenshots/ are made)."""
+    def keep(shot: Path, name: str) -> None:
+        folder = os.environ.get("ROBUSTEDGE_SCREENSHOT_DIR")
+        if folder:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            shutil.copy(shot, Path(folder) / name)
+    return keep

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from robustedge import RobustEdgeError, demo
+from robustedge import RobustEdgeError
+from robustedge.app import PAGE_SCRIPT
+from robustedge.app import logic as demo
 
-ROOT = Path(__file__).resolve().parents[1]
-PAGE = str(ROOT / "apps" / "demo.py")
+PAGE = str(PAGE_SCRIPT)
 
 
 def app(folder, **params):
@@ -114,3 +115,45 @@ def test_prepare_upload_converts_and_limits():
     with pytest.raises(RobustEdgeError, match="limit is 10 MB"):
         demo.prepare_upload(b"0" * (11 * 2**20), (1, 8, 8))
     assert torch.equal(demo.attack(None, x, torch.tensor([0]), "PGD", 0.0, 5), x)
+
+
+def test_malformed_metadata_files_are_skipped_with_a_warning(models_folder, tmp_path):
+    folder = tmp_path / "models"
+    shutil.copytree(models_folder, folder)
+    (folder / "natural" / "eval.json").write_text("{not json")
+    (folder / "natural_export" / "manifest.json").write_text("[1, 2]")
+    at = app(folder, model="natural/best.safetensors")
+    assert not at.exception
+    text = messages(at)
+    assert "skipped eval.json" in text and "skipped manifest.json" in text
+    assert "attack took" in text  # the page still works
+
+
+@pytest.mark.parametrize("params,warning", [
+    ({"eps": "abc"}, "query parameter eps='abc' is not valid"),
+    ({"eps": "nan"}, "query parameter eps='nan'"),
+    ({"eps": "7"}, "query parameter eps='7' is outside [0.0, 0.5]"),
+    ({"index": "99999"}, "query parameter index='99999' is outside"),
+    ({"steps": "0"}, "query parameter steps='0' is outside [1, 50]"),
+    ({"steps": "x"}, "query parameter steps='x' is not valid"),
+    ({"model": "../../etc/passwd"}, "is not in the models folder"),
+    ({"attack": "Laser"}, "query parameter attack='Laser' is not one of"),
+])
+def test_bad_query_parameters_fall_back_to_defaults_with_a_warning(models_folder, params, warning):
+    at = app(models_folder, **params)
+    assert not at.exception
+    text = messages(at)
+    assert warning in text and "attack took" in text
+
+
+def test_a_model_with_nan_logits_is_an_error_not_a_prediction(digits_checkpoint, tmp_path):
+    from robustedge.checkpoint import load_model, save_model
+
+    model, meta = load_model(digits_checkpoint)
+    with torch.no_grad():
+        model.fc.bias.fill_(float("nan"))
+    (tmp_path / "nan").mkdir()
+    save_model(tmp_path / "nan" / "best.safetensors", model, meta)
+    at = app(tmp_path, model="nan/best.safetensors", attack="PGD")
+    assert not at.exception
+    assert "non-finite logits" in messages(at) and "Prediction" not in messages(at)

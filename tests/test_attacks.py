@@ -66,6 +66,9 @@ def test_accuracy_falls_monotonically_with_eps(digits_model, batch):
 
 
 def test_attacks_keep_the_model_mode_and_touch_no_parameter_gradients(digits_model, batch):
+    import copy
+
+    digits_model = copy.deepcopy(digits_model)  # train mode moves BN statistics: never on the shared model
     x, y = batch
     for mode in (True, False):
         digits_model.train(mode)
@@ -76,7 +79,6 @@ def test_attacks_keep_the_model_mode_and_touch_no_parameter_gradients(digits_mod
         assert all(p.grad is None for p in digits_model.parameters())
         if not mode:  # in eval mode not even BN statistics move
             assert all(torch.equal(v, digits_model.state_dict()[k]) for k, v in snapshot.items())
-    digits_model.eval()
 
 
 def test_pgd_argument_checks():

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.checkpoint import (ModelMeta, ModelSpec, atomic_path, load_model, load_weights, read_meta,
-                                   read_state_dict, save_model)
+from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, read_meta, save_model
+from robustedge.files import atomic_path
+from robustedge.weights import load_weights, read_state_dict
 from robustedge.models import build_model
 
 

@@ -9,12 +9,9 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.export.bundle import ExportOptions, export_bundle, parse_formats, read_bundle, verify_bundle
+from robustedge.export.bundle import ExportOptions, export_bundle, parse_formats, verify_bundle
 from robustedge.export.convert import export_onnx
-from robustedge.export.runners import OrtRunner
-from robustedge.export.verify import Gate
-
-ROOT = Path(__file__).resolve().parents[1]
+from robustedge.verify_core import Gate, OrtRunner, check_input_shape, read_bundle
 OPTS = dict(n=64, calibration_n=128, transfer_attacks=("pgd20",), square_n=8, square_queries=50)
 
 
@@ -55,7 +52,8 @@ def test_bundle_has_every_format_a_manifest_and_a_verified_table(bundle):
         assert np.abs(data["adv_pgd20"] - data["x"]).max() <= manifest["eps"] + 1e-6
     assert "| onnx-int8 |" in (out / "verify.md").read_text()
     assert not list(out.parent.glob(".bundle.*"))  # no temporary folder left behind
-    assert isinstance(failures, list)
+    assert manifest["gate_failures"] == failures
+    assert (out / "verify.py").read_bytes() == Path(__import__("robustedge.verify_core").verify_core.__file__).read_bytes()
 
 
 def test_int8_model_is_really_quantized_and_smaller(bundle):
@@ -89,23 +87,23 @@ def test_verify_recomputes_the_table_and_refuses_a_corrupted_bundle(bundle, tmp_
     (broken / "model.int8.onnx").write_bytes(bytes(data))
     with pytest.raises(RobustEdgeError, match="model.int8.onnx does not match its manifest sha256"):
         read_bundle(broken)
-    proc = subprocess.run([sys.executable, str(ROOT / "export" / "verify_on_device.py"), str(broken)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, str(broken / "verify.py")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "does not match its manifest sha256" in proc.stderr
 
 
 def test_on_device_verifier_runs_without_torch(bundle):
     out, manifest, _ = bundle
     hide_torch = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['robustedge'] = None; "
-                  f"sys.argv = ['verify_on_device.py', {str(out)!r}]; "
-                  f"runpy.run_path({str(ROOT / 'export' / 'verify_on_device.py')!r}, run_name='__main__')")
-    proc = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True, timeout=120)
+                  "sys.argv = ['verify.py']; "
+                  f"runpy.run_path({str(out / 'verify.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True, timeout=120,
+                          cwd=out.parent)
     expected_exit = 1 if manifest["gate_failures"] else 0
     assert proc.returncode == expected_exit, proc.stderr
     lines = proc.stdout.splitlines()
-    row = next(line for line in lines if line.startswith("onnx |"))
+    row = next(line for line in lines if line.startswith("| onnx |"))
     assert row.split(" | ")[1] == f"{100 * manifest['table']['onnx']['clean']:.1f}"
-    assert any(line.startswith("onnx-int8 |") for line in lines)
+    assert any(line.startswith("| onnx-int8 |") for line in lines)
 
 
 def test_gate_turns_a_regression_into_failures():
@@ -135,10 +133,10 @@ def test_cli_export_verify_and_bad_inputs(digits_checkpoint, bundle, tmp_path, c
     for argv, message in (
             (["export", str(digits_checkpoint), "--out", str(tmp_path / "x"), "--formats", "onnx,tflite"],
              "unknown export format 'tflite'"),
-            (["export", str(digits_checkpoint), "--out", str(out)], "exists and is not empty"),
+            (["export", str(digits_checkpoint), "--out", str(out)], "already holds a RobustEdge export bundle"),
             (["export", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "y")], "checkpoint not found"),
             (["verify", str(tmp_path)], "not an export bundle"),
-            (["verify", str(out), "--max-drop", "5"], "--max-drop must be a fraction")):
+            (["verify", str(out), "--max-drop", "5"], "--max-drop must be in [0, 1], got 5")):
         assert main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
@@ -150,7 +148,7 @@ def test_wrong_input_shape_and_missing_calibration_are_clear_errors(bundle):
     out, _, _ = bundle
     runner = OrtRunner(out / "model.onnx")
     with pytest.raises(RobustEdgeError, match=r"input shape \(3, 16, 16\) does not fit"):
-        runner.check_shape((1, 3, 16, 16))
+        check_input_shape(runner, (1, 3, 16, 16))
     with pytest.raises(RobustEdgeError, match="needs calibration images"):
         quantize_int8(out / "model.onnx", out.parent / "q.onnx", np.zeros((0, 1, 16, 16), np.float32))
     assert parse_formats("onnx-int8") == ["onnx", "onnx-int8"]

@@ -1,9 +1,7 @@
 """The performance paths keep the numerics: folded attack twin, bf16/inference-mode teachers, the
-trainer's step against the authors'-style reference loop (bench/), auto batch size, worker pools."""
+trainer's step against the authors'-style reference loop (robustedge/reference.py), auto batch size, worker pools."""
 
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,14 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from robustedge import RobustEdgeError
-from robustedge.checkpoint import FrozenTeacher, ModelMeta, ModelSpec, save_model, teacher_dtype
+from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+from robustedge.reference import ReferenceStep
+from robustedge.teachers import FrozenTeacher, teacher_dtype
 from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
 from robustedge.models import build_model, fold_batchnorm
 from robustedge.runtime import parallel_plan, run_jobs
 from robustedge.train import build_parts
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2", "preact_resnet18", "wideresnet-10-2"])
 def test_linked_twin_follows_the_training_model(arch):
@@ -93,8 +90,6 @@ def _ours(method, teacher_files, fast: bool):
 
 @pytest.mark.parametrize("method", ["natural", "pgd_at", "trades", "ard", "rslad", "mtard", "bmtard"])
 def test_trainer_step_matches_the_reference_loop(method, teacher_files):
-    from reference_loop import ReferenceStep
-
     from robustedge.checkpoint import load_model
     from robustedge.runtime import seed_everything
 
@@ -118,8 +113,6 @@ def test_trainer_step_matches_the_reference_loop(method, teacher_files):
 
 
 def test_bmtard_reference_and_ours_keep_the_same_balance_state(teacher_files):
-    from reference_loop import ReferenceStep
-
     from robustedge.checkpoint import load_model
     from robustedge.runtime import seed_everything
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.checkpoint import load_teacher
+from robustedge.teachers import load_teacher
 from robustedge.cli import main
 from robustedge.config import TeacherConfig
 from robustedge.models import build_model, stem_stride
@@ -131,7 +131,7 @@ def test_tiny_imagenet_folder_trains_a_64x64_model(tmp_path):
 # ---- distill --dry-run ---------------------------------------------------------------------------
 
 def test_distill_dry_run_prints_config_parameters_and_epoch_time(digits_checkpoint, tmp_path, capsys):
-    code = main(["distill", "--config", str(ROOT / "configs" / "digits_student_bmtard.yaml"), "--dry-run", "--batch-size", "16",
+    code = main(["distill", "--config", "digits_student_bmtard", "--dry-run", "--batch-size", "16",
                  "--out-dir", str(tmp_path),
                  "--robust-teacher", str(digits_checkpoint),
                  "--set", f"teachers.clean.checkpoint={tmp_path / 'missing.pt'}", "--set", "teachers.clean.arch=resnet20"])
@@ -142,7 +142,7 @@ def test_distill_dry_run_prints_config_parameters_and_epoch_time(digits_checkpoi
     assert "missing.pt not found: random weights for the timing" in out
     assert "estimated time per epoch:" in out and "img/s" in out
     assert not any(tmp_path.iterdir())  # a dry run writes nothing
-    code = main(["distill", "--config", str(ROOT / "configs" / "digits_student_bmtard.yaml"), "--dry-run",
+    code = main(["distill", "--config", "digits_student_bmtard", "--dry-run",
                  "--set", f"teachers.robust.checkpoint={tmp_path / 'nothing.pt'}"])
     assert code == 2 and "not found, and no 'arch'" in capsys.readouterr().err
 
@@ -183,41 +183,44 @@ def test_report_renders_every_section_and_caches_the_eps_curve(report_runs, tmp_
     curve = json.loads((report_runs / "student" / "eps_curve.json").read_text())
     assert curve["n"] == 32 and curve["eps"][0] == 0 and curve["accuracy"][0] >= curve["accuracy"][-1]
     assert curve["accuracy"][0] > 0.8 and curve["accuracy"][-1] < curve["accuracy"][0]  # a non-robust model breaks
-    with pytest.raises(SystemExit):
-        main(["report"])
+    assert main(["report"]) == 2
+    assert "the following arguments are required: runs" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nothing_here")]) == 2
     assert "is not a folder" in capsys.readouterr().err
 
 
-def test_report_in_headless_chromium(report_runs, tmp_path):
-    from test_browser import SCREENSHOT_DIR, _chromium
-
-    chromium, chromedriver = _chromium()
+def test_report_in_headless_chromium(report_runs, tmp_path, chrome, keep_screenshot):
     from robustedge.report import build_report
 
     page = build_report([report_runs], tmp_path / "report", curve_n=32, progress=lambda m: None)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1300,2200",
-                 f"--user-data-dir={tmp_path / 'profile'}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    try:
-        driver.get(page.resolve().as_uri())
-        images = driver.find_elements("tag name", "img")
-        assert len(images) == 3
-        assert all(driver.execute_script("return arguments[0].naturalWidth", img) > 300 for img in images)
-        assert "onnx-int8" in driver.find_element("tag name", "body").text
-        shot = tmp_path / "report.png"
-        driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
+    driver = chrome("1300,2200")
+    driver.get(page.resolve().as_uri())
+    images = driver.find_elements("tag name", "img")
+    assert len(images) == 3
+    assert all(driver.execute_script("return arguments[0].naturalWidth", img) > 300 for img in images)
+    assert "onnx-int8" in driver.find_element("tag name", "body").text
+    shot = tmp_path / "report.png"
+    driver.save_screenshot(str(shot))
     from PIL import Image
 
     image = Image.open(shot).convert("L")
     assert image.size[0] >= 1000 and sum(1 for count in image.histogram() if count) > 50  # a rendered page, not a blank one
-    if SCREENSHOT_DIR:
-        shutil.copy(shot, f"{SCREENSHOT_DIR}/report.png")
+    keep_screenshot(shot, "report.png")
+
+
+@pytest.mark.parametrize("name,content", [
+    ("student/metrics.csv", "epoch,loss\nabc,1\n"),
+    ("student/eval.json", "{broken"),
+    ("student/eval.json", '{"accuracy": {"clean": "high"}}'),
+    ("student_export/manifest.json", '{"format": "robustedge-bundle/1"}'),
+    ("student/eps_curve.json", '{"n": "x"}'),
+])
+def test_report_skips_a_malformed_file_with_a_warning_naming_it(report_runs, tmp_path, capsys, name, content):
+    (report_runs / name).write_text(content)
+    out = tmp_path / "report"
+    assert main(["report", str(report_runs), "--out", str(out), "--curve-n", "8"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: skipped {report_runs / name}" in err
+    assert f"skipped {report_runs / name}" in (out / "report.html").read_text()
+    assert (report_runs / name).read_text() == content  # a file that may not be ours is never rewritten
+    assert main(["report", str(report_runs), "--out", str(out), "--curve-n", "8"]) == 0  # replaces its own report

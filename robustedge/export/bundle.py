@@ -1,19 +1,19 @@
 """``robustedge export`` and ``robustedge verify``: build and check a deployment bundle.
 
 A bundle folder holds the model files, ``manifest.json`` (sha256 of every file, input shape and
-range, classes, eps, the measured table and the gate) and ``verify.npz`` (clean and adversarial
-samples with labels and torch's predictions), which ``export/verify_on_device.py`` replays on the
-target without torch. The bundle is assembled in a temporary folder beside ``--out`` and renamed
-into place at the end, so a failure never leaves a half-written bundle.
+range, classes, eps, the measured table and the gate), ``verify.npz`` (clean and adversarial samples
+with labels and torch's predictions) and ``verify.py``, a copy of the torch-free
+:mod:`robustedge.verify_core` that replays the samples on the target with numpy and the runtime
+only. The bundle is assembled in a temporary folder beside ``--out`` and renamed into place at the
+end, so a failure never leaves a half-written bundle; ``--force`` replaces only a folder that is a
+RobustEdge bundle and does not hold the source checkpoint (docs/design.md, "Files").
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,16 +21,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustedge import __version__
-from robustedge.checkpoint import atomic_write_json, atomic_write_text, load_model
+from robustedge import __version__, verify_core
+from robustedge.checkpoint import load_model
 from robustedge.errors import RobustEdgeError
 from robustedge.export import convert
-from robustedge.export.verify import (TRANSFER_ATTACKS, Gate, craft_samples, format_table, square_for_torch,
+from robustedge.export.verify import (TRANSFER_ATTACKS, check_transfer_attacks, craft_samples, square_for_torch,
                                       torch_row, verify_artifact)
+from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, make_temp_dir,
+                              replace_folder)
+from robustedge.verify_core import (BUNDLE_FORMAT, FORMATS, MANIFEST_FILE, SAMPLES_FILE, VERIFIER_FILE, Gate,
+                                    check_finite, format_table, read_bundle, sha256)
 
-FILES = {"onnx": "model.onnx", "onnx-fp16": "model.fp16.onnx", "onnx-int8": "model.int8.onnx",
-         "trt-fp16": "model.fp16.engine", "trt-int8": "model.int8.engine"}
-BUNDLE_FORMAT = "robustedge-bundle/1"
+BUNDLE = OutputKind("export bundle", MANIFEST_FILE, BUNDLE_FORMAT)
 
 
 @dataclass
@@ -49,21 +51,33 @@ class ExportOptions:
     data_root: str | None = None
     gate: Gate = field(default_factory=Gate)
 
+    def validate(self) -> "ExportOptions":
+        """Every option checked before anything is read or written."""
+        self.formats = parse_formats(self.formats)
+        for name, minimum in (("n", 1), ("calibration_n", 1), ("square_n", 0), ("square_queries", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise RobustEdgeError(f"{name.replace('_', '-')} must be an integer >= {minimum}, got {value!r}")
+        if self.calibration_method not in convert.CALIBRATION_METHODS:
+            raise RobustEdgeError(f"unknown calibration method '{self.calibration_method}'; valid: "
+                                  f"{', '.join(convert.CALIBRATION_METHODS)}")
+        if self.int8_activations not in convert.INT8_ACTIVATIONS:
+            raise RobustEdgeError(f"INT8 activations must be one of {', '.join(convert.INT8_ACTIVATIONS)}, "
+                                  f"got '{self.int8_activations}'")
+        self.transfer_attacks = check_transfer_attacks(tuple(self.transfer_attacks))
+        if not (isinstance(self.parity_tol, (int, float)) and math.isfinite(self.parity_tol) and self.parity_tol > 0):
+            raise RobustEdgeError(f"parity tolerance must be a positive number, got {self.parity_tol!r}")
+        if not isinstance(self.gate, Gate):
+            raise RobustEdgeError("gate must be a Gate")
+        return self
+
 
 def parse_formats(text: str | list[str]) -> list[str]:
     names = [f.strip() for f in (text.split(",") if isinstance(text, str) else text) if f.strip()]
-    bad = [f for f in names if f not in FILES]
+    bad = [f for f in names if f not in FORMATS]
     if bad or not names:
-        raise RobustEdgeError(f"unknown export format '{(bad or [''])[0]}'; valid formats: {', '.join(FILES)}")
+        raise RobustEdgeError(f"unknown export format '{(bad or [''])[0]}'; valid formats: {', '.join(FORMATS)}")
     return ["onnx"] + [f for f in dict.fromkeys(names) if f != "onnx"]  # fp32 ONNX is the source of the rest
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _calibration(meta, opts: ExportOptions, model: torch.nn.Module) -> np.ndarray:
@@ -85,146 +99,136 @@ def _calibration(meta, opts: ExportOptions, model: torch.nn.Module) -> np.ndarra
 
 
 def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -> float:
-    from robustedge.export.runners import OrtRunner
+    """Max |logit difference| of the fp32 ONNX file against torch on test and random inputs."""
+    from robustedge.export.runners import TorchRunner
+    from robustedge.verify_core import OrtRunner, predict
 
-    runner = OrtRunner(onnx_path)
+    runner, reference = OrtRunner(onnx_path), TorchRunner(model)
     rand = np.random.default_rng(seed).random((64, *x.shape[1:]), dtype=np.float32)
     worst = 0.0
     for batch in (x[:256], rand):
-        with torch.no_grad():
-            ref = model(torch.from_numpy(batch)).numpy()
-        worst = max(worst, float(np.abs(runner(batch) - ref).max()))
+        ref = predict(reference, batch, what="the torch model")
+        got = predict(runner, batch, what="the fp32 ONNX file")
+        worst = max(worst, float(np.abs(got - ref).max()))
     return worst
 
 
+def _build_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, progress) -> dict[str, str]:
+    """Write every requested model file into ``tmp``; return {format: why} for those skipped."""
+    skipped: dict[str, str] = {}
+    if "onnx-fp16" in formats:
+        convert.convert_fp16(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-fp16"][0])
+    calibration = None
+    if "onnx-int8" in formats or "trt-int8" in formats:
+        progress(f"INT8: {opts.calibration_method} calibration on {opts.calibration_n} training images"
+                 + (" (half PGD-20 adversarial)" if opts.calibrate_adversarial else ""))
+        calibration = _calibration(meta, opts, model)
+    if "onnx-int8" in formats:
+        convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-int8"][0], calibration,
+                              opts.calibration_method, activations=opts.int8_activations)
+    for fmt in [f for f in formats if f.startswith("trt")]:
+        ok, why = convert.tensorrt_available()
+        if not ok:
+            skipped[fmt] = why
+            progress(f"skipping {fmt}: {why}")
+            continue
+        source = tmp / FORMATS["onnx"][0]
+        if fmt == "trt-int8":  # TensorRT takes zero points of 0 only: a symmetric QDQ file of its own
+            source = convert.quantize_int8(source, tmp / "trt-source.int8.onnx", calibration,
+                                           opts.calibration_method, activations="int8-symmetric")
+        convert.build_tensorrt(source, tmp / FORMATS[fmt][0], fmt.split("-")[1], meta.spec.input_shape)
+        if fmt == "trt-int8":
+            source.unlink()
+    return skipped
+
+
 def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, progress=print,
-                  precomputed_adv: dict[str, torch.Tensor] | None = None) -> tuple[dict, list[str]]:
-    """Build the bundle at ``out``; returns (manifest, gate failures)."""
+                  precomputed_adv: dict[str, torch.Tensor] | None = None, force: bool = False
+                  ) -> tuple[dict, list[str]]:
+    """Build the bundle at ``out``; returns (manifest, gate failures).
+
+    ``force`` replaces an existing bundle at ``out`` (never anything else, and never a folder that
+    holds ``checkpoint``).
+    """
     from robustedge.data import split_for_model
 
     out, checkpoint = Path(out), Path(checkpoint)
-    formats = parse_formats(opts.formats)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise RobustEdgeError(f"{out} exists and is not empty; choose a new --out (or --force to replace it)")
+    opts.validate()
+    check_output_folder(out, BUNDLE, replace=force, protect=[checkpoint])
     model, meta = load_model(checkpoint, "cpu")
     if meta.eps is None:
         raise RobustEdgeError(f"{checkpoint} records no eps; it is needed for the robustness checks")
     split = split_for_model(meta, None, opts.data_root, "test", opts.n)
     x, y = split.float_images(), split.labels
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    with torch.no_grad():
+        check_finite(model(x[:256]).numpy(), f"{checkpoint.name}")
+    tmp = make_temp_dir(out)
     try:
-        table, skipped, timings = {}, {}, {}
-        t0 = time.perf_counter()
         progress(f"exporting {checkpoint.name} ({meta.spec.arch}) to ONNX opset {convert.OPSET}")
-        convert.export_onnx(model, meta.spec.input_shape, tmp / FILES["onnx"])
-        diff = _parity(model, tmp / FILES["onnx"], x.numpy(), opts.seed)
+        convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
+        diff = _parity(model, tmp / FORMATS["onnx"][0], x.numpy(), opts.seed)
         if diff > opts.parity_tol:
             raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {diff:.2e} (> {opts.parity_tol:.0e})")
-        timings["onnx"] = time.perf_counter() - t0
-        if "onnx-fp16" in formats:
-            convert.convert_fp16(tmp / FILES["onnx"], tmp / FILES["onnx-fp16"])
-        if "onnx-int8" in formats or "trt-int8" in formats:
-            progress(f"INT8: {opts.calibration_method} calibration on {opts.calibration_n} training images"
-                     + (" (half PGD-20 adversarial)" if opts.calibrate_adversarial else ""))
-            calibration = _calibration(meta, opts, model)
-            convert.quantize_int8(tmp / FILES["onnx"], tmp / FILES["onnx-int8"], calibration,
-                                  opts.calibration_method, activations=opts.int8_activations)
-        trt_formats = [f for f in formats if f.startswith("trt")]
-        if trt_formats:
-            ok, why = convert.tensorrt_available()
-            for fmt in trt_formats:
-                if not ok:
-                    skipped[fmt] = why
-                    progress(f"skipping {fmt}: {why}")
-                    continue
-                source = tmp / FILES["onnx"]
-                if fmt == "trt-int8":
-                    source = convert.quantize_int8(source, tmp / "trt-source.int8.onnx", calibration,
-                                                   opts.calibration_method, activations="int8-symmetric")
-                convert.build_tensorrt(source, tmp / FILES[fmt], fmt.split("-")[1], meta.spec.input_shape)
-                if fmt == "trt-int8":
-                    source.unlink()
-        if "onnx-int8" not in formats and (tmp / FILES["onnx-int8"]).exists():
-            (tmp / FILES["onnx-int8"]).unlink()
+        skipped = _build_formats(model, meta, opts.formats, tmp, opts, progress)
 
         progress(f"crafting {', '.join(opts.transfer_attacks)} examples on the torch model ({len(y)} test images)")
-        samples = craft_samples(model, x, y, meta.eps, tuple(opts.transfer_attacks), opts.seed, precomputed_adv)
-        table["torch"] = torch_row(model, samples, checkpoint.stat().st_size)
+        samples = craft_samples(model, x, y, meta.eps, opts.transfer_attacks, opts.seed, precomputed_adv)
+        table = {"torch": torch_row(model, samples, checkpoint.stat().st_size)}
         if opts.square_n > 0:
             table["torch"]["square"] = square_for_torch(model, samples, meta.eps, opts.square_n, opts.square_queries,
                                                         opts.seed)
-        built = [f for f in formats if (tmp / FILES[f]).exists()]
+        built = [f for f in opts.formats if (tmp / FORMATS[f][0]).exists()]
         for fmt in built:
             progress(f"verifying {fmt} through its runtime")
-            table[fmt] = verify_artifact(tmp / FILES[fmt], fmt, samples, meta.eps, opts.square_n, opts.square_queries,
-                                         opts.seed)
+            table[fmt] = verify_artifact(tmp / FORMATS[fmt][0], fmt, samples, meta.eps, opts.square_n,
+                                         opts.square_queries, opts.seed)
         table["onnx"]["max_abs_logit_diff"] = diff
         failures = opts.gate.check(table)
-        np.savez_compressed(tmp / "verify.npz", **samples)
-        manifest = {
-            "format": BUNDLE_FORMAT, "robustedge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint), "arch": meta.spec.arch,
-                       "relative_path": os.path.relpath(checkpoint.resolve(), out.resolve()),
-                       "method": meta.method, "dataset": meta.dataset},
-            "input": {"name": convert.INPUT_NAME, "shape": list(meta.spec.input_shape), "dtype": "float32",
-                      "range": [0.0, 1.0], "layout": "NCHW", "dynamic_batch": True},
-            "output": {"name": convert.OUTPUT_NAME, "classes": meta.classes},
-            "eps": meta.eps, "opset": convert.OPSET,
-            "files": {f: {"file": FILES[f], "sha256": sha256(tmp / FILES[f]), "bytes": (tmp / FILES[f]).stat().st_size}
-                      for f in built},
-            "samples": {"file": "verify.npz", "sha256": sha256(tmp / "verify.npz"), "n": int(len(y)),
-                        "attacks": list(opts.transfer_attacks)},
-            "skipped": skipped, "table": table, "gate": asdict(opts.gate), "gate_failures": failures,
-            "options": {k: v for k, v in asdict(opts).items() if k != "gate"},
-        }
-        atomic_write_json(tmp / "manifest.json", manifest)
+        np.savez_compressed(tmp / SAMPLES_FILE, **samples)
+        shutil.copyfile(verify_core.__file__, tmp / VERIFIER_FILE)
+        manifest = _manifest(checkpoint, out, meta, opts, tmp, built, samples, skipped, table, failures)
+        atomic_write_json(tmp / MANIFEST_FILE, manifest)
         atomic_write_text(tmp / "verify.md", format_table(table))
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
+        replace_folder(tmp, out, BUNDLE, replace=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest, failures
 
 
-def read_bundle(bundle: str | Path) -> tuple[Path, dict]:
-    """The manifest of a bundle whose files all match their sha256 (refused otherwise)."""
-    bundle = Path(bundle)
-    path = bundle / "manifest.json"
-    if not path.is_file():
-        raise RobustEdgeError(f"{bundle} is not an export bundle (no manifest.json)")
-    try:
-        manifest = json.loads(path.read_text())
-    except ValueError as exc:
-        raise RobustEdgeError(f"{path} is not valid JSON: {exc}") from None
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise RobustEdgeError(f"{path} is not a RobustEdge bundle manifest")
-    entries = list(manifest["files"].values()) + [manifest["samples"]]
-    for entry in entries:
-        file = bundle / entry["file"]
-        if not file.is_file():
-            raise RobustEdgeError(f"bundle file missing: {file}")
-        if sha256(file) != entry["sha256"]:
-            raise RobustEdgeError(f"{file.name} does not match its manifest sha256 (corrupted or replaced); "
-                                  f"refusing to verify it")
-    return bundle, manifest
+def _manifest(checkpoint: Path, out: Path, meta, opts: ExportOptions, tmp: Path, built: list[str],
+              samples: dict, skipped: dict, table: dict, failures: list[str]) -> dict:
+    return {
+        "format": BUNDLE_FORMAT, "robustedge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint), "arch": meta.spec.arch,
+                   "relative_path": os.path.relpath(checkpoint.resolve(), out.resolve()),
+                   "method": meta.method, "dataset": meta.dataset},
+        "input": {"name": convert.INPUT_NAME, "shape": list(meta.spec.input_shape), "dtype": "float32",
+                  "range": [0.0, 1.0], "layout": "NCHW", "dynamic_batch": True},
+        "output": {"name": convert.OUTPUT_NAME, "classes": meta.classes},
+        "eps": meta.eps, "opset": convert.OPSET,
+        "files": {f: {"file": FORMATS[f][0], "sha256": sha256(tmp / FORMATS[f][0]),
+                      "bytes": (tmp / FORMATS[f][0]).stat().st_size} for f in built},
+        "samples": {"file": SAMPLES_FILE, "sha256": sha256(tmp / SAMPLES_FILE), "n": int(len(samples["y"])),
+                    "attacks": list(opts.transfer_attacks)},
+        "verifier": {"file": VERIFIER_FILE, "sha256": sha256(tmp / VERIFIER_FILE)},
+        "skipped": skipped, "table": table, "gate": opts.gate.to_dict(), "gate_failures": failures,
+        "options": {k: v for k, v in asdict(opts).items() if k != "gate"},
+    }
 
 
 def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | None = None,
                   progress=print) -> tuple[dict, list[str]]:
     """Re-run the checks on a bundle's artifacts; the torch row comes from the manifest."""
-    from robustedge.export.verify import verify_artifact
-
-    bundle, manifest = read_bundle(bundle)
-    with np.load(bundle / "verify.npz") as data:
-        samples = {k: data[k] for k in data.files}
+    bundle = Path(bundle)
+    manifest, samples = read_bundle(bundle)
     options = manifest["options"]
     square_n = options["square_n"] if square_n is None else square_n
+    if not isinstance(square_n, int) or square_n < 0:
+        raise RobustEdgeError(f"square-n must be an integer >= 0, got {square_n!r}")
     table = {"torch": manifest["table"]["torch"]}
     for fmt, entry in manifest["files"].items():
-        if fmt.startswith("trt"):
+        if FORMATS[fmt][1] == "tensorrt":
             ok, why = convert.tensorrt_available()
             if not ok:
                 progress(f"skipping {fmt}: {why}")
@@ -232,9 +236,9 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
         progress(f"verifying {fmt} through its runtime")
         table[fmt] = verify_artifact(bundle / entry["file"], fmt, samples, manifest["eps"], square_n,
                                      options["square_queries"], options["seed"])
-    gate = gate or Gate(**manifest["gate"])
+    gate = gate or Gate.from_dict(manifest["gate"])
     failures = gate.check(table)
-    report = {"table": table, "gate": asdict(gate), "gate_failures": failures,
+    report = {"table": table, "gate": gate.to_dict(), "gate_failures": failures,
               "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(bundle / "verify.json", report)
     atomic_write_text(bundle / "verify.md", format_table(table))

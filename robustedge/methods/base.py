@@ -18,15 +18,29 @@ from torch import nn
 from robustedge.attacks import pgd
 from robustedge.config import AttackConfig
 from robustedge.errors import RobustEdgeError
+from robustedge.options import parse_number
 
 
 def kl_batchmean(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(student)) summed over classes, averaged over the batch (DESIGN.md s.3)."""
+    """KL(target || softmax(student)) summed over classes, averaged over the batch
+    (docs/design.md, "Training methods")."""
     return F.kl_div(F.log_softmax(student_logits.float(), dim=1), target_probs.float(), reduction="batchmean")
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(1) == y).float().mean()
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` over DDP ranks (itself in one process): adaptive method state is
+    computed from the global batch, so every rank holds the same state (a collective, no host sync)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= dist.get_world_size()
+    return values
 
 
 def attack_view(student: nn.Module) -> nn.Module:
@@ -40,14 +54,31 @@ class Method:
     teacher_roles: ClassVar[tuple[str, ...]] = ()  # e.g. ("robust",) or ("robust", "clean")
     defaults: ClassVar[dict[str, Any]] = {}  # method_args and their paper defaults
     adversarial: ClassVar[bool] = True
+    # figure panels of the per-epoch values :meth:`summary` logs (the report draws one per entry)
+    panels: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    @classmethod
+    def check_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        """``method_args`` with every value of its default's type; unknown names refused."""
+        unknown = set(args) - set(cls.defaults)
+        if unknown:
+            raise RobustEdgeError(f"method '{cls.name}' has no argument(s) {', '.join(sorted(unknown))}; "
+                                  f"valid: {', '.join(sorted(cls.defaults)) or 'none'}")
+        checked = {}
+        for key, value in args.items():
+            where = f"method_args.{key}"
+            if isinstance(cls.defaults[key], bool):
+                if not isinstance(value, bool):
+                    raise RobustEdgeError(f"config key '{where}' expects a boolean (true/false), got {value!r}")
+            elif isinstance(cls.defaults[key], (int, float)):
+                value = parse_number(value, f"config key '{where}'")
+            checked[key] = value
+        return checked
 
     def __init__(self, args: dict[str, Any], attack: AttackConfig, teachers: dict[str, nn.Module],
                  milestones: list[int] | None = None, gamma: float = 0.1,
                  device: torch.device | str = "cpu") -> None:
-        unknown = set(args) - set(self.defaults)
-        if unknown:
-            raise RobustEdgeError(f"method '{self.name}' has no argument(s) {', '.join(sorted(unknown))}; "
-                                  f"valid: {', '.join(sorted(self.defaults)) or 'none'}")
+        args = self.check_args(args)
         missing = [r for r in self.teacher_roles if r not in teachers]
         if missing:
             raise RobustEdgeError(f"method '{self.name}' needs teacher(s): {', '.join(missing)} "
@@ -67,7 +98,7 @@ class Method:
         raise NotImplementedError
 
     def after_step(self, logs: dict) -> None:
-        """Adaptive updates after the optimiser step (B-MTARD's balances)."""
+        """Adaptive updates after the optimiser step (B-MTARD's temperatures)."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -84,8 +115,10 @@ class Method:
             raise RobustEdgeError(f"method '{self.name}' has no state but the checkpoint holds {sorted(state)}")
 
     def summary(self) -> dict[str, float]:
-        """Per-epoch values worth logging (reads tensors: call at logging points only)."""
-        return {k: float(v) for k, v in self.state_dict().items() if v.numel() == 1}
+        """Per-epoch values worth logging: every key named in :attr:`panels` (reads tensors: call at
+        logging points only). The epoch line, metrics.csv and the report all follow this."""
+        state = self.state_dict()
+        return {k: float(state[k]) for keys in self.panels.values() for k in keys}
 
     # -- shared pieces --------------------------------------------------------------------------
     @contextmanager

@@ -3,8 +3,9 @@
 Teacher targets are softmax(Ta(x') / tau_adv) and softmax(Tn(x) / tau_nat), the student at
 temperature 1 and no tau^2 factor. After every step, with H_a and H_n the mean entropies of the
 two targets, the higher-entropy teacher is sharpened and the lower-entropy one softened by g,
-within [1, 10], until the entropies meet. g (0.001) and the loss-balance eta (0.025) are
-multiplied by 0.1 at the learning-rate milestones.
+within [1, 10], until the entropies meet; the new temperatures are used from the next step. The
+loss weights are balanced inside the step, before the backward (``mtard.py``). g (0.001) and the
+loss-balance eta (0.025) are multiplied by 0.1 at the learning-rate milestones.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from robustedge.methods import register
-from robustedge.methods.mtard import MultiTeacherBase, loss_balance  # noqa: F401  (re-exported for tests)
+from robustedge.methods.mtard import MultiTeacherBase
 
 TAU_MIN, TAU_MAX = 1.0, 10.0
 
@@ -29,9 +30,10 @@ def entropy_balance(tau_adv: torch.Tensor, tau_nat: torch.Tensor, h_adv: torch.T
 class BMTARD(MultiTeacherBase):
     name = "bmtard"
     defaults = {"eta": 0.025, "w_adv": 0.5, "g": 0.001, "tau_start": 1.0}
+    panels = {"temperature": ("tau_adv", "tau_nat"), "loss weight": ("w_adv", "w_nat")}
     entropy_balance = True
 
     def after_step(self, logs: dict) -> None:
-        super().after_step(logs)
-        self.tau_adv, self.tau_nat = entropy_balance(self.tau_adv, self.tau_nat, self._last["h_adv"],
-                                                     self._last["h_nat"], self.args["g"] * self.decay())
+        h_adv, h_nat = self._entropies
+        self.tau_adv, self.tau_nat = entropy_balance(self.tau_adv, self.tau_nat, h_adv, h_nat,
+                                                     self.args["g"] * self.decay())

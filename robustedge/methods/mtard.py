@@ -1,12 +1,15 @@
 """MTARD (Zhao et al. 2022): a clean teacher Tn and a robust teacher Ta guide one student.
 
 x' = CE-PGD-10 on the student; L_adv = KL(Ta(x') || S(x')), L_nat = KL(Tn(x) || S(x));
-loss = w_adv * L_adv + w_nat * L_nat with the Normalization Loss Balance update of the weights
-(DESIGN.md section 3) and temperatures fixed at 1. B-MTARD (``bmtard.py``) adds the
+loss = w_adv * L_adv + w_nat * L_nat with the Normalization Loss Balance of the weights
+(docs/design.md, "Training methods") and temperatures fixed at 1. B-MTARD (``bmtard.py``) adds the
 Entropy-Based Balance of the temperatures.
 
-All adaptive state is kept as 0-dim tensors on the device and updated with tensor ops, so the
-balances cost no host synchronisation.
+Order, as in the authors' released code: the weights are updated from *this* step's (detached)
+losses before the backward pass, and this step's loss uses the updated weights. All adaptive state
+is kept as 0-dim tensors on the device and updated with tensor ops, so the balances cost no host
+synchronisation; under DDP the losses are averaged over ranks first, so every rank holds the same
+state.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch.nn.functional as F
 
 from robustedge.errors import RobustEdgeError
 from robustedge.methods import register
-from robustedge.methods.base import Method, accuracy, kl_batchmean
+from robustedge.methods.base import Method, accuracy, kl_batchmean, mean_over_ranks
 
 
 def loss_balance(w_adv: torch.Tensor, w_nat: torch.Tensor, l_adv: torch.Tensor, l_nat: torch.Tensor,
@@ -41,6 +44,7 @@ def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
 class MultiTeacherBase(Method):
     teacher_roles = ("robust", "clean")
     defaults = {"eta": 0.025, "w_adv": 0.5}
+    panels = {"loss weight": ("w_adv", "w_nat")}
     entropy_balance = False
 
     def __init__(self, *args, **kwargs) -> None:
@@ -51,7 +55,7 @@ class MultiTeacherBase(Method):
         self.w_adv, self.w_nat = t(self.args["w_adv"]), t(1.0 - self.args["w_adv"])
         self.tau_adv, self.tau_nat = t(self.args.get("tau_start", 1.0)), t(self.args.get("tau_start", 1.0))
         self.l0_adv, self.l0_nat = t(0.0), t(0.0)  # zero until the first step records them
-        self._last: dict[str, torch.Tensor] = {}
+        self._entropies: torch.Tensor | None = None  # (H_adv, H_nat) of the last step, for after_step
 
     def step(self, student, x, y):
         x_adv = self.perturb(student, x, y, loss="ce")
@@ -61,15 +65,16 @@ class MultiTeacherBase(Method):
         p_nat = F.softmax(self.teachers["clean"](x) / self.tau_nat, dim=1)
         l_adv = kl_batchmean(logits_adv, p_adv)
         l_nat = kl_batchmean(logits_nat, p_nat)
+        self._balance_weights(l_adv.detach(), l_nat.detach())  # before the backward, as the authors do
         loss = self.w_adv * l_adv + self.w_nat * l_nat
-        self._last = {"l_adv": l_adv.detach(), "l_nat": l_nat.detach()}
         if self.entropy_balance:
-            self._last.update(h_adv=mean_entropy(p_adv), h_nat=mean_entropy(p_nat))
+            self._entropies = mean_over_ranks(torch.stack([mean_entropy(p_adv), mean_entropy(p_nat)]))
         return loss, {"loss": loss.detach(), "loss_adv": l_adv.detach(), "loss_nat": l_nat.detach(),
                       "train_acc": accuracy(logits_adv.detach(), y)}
 
-    def after_step(self, logs: dict) -> None:
-        l_adv, l_nat = self._last["l_adv"], self._last["l_nat"]
+    def _balance_weights(self, l_adv: torch.Tensor, l_nat: torch.Tensor) -> None:
+        """Normalization Loss Balance from this step's losses (the first step's are L0)."""
+        l_adv, l_nat = mean_over_ranks(torch.stack([l_adv, l_nat]).float())
         first = self.l0_adv == 0  # tensor: no host sync
         self.l0_adv = torch.where(first, l_adv, self.l0_adv)
         self.l0_nat = torch.where(first, l_nat, self.l0_nat)

@@ -36,6 +36,13 @@ def model_names() -> list[str]:
     return sorted(MODELS) + ["wideresnet-<depth>-<widen>"]
 
 
+def check_arch(name: str) -> str:
+    """``name`` if the registry can build it, else a one-line error listing the valid names."""
+    if name not in MODELS and not _WIDERESNET.match(str(name)):
+        raise unknown_name("model", str(name), model_names())
+    return name
+
+
 def stem_stride(image_size: int) -> int:
     """The stem's stride for square inputs of ``image_size``: 1 up to 63 pixels (the CIFAR
     layout, and digits at 8x8), ``image_size // 32`` above, so the first stage always works on
@@ -76,4 +83,4 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
     return model
 
 
-__all__ = ["Classifier", "MODELS", "build_model", "fold_batchnorm", "model_names", "stem_stride"]
+__all__ = ["Classifier", "MODELS", "build_model", "check_arch", "fold_batchnorm", "model_names", "stem_stride"]

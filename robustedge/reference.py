@@ -1,14 +1,18 @@
 """The reference training step: the loop as the authors' released code writes it (RSLAD, MTARD,
-B-MTARD, TRADES), used by bench/train_step.py as the baseline our trainer is measured against.
+B-MTARD, TRADES): the ground truth the trainer's step is tested against (tests/test_fast_paths.py,
+tests/test_methods.py) and the baseline bench/train_step.py measures its speed against.
 
 Style kept on purpose: a per-sample ``DataLoader`` over PIL images with torchvision transforms
 (``num_workers=0`` as in the MTARD scripts), fp32 everywhere, models with their BatchNorms, the
 student switched to eval for the attack and back, one forward pass per use (TRADES recomputes its
 target), teachers in fp32 under ``no_grad``, the B-MTARD balances as Python floats read with
-``.item()``. Loss definitions are DESIGN.md's (KL with ``batchmean``), so that a step's loss is
-the same number as our trainer's on the same batch and the same random start.
+``.item()``, in the authors' order: the loss weights are updated from this step's losses before the
+backward, which uses the updated weights; the temperatures after it, used from the next step. Loss
+definitions are docs/design.md's (KL with ``batchmean``), so that a step's loss is the same number as
+our trainer's on the same batch and the same random start.
 
-Not part of the library: this file exists to be slow in the authors' way.
+Nothing else in the library uses this module: it exists to be straightforward and slow in the
+authors' way.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class ReferenceStep:
             t.eval()
         self.w_adv, self.w_nat, self.tau_adv, self.tau_nat = 0.5, 0.5, 1.0, 1.0
         self.init_adv = self.init_nat = None
+        self.decay = 1.0  # g and eta's factor: 0.1 per learning-rate milestone passed (set by the caller)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         s, a = self.student, self.args
@@ -133,27 +138,29 @@ class ReferenceStep:
             p_adv = F.softmax(teacher_adv_logits / self.tau_adv, dim=1)
             p_nat = F.softmax(teacher_nat_logits / self.tau_nat, dim=1)
             loss_adv, loss_nat = kl(student_adv_logits, p_adv), kl(student_nat_logits, p_nat)
-            loss = self.w_adv * loss_adv + self.w_nat * loss_nat
-            self._balance(loss_adv.item(), loss_nat.item(), p_adv, p_nat, a)
+            self._balance_weights(loss_adv.item(), loss_nat.item(), self.decay * a.get("eta", 0.025))
+            loss = self.w_adv * loss_adv + self.w_nat * loss_nat  # this step's backward: the new weights
+            if self.method == "bmtard":
+                self._balance_temperatures(p_adv, p_nat, self.decay * a.get("g", 0.001))  # used from the next step
         else:
             raise ValueError(f"no reference step for {self.method}")
         loss.backward()
         self.optimizer.step()
         return loss.item()
 
-    def _balance(self, l_adv: float, l_nat: float, p_adv, p_nat, a: dict) -> None:
-        """MTARD's weight update, and for B-MTARD the entropy balance, on Python floats."""
+    def _balance_weights(self, l_adv: float, l_nat: float, eta: float) -> None:
+        """MTARD's Normalization Loss Balance on Python floats."""
         if self.init_adv is None:
             self.init_adv, self.init_nat = l_adv, l_nat
         r_adv, r_nat = l_adv / self.init_adv, l_nat / self.init_nat
-        eta = a.get("eta", 0.025)
         w_adv = max(0.0, self.w_adv - eta * (self.w_adv - r_adv / (r_adv + r_nat)))
         w_nat = max(0.0, self.w_nat - eta * (self.w_nat - r_nat / (r_adv + r_nat)))
         self.w_adv, self.w_nat = w_adv / (w_adv + w_nat), w_nat / (w_adv + w_nat)
-        if self.method == "bmtard":
-            h_adv = -(p_adv * torch.log(p_adv.clamp_min(1e-12))).sum(1).mean().item()
-            h_nat = -(p_nat * torch.log(p_nat.clamp_min(1e-12))).sum(1).mean().item()
-            g = a.get("g", 0.001)
-            sign = lambda v: math.copysign(1.0, v) if v != 0 else 0.0  # noqa: E731
-            self.tau_adv = min(10.0, max(1.0, self.tau_adv - g * sign(h_adv / h_nat - 1.0)))
-            self.tau_nat = min(10.0, max(1.0, self.tau_nat - g * sign(h_nat / h_adv - 1.0)))
+
+    def _balance_temperatures(self, p_adv, p_nat, g: float) -> None:
+        """B-MTARD's Entropy-Based Balance on Python floats."""
+        h_adv = -(p_adv * torch.log(p_adv.clamp_min(1e-12))).sum(1).mean().item()
+        h_nat = -(p_nat * torch.log(p_nat.clamp_min(1e-12))).sum(1).mean().item()
+        sign = lambda v: math.copysign(1.0, v) if v != 0 else 0.0  # noqa: E731
+        self.tau_adv = min(10.0, max(1.0, self.tau_adv - g * sign(h_adv / h_nat - 1.0)))
+        self.tau_nat = min(10.0, max(1.0, self.tau_nat - g * sign(h_nat / h_adv - 1.0)))

@@ -1,4 +1,4 @@
-"""The logic behind the Streamlit demo (``apps/demo.py``), kept free of Streamlit so it is testable.
+"""The logic behind the Streamlit demo (``robustedge/app/page.py``), kept free of Streamlit so it is testable.
 
 Security: the app only ever opens files found by scanning its models folder; names shown to the user
 are paths relative to that folder, and every path is resolved and checked to stay inside it (no
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,14 +49,43 @@ def _inside(folder: Path, path: Path) -> bool:
         return False
 
 
-def list_models(folder: str | Path) -> list[ModelEntry]:
-    """Every RobustEdge checkpoint and exported ONNX model under ``folder``."""
+def _read_json_dict(path: Path, warnings: list[str]) -> dict | None:
+    """A JSON object from ``path``; a malformed file is skipped with a warning naming it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        warnings.append(f"skipped {path.name} in {path.parent}: not readable JSON ({type(exc).__name__})")
+        return None
+    if not isinstance(data, dict):
+        warnings.append(f"skipped {path.name} in {path.parent}: not a JSON object")
+        return None
+    return data
+
+
+def _robustness_label(path: Path, meta, warnings: list[str]) -> str | None:
+    eval_json = path.with_name("eval.json")
+    if eval_json.is_file() and path.name == "best.safetensors":
+        data = _read_json_dict(eval_json, warnings)
+        acc = data.get("accuracy") if data else None
+        if isinstance(acc, dict) and all(isinstance(acc.get(k), (int, float)) for k in ("clean", "autoattack")):
+            return f"clean {100 * acc['clean']:.0f}%, AA {100 * acc['autoattack']:.0f}%"
+        if data is not None and not isinstance(acc, dict):
+            warnings.append(f"skipped {eval_json}: no accuracy table")
+    metrics = meta.metrics if isinstance(meta.metrics, dict) else {}
+    if all(isinstance(metrics.get(k), (int, float)) for k in ("val_clean", "val_pgd20")):
+        return f"val clean {100 * metrics['val_clean']:.0f}%, PGD-20 {100 * metrics['val_pgd20']:.0f}%"
+    return None
+
+
+def scan_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
+    """Every RobustEdge checkpoint and exported ONNX model under ``folder``, and warnings about the
+    files that were skipped (a malformed eval.json or manifest.json never breaks the page)."""
     from robustedge.checkpoint import read_meta
 
     folder = Path(folder)
     if not folder.is_dir():
         raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` or pass --models")
-    entries = []
+    entries, warnings = [], []
     for path in sorted(folder.rglob("*.safetensors")):
         if not _inside(folder, path) or path.name.startswith("."):
             continue
@@ -63,30 +93,47 @@ def list_models(folder: str | Path) -> list[ModelEntry]:
             meta = read_meta(path)
         except RobustEdgeError:
             continue
-        info = {"arch": meta.spec.arch, "method": meta.method, "dataset": meta.dataset, "eps": meta.eps}
-        eval_json = path.with_name("eval.json")
-        if eval_json.is_file() and path.name == "best.safetensors":
-            acc = json.loads(eval_json.read_text()).get("accuracy", {})
-            if "autoattack" in acc:
-                info["robustness"] = f"clean {100 * acc['clean']:.0f}%, AA {100 * acc['autoattack']:.0f}%"
-        elif "val_wrobust" in meta.metrics:
-            info["robustness"] = f"val clean {100 * meta.metrics['val_clean']:.0f}%, PGD-20 {100 * meta.metrics['val_pgd20']:.0f}%"
+        info = {"arch": meta.spec.arch, "method": meta.method, "dataset": meta.dataset, "eps": meta.eps,
+                "robustness": _robustness_label(path, meta, warnings)}
         entries.append(ModelEntry(str(path.relative_to(folder)), path, "torch", info))
     for path in sorted(folder.rglob("*.onnx")):
-        if not _inside(folder, path):
+        if not _inside(folder, path) or path.name.startswith("."):
             continue
         manifest_path = path.with_name("manifest.json")
         info, source = {"arch": "onnx"}, None
-        if manifest_path.is_file():
-            manifest = json.loads(manifest_path.read_text())
-            src = manifest.get("source", {})
+        manifest = _read_json_dict(manifest_path, warnings) if manifest_path.is_file() else None
+        if manifest is not None:
+            src = manifest.get("source") if isinstance(manifest.get("source"), dict) else {}
+            eps = manifest.get("eps")
             info = {"arch": f"{src.get('arch')} ({path.stem.replace('model', 'onnx').replace('.', ' ')})",
-                    "method": src.get("method"), "dataset": src.get("dataset"), "eps": manifest.get("eps")}
-            candidate = (path.parent / src.get("relative_path", "")).resolve() if src.get("relative_path") else None
+                    "method": src.get("method"), "dataset": src.get("dataset"),
+                    "eps": eps if isinstance(eps, (int, float)) and 0 <= eps <= 1 else None}
+            relative = src.get("relative_path")
+            candidate = (path.parent / relative).resolve() if isinstance(relative, str) and relative else None
             if candidate is not None and candidate.is_file() and _inside(folder, candidate):
                 source = candidate
         entries.append(ModelEntry(str(path.relative_to(folder)), path, "onnx", info, source))
-    return entries
+    return entries, warnings
+
+
+def list_models(folder: str | Path) -> list[ModelEntry]:
+    """:func:`scan_models` without the warnings."""
+    return scan_models(folder)[0]
+
+
+def query_value(params, key: str, parse, default, low=None, high=None) -> tuple[object, str | None]:
+    """A query parameter parsed and range-checked, or ``default`` with a warning saying why."""
+    if key not in params:
+        return default, None
+    raw = params.get(key)
+    try:
+        value = parse(raw)
+    except (TypeError, ValueError):
+        return default, f"query parameter {key}={raw!r} is not valid; using {default}"
+    if isinstance(value, float) and not math.isfinite(value) or \
+            low is not None and value < low or high is not None and value > high:
+        return default, f"query parameter {key}={raw!r} is outside [{low}, {high}]; using {default}"
+    return value, None
 
 
 def resolve_entry(folder: str | Path, name: str) -> ModelEntry:
@@ -112,23 +159,33 @@ class Predictor:
             self.classes = meta.classes or [str(i) for i in range(meta.spec.num_classes)]
             self.meta = meta
         else:
-            from robustedge.export.runners import OrtRunner
+            from robustedge.verify_core import OrtRunner
 
             self.runner = OrtRunner(entry.path)
             shape = self.runner.input.shape[1:]
             if not all(isinstance(s, int) for s in shape):
                 raise RobustEdgeError(f"{entry.name} has no fixed input shape")
             self.input_shape = tuple(shape)
-            manifest_path = entry.path.with_name("manifest.json")
-            classes = json.loads(manifest_path.read_text())["output"]["classes"] if manifest_path.is_file() else None
+            manifest = _read_json_dict(entry.path.with_name("manifest.json"), []) \
+                if entry.path.with_name("manifest.json").is_file() else None
+            output = manifest.get("output") if manifest else None
+            classes = output.get("classes") if isinstance(output, dict) else None
+            if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+                classes = None
             self.meta = None
             self.classes = classes or [str(i) for i in range(len(self.logits(torch.zeros(1, *shape))[0]))]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits, refusing NaN/Inf (a broken model must not show a prediction)."""
+        from robustedge.verify_core import check_finite
+
         if self.torch_model is not None:
             with torch.no_grad():
-                return self.torch_model(x)
-        return torch.from_numpy(self.runner(x.numpy()))
+                out = self.torch_model(x).float()
+        else:
+            out = torch.from_numpy(self.runner(x.numpy()))
+        check_finite(out.numpy(), self.entry.name)
+        return out
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x).float(), dim=1)

@@ -1,0 +1,114 @@
+"""Teachers: frozen models that only infer, from a RobustEdge file, foreign weights or RobustBench."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robustedge.checkpoint import ModelSpec, load_model
+from robustedge.errors import RobustEdgeError
+from robustedge.weights import load_weights
+
+
+_PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def teacher_dtype(precision: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The dtype a teacher runs in; ``auto`` is bf16 where the hardware computes it natively
+    (CUDA with bf16, CPUs with AVX512-BF16/AMX through oneDNN) and fp32 elsewhere."""
+    if precision == "auto":
+        device = torch.device(device)
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            native = device.type == "cpu" and torch.backends.mkldnn.is_available() and \
+                bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    if precision not in _PRECISIONS:
+        raise RobustEdgeError(f"unknown teacher precision '{precision}'; valid: auto, {', '.join(_PRECISIONS)}")
+    return _PRECISIONS[precision]
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher that only infers: eval mode forever, no parameter gradients, under inference
+    mode, optionally in a lower precision than the student; always returns fp32 logits.
+
+    Its soft labels only enter the loss as constants, so bf16 (8 bits of mantissa) changes a target
+    probability by well under 1%; the benchmark (bench/train_step.py) checks the step's loss stays
+    within tolerance of an fp32 teacher's.
+    """
+
+    def __init__(self, model: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.dtype = teacher_dtype(precision, device)
+        self.model = model.to(device=device, dtype=self.dtype).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":  # a teacher never leaves eval mode
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            logits = self.model(x.detach().to(self.dtype)).float()
+        # inference tensors cannot be saved for backward; the KL terms save their target
+        return logits.clone()
+
+
+ROBUSTBENCH_PREFIX = "robustbench:"
+ROBUSTBENCH_DIR = "teachers/robustbench"  # where robustbench caches the weights it downloads
+
+
+def load_robustbench(name: str, dataset: str | None, device: torch.device | str = "cpu",
+                     model_dir: str = ROBUSTBENCH_DIR) -> nn.Module:
+    """A RobustBench L-inf model by its leaderboard name, through ``robustbench.utils.load_model``.
+
+    RobustBench models take [0, 1] pixels and normalise inside, as ours do, so they can be
+    teachers as they are (they are not folded: their architectures are not all traceable).
+    """
+    try:
+        from robustbench.utils import load_model as robustbench_load
+    except ImportError:
+        raise RobustEdgeError(f"teacher '{ROBUSTBENCH_PREFIX}{name}' needs the RobustBench package: "
+                              f"pip install 'robustedge[zoo]'") from None
+    if dataset not in ("cifar10", "cifar100", "imagenet"):
+        raise RobustEdgeError(f"RobustBench has no L-inf models for dataset '{dataset}' (cifar10, cifar100, imagenet)")
+    try:
+        model = robustbench_load(model_name=name, dataset=dataset, threat_model="Linf", model_dir=model_dir)
+    except Exception as exc:  # robustbench raises KeyError/ValueError/HTTP errors for unknown names or no network
+        raise RobustEdgeError(f"RobustBench could not load '{name}' ({dataset}, Linf): "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    return model.to(device).eval()
+
+
+def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
+                 device: torch.device | str = "cpu", dataset: str | None = None) -> FrozenTeacher:
+    """A teacher from a RobustEdge model file, from foreign weights plus a registry ``arch``, or
+    ``robustbench:<name>`` (the ``zoo`` extra) for any RobustBench L-inf model of ``dataset``."""
+    if not cfg.checkpoint:
+        raise RobustEdgeError("a teacher needs 'checkpoint' (a model file or robustbench:<name>)")
+    if str(cfg.checkpoint).startswith(ROBUSTBENCH_PREFIX):
+        model = load_robustbench(str(cfg.checkpoint)[len(ROBUSTBENCH_PREFIX):], dataset, device)
+        with torch.no_grad():
+            out = model(torch.zeros(1, in_channels, image_size, image_size, device=device))
+        if out.shape[-1] != num_classes:
+            raise RobustEdgeError(f"teacher {cfg.checkpoint} predicts {out.shape[-1]} classes; the data has {num_classes}")
+        return FrozenTeacher(model, cfg.precision, device)
+    path = Path(cfg.checkpoint)
+    if cfg.arch is None:
+        model, meta = load_model(path, device)
+        spec = meta.spec
+    else:
+        spec = ModelSpec(cfg.arch, num_classes, in_channels, cfg.width, image_size, cfg.mean, cfg.std)
+        model = load_weights(spec, path, device)
+    if spec.num_classes != num_classes or spec.in_channels != in_channels:
+        raise RobustEdgeError(f"teacher {path} is {spec.arch} with {spec.num_classes} classes and "
+                              f"{spec.in_channels} input channels; the data has {num_classes} and {in_channels}")
+    from robustedge.models import fold_batchnorm
+
+    # a teacher only infers, so its BNs are folded into its convs once, here (see models/folding.py)
+    return FrozenTeacher(fold_batchnorm(model), cfg.precision, device)

@@ -1,0 +1,544 @@
+#!/usr/bin/env python3
+"""Verify a RobustEdge export bundle on this device: numpy + the artifact's runtime, nothing else.
+
+    python verify.py [BUNDLE] [--formats onnx,onnx-int8] [--max-drop 0.05] [--min-agreement 0.95]
+
+This file is the single source of every bundle check. RobustEdge imports it as
+``robustedge.verify_core`` and copies it, byte for byte, into every bundle as ``verify.py``, so a
+phone-class CPU or a Jetson (numpy + onnxruntime, or + tensorrt) runs exactly the checks and
+messages of ``robustedge verify``. It needs neither torch nor RobustEdge.
+
+It refuses (exit 2, one line) a manifest that does not follow the bundle schema, a file entry that
+is not a plain name inside the bundle, an unknown format or gate key, a file whose sha256 differs
+from the manifest, and a ``verify.npz`` with missing, extra, mistyped or misshapen arrays. It then
+replays the clean and adversarial samples through each model on this device, prints clean
+accuracy, top-1 agreement with the torch model and transfer robust accuracy next to the numbers
+measured at export time, and applies the bundle's gate (exit 1 when it fails). Non-finite logits are
+an error, never a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+import zipfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+BUNDLE_FORMAT = "robustedge-bundle/1"
+MANIFEST_FILE = "manifest.json"
+SAMPLES_FILE = "verify.npz"
+VERIFIER_FILE = "verify.py"
+
+# format -> (file name inside the bundle, runtime that executes it): a new format is one row
+FORMATS = {
+    "onnx": ("model.onnx", "onnxruntime"),
+    "onnx-fp16": ("model.fp16.onnx", "onnxruntime"),
+    "onnx-int8": ("model.int8.onnx", "onnxruntime"),
+    "trt-fp16": ("model.fp16.engine", "tensorrt"),
+    "trt-int8": ("model.int8.engine", "tensorrt"),
+}
+
+
+class RobustEdgeError(Exception):
+    """Something the user can fix (a file, a flag, a bundle); the message is one complete line.
+
+    RobustEdge's one user-facing exception type lives here, in the torch-free core, so that the
+    library and the on-device verifier raise (and the CLI reports) the very same errors.
+    """
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------
+# The manifest schema
+# --------------------------------------------------------------------------------------------
+
+def _fail(where: str, what: str, value: object) -> RobustEdgeError:
+    shown = repr(value)
+    return RobustEdgeError(f"manifest.json: '{where}' must be {what}, got {shown[:60]}")
+
+
+def _get(obj: dict, key: str, where: str, check, what: str, required: bool = True):
+    if key not in obj:
+        if required:
+            raise RobustEdgeError(f"manifest.json: missing required key '{where}{key}'")
+        return None
+    value = obj[key]
+    if not check(value):
+        raise _fail(where + key, what, value)
+    return value
+
+
+def _mapping(v: object) -> bool:
+    return isinstance(v, dict)
+
+
+def _string(v: object) -> bool:
+    return isinstance(v, str)
+
+
+def _count(v: object, minimum: int = 0) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+
+
+def _fraction(v: object) -> bool:
+    return is_number(v) and 0.0 <= v <= 1.0
+
+
+def plain_name(name: object, where: str) -> str:
+    """A file name with no folder part: entries must live directly inside the bundle."""
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name \
+            or "\x00" in name:
+        raise RobustEdgeError(f"manifest.json: '{where}' must be a plain file name inside the bundle, got {name!r}")
+    return name
+
+
+def check_manifest(manifest: object) -> dict:
+    """Raise RobustEdgeError unless ``manifest`` follows the bundle schema; return it."""
+    if not isinstance(manifest, dict):
+        raise RobustEdgeError("manifest.json: must be a JSON object")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise RobustEdgeError(f"manifest.json: not a RobustEdge bundle manifest (format must be '{BUNDLE_FORMAT}')")
+    inp = _get(manifest, "input", "", _mapping, "an object")
+    _get(inp, "shape", "input.", lambda v: isinstance(v, list) and len(v) == 3 and all(_count(d, 1) for d in v),
+         "a list of 3 positive integers (C, H, W)")
+    _get(inp, "name", "input.", _string, "a string")
+    out = _get(manifest, "output", "", _mapping, "an object")
+    _get(out, "classes", "output.", lambda v: v is None or (isinstance(v, list) and len(v) >= 2
+                                                           and all(isinstance(c, str) for c in v)),
+         "null or a list of at least 2 class names", required=False)
+    _get(manifest, "eps", "", _fraction, "a number in [0, 1]")
+    files = _get(manifest, "files", "", lambda v: isinstance(v, dict) and len(v) > 0, "a non-empty object")
+    for fmt, entry in files.items():
+        if fmt not in FORMATS:
+            raise RobustEdgeError(f"manifest.json: unknown format '{fmt}' in 'files'; known formats: "
+                                    f"{', '.join(FORMATS)}")
+        if not isinstance(entry, dict):
+            raise _fail(f"files.{fmt}", "an object", entry)
+        name = plain_name(entry.get("file"), f"files.{fmt}.file")
+        if name != FORMATS[fmt][0]:
+            raise RobustEdgeError(f"manifest.json: 'files.{fmt}.file' must be {FORMATS[fmt][0]}, got {name!r}")
+        _get(entry, "sha256", f"files.{fmt}.", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest")
+        _get(entry, "bytes", f"files.{fmt}.", _count, "a byte count")
+    samples = _get(manifest, "samples", "", _mapping, "an object")
+    if plain_name(samples.get("file"), "samples.file") != SAMPLES_FILE:
+        raise RobustEdgeError(f"manifest.json: 'samples.file' must be {SAMPLES_FILE}")
+    _get(samples, "sha256", "samples.", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest")
+    _get(samples, "n", "samples.", lambda v: _count(v, 1), "an integer >= 1")
+    _get(samples, "attacks", "samples.", lambda v: isinstance(v, list) and all(isinstance(a, str) and a for a in v),
+         "a list of attack names")
+    verifier = _get(manifest, "verifier", "", _mapping, "an object", required=False)
+    if verifier is not None:
+        if plain_name(verifier.get("file"), "verifier.file") != VERIFIER_FILE:
+            raise RobustEdgeError(f"manifest.json: 'verifier.file' must be {VERIFIER_FILE}")
+        _get(verifier, "sha256", "verifier.", lambda v: isinstance(v, str) and len(v) == 64, "a sha256 hex digest")
+    table = _get(manifest, "table", "", lambda v: isinstance(v, dict) and isinstance(v.get("torch"), dict),
+                 "an object with a 'torch' row")
+    for row_name, row in table.items():
+        if not isinstance(row, dict):
+            raise _fail(f"table.{row_name}", "an object", row)
+        for key, value in row.items():
+            if value is not None and not is_number(value):
+                raise _fail(f"table.{row_name}.{key}", "a finite number or null", value)
+    Gate.from_dict(_get(manifest, "gate", "", _mapping, "an object"))
+    options = _get(manifest, "options", "", _mapping, "an object")
+    _get(options, "square_n", "options.", _count, "an integer >= 0")
+    _get(options, "square_queries", "options.", lambda v: _count(v, 1), "an integer >= 1")
+    _get(options, "seed", "options.", lambda v: _count(v, -2**63), "an integer")
+    _get(manifest, "skipped", "", _mapping, "an object", required=False)
+    return manifest
+
+
+def bundle_path(bundle: Path, name: str) -> Path:
+    """``bundle / name``, refusing a path that leaves the bundle (through a symlink, say)."""
+    path = bundle / name
+    root = bundle.resolve()
+    resolved = path.resolve()
+    if resolved.parent != root:
+        raise RobustEdgeError(f"{name} points outside the bundle ({resolved}); refusing to read it")
+    return path
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"non-finite number {name}")
+
+
+def load_manifest(bundle: Path) -> dict:
+    if not bundle.is_dir():
+        raise RobustEdgeError(f"{bundle} is not an export bundle (not a folder)")
+    path = bundle / MANIFEST_FILE
+    if not path.is_file():
+        raise RobustEdgeError(f"{bundle} is not an export bundle (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RobustEdgeError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    return check_manifest(manifest)
+
+
+def check_hashes(bundle: Path, manifest: dict) -> None:
+    """Every file the manifest lists exists inside the bundle and matches its sha256."""
+    entries = list(manifest["files"].values()) + [manifest["samples"]]
+    if manifest.get("verifier"):
+        entries.append(manifest["verifier"])
+    for entry in entries:
+        file = bundle_path(bundle, entry["file"])
+        if not file.is_file():
+            raise RobustEdgeError(f"bundle file missing: {file}")
+        if sha256(file) != entry["sha256"]:
+            raise RobustEdgeError(f"{file.name} does not match its manifest sha256 (corrupted or replaced); "
+                                    f"refusing to verify it")
+
+
+def sample_keys(manifest: dict) -> set[str]:
+    return {"x", "y", "torch_pred"} | {f"adv_{a}" for a in manifest["samples"]["attacks"]}
+
+
+def load_samples(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
+    """The arrays of verify.npz, checked against the manifest: names, dtypes, shapes, ranges."""
+    path = bundle_path(bundle, SAMPLES_FILE)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            samples = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise RobustEdgeError(f"{SAMPLES_FILE} is not a readable numpy archive without objects "
+                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    expected = sample_keys(manifest)
+    missing, extra = sorted(expected - set(samples)), sorted(set(samples) - expected)
+    if missing or extra:
+        raise RobustEdgeError(f"{SAMPLES_FILE} does not match the manifest: "
+                                + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
+                                            + ([f"unexpected {', '.join(extra)}"] if extra else [])))
+    n = manifest["samples"]["n"]
+    shape = (n, *manifest["input"]["shape"])
+    classes = manifest["output"].get("classes")
+    for key, array in samples.items():
+        if key in ("y", "torch_pred"):
+            ok = array.dtype == np.int64 and array.shape == (n,) and (array >= 0).all() and \
+                (classes is None or (array < len(classes)).all())
+            want = f"int64 class indices of shape ({n},)"
+        else:
+            ok = array.dtype == np.float32 and array.shape == shape and np.isfinite(array).all() and \
+                (array >= 0).all() and (array <= 1).all()
+            want = f"float32 images in [0, 1] of shape {shape}"
+        if not ok:
+            raise RobustEdgeError(f"{SAMPLES_FILE}: '{key}' must be {want}, got {array.dtype} {array.shape}")
+    eps = manifest["eps"]
+    for key in expected - {"x", "y", "torch_pred"}:
+        if np.abs(samples[key] - samples["x"]).max(initial=0.0) > eps + 1e-5:
+            raise RobustEdgeError(f"{SAMPLES_FILE}: '{key}' leaves the eps = {eps} ball around 'x'")
+    return samples
+
+
+def read_bundle(bundle: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The checked manifest and samples of a bundle whose every file matches its hash."""
+    bundle = Path(bundle)
+    manifest = load_manifest(bundle)
+    check_hashes(bundle, manifest)
+    return manifest, load_samples(bundle, manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# The gate
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Gate:
+    """Thresholds that turn a regression of an artifact against the torch model into a failure."""
+
+    max_robust_drop: float = 0.05  # accuracy (fraction) an artifact may lose vs torch, clean or robust
+    min_agreement: float = 0.95  # top-1 agreement with torch on clean inputs
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not _fraction(value):
+                raise RobustEdgeError(f"gate '{f.name}' must be a fraction in [0, 1], got {value!r}")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "Gate":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise RobustEdgeError(f"unknown gate key '{unknown[0]}'; known keys: {', '.join(sorted(known))}")
+        return cls(**raw)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check(self, table: dict) -> list[str]:
+        ref = table["torch"]
+        failures = []
+        for fmt, row in table.items():
+            if fmt == "torch":
+                continue
+            if row["agreement"] < self.min_agreement:
+                failures.append(f"{fmt}: agreement {100 * row['agreement']:.1f}% < {100 * self.min_agreement:.1f}%")
+            for key in [k for k in row if k == "clean" or k.startswith("transfer_")]:
+                if ref.get(key) is None or row[key] is None:
+                    continue
+                drop = ref[key] - row[key]
+                if drop > self.max_robust_drop + 1e-9:
+                    failures.append(f"{fmt}: {key} drops {100 * drop:.1f} points (> {100 * self.max_robust_drop:.1f})")
+        return failures
+
+
+# --------------------------------------------------------------------------------------------
+# Runtimes
+# --------------------------------------------------------------------------------------------
+
+def check_finite(logits: np.ndarray, what: str) -> np.ndarray:
+    if not np.isfinite(logits).all():
+        bad = int((~np.isfinite(logits)).any(axis=-1).sum()) if logits.ndim > 1 else 1
+        raise RobustEdgeError(f"{what} gave non-finite logits (NaN/Inf) for {bad} of {len(logits)} inputs; "
+                                f"refusing to report accuracy on them")
+    return logits
+
+
+class OrtRunner:
+    """An ONNX Runtime session on the CPU: float32 NCHW in, float32 logits out."""
+
+    def __init__(self, path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RobustEdgeError(f"onnxruntime cannot load {Path(path).name}: "
+                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                    ) from None
+        self.input = self.session.get_inputs()[0]
+        self.input_name = self.input.name
+        self.input_shape = tuple(self.input.shape)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0].astype(
+            np.float32)
+
+
+def _cuda_copies():  # pragma: no cover - needs a GPU
+    """(to_device, run_buffers) through cuda-python, or torch where that is what the device has."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart
+        except ImportError:
+            cudart = None
+    if cudart is not None:
+        def call(x: np.ndarray, run) -> np.ndarray:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            y = np.empty(run.output_shape(x.shape), dtype=np.float32)
+            _, d_in = cudart.cudaMalloc(x.nbytes)
+            _, d_out = cudart.cudaMalloc(y.nbytes)
+            try:
+                cudart.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
+                run.execute(d_in, d_out, 0)
+                cudart.cudaStreamSynchronize(0)
+                cudart.cudaMemcpy(y.ctypes.data, d_out, y.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
+            finally:
+                cudart.cudaFree(d_in)
+                cudart.cudaFree(d_out)
+            return y
+        return call
+    try:
+        import torch
+    except ImportError:
+        raise RobustEdgeError("TensorRT verification needs cuda-python (pip install cuda-python) or torch") from None
+
+    def call_torch(x: np.ndarray, run) -> np.ndarray:
+        inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
+        out = torch.empty(run.output_shape(x.shape), device="cuda")
+        stream = torch.cuda.current_stream()
+        run.execute(inp.data_ptr(), out.data_ptr(), stream.cuda_stream)
+        stream.synchronize()
+        return out.cpu().numpy()
+    return call_torch
+
+
+class TrtRunner:  # pragma: no cover - needs a GPU and tensorrt; exercised by tests marked gpu
+    """A serialized TensorRT engine (built on this GPU) with a dynamic batch axis."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import tensorrt as trt
+        except ImportError:
+            raise RobustEdgeError("the 'tensorrt' package is not installed here") from None
+        engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(Path(path).read_bytes())
+        if engine is None:
+            raise RobustEdgeError(f"{Path(path).name}: the engine was built for another GPU or TensorRT version; "
+                                    f"rebuild it on this device (export/README.md)")
+        self.engine, self.context = engine, engine.create_execution_context()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT)
+        self.output_name = next(n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT)
+        self.input_shape = tuple(engine.get_tensor_shape(self.input_name))
+        self._call = _cuda_copies()
+
+    def output_shape(self, input_shape: tuple) -> tuple:
+        self.context.set_input_shape(self.input_name, tuple(input_shape))
+        return tuple(self.context.get_tensor_shape(self.output_name))
+
+    def execute(self, d_in: int, d_out: int, stream: int) -> None:
+        self.context.set_tensor_address(self.input_name, int(d_in))
+        self.context.set_tensor_address(self.output_name, int(d_out))
+        self.context.execute_async_v3(stream)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self._call(x, self)
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "tensorrt": TrtRunner}
+
+
+def open_runner(path: Path, fmt: str):
+    if fmt not in FORMATS:
+        raise RobustEdgeError(f"unknown format '{fmt}'; known formats: {', '.join(FORMATS)}")
+    return RUNNERS[FORMATS[fmt][1]](path)
+
+
+def check_input_shape(runner, shape: tuple) -> None:
+    """The samples' (C, H, W) must fit the artifact's declared input."""
+    expected = tuple(runner.input_shape[1:])
+    if len(expected) != len(shape) - 1 or any(isinstance(e, int) and e > 0 and e != s
+                                               for e, s in zip(expected, shape[1:])):
+        raise RobustEdgeError(f"input shape {tuple(shape[1:])} does not fit the model's {expected}")
+
+
+def predict(runner, x: np.ndarray, batch_size: int = 256, what: str = "the model") -> np.ndarray:
+    """Logits for every row of ``x`` in batches, refusing non-finite values."""
+    logits = np.concatenate([runner(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+    return check_finite(logits, what)
+
+
+def median_latency_ms(runner, sample: np.ndarray, batch: int, repeats: int = 30, warmup: int = 5) -> float:
+    x = np.repeat(sample[:1], batch, axis=0) if len(sample) < batch else sample[:batch]
+    for _ in range(warmup):
+        runner(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(x)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def replay_row(runner, samples: dict, what: str = "the model") -> dict:
+    """Clean accuracy, top-1 agreement with torch and transfer accuracy on every adversarial set."""
+    pred = predict(runner, samples["x"], what=what).argmax(1)
+    row = {"clean": float((pred == samples["y"]).mean()), "agreement": float((pred == samples["torch_pred"]).mean())}
+    for key in sorted(k for k in samples if k.startswith("adv_")):
+        row[f"transfer_{key[4:]}"] = float((predict(runner, samples[key], what=what).argmax(1) == samples["y"]).mean())
+    return row
+
+
+def artifact_row(path: Path, fmt: str, samples: dict, latency: bool = True) -> tuple[dict, object]:
+    """The measured row of one artifact through its own runtime, and the runner (for more checks)."""
+    runner = open_runner(path, fmt)
+    check_input_shape(runner, samples["x"].shape)
+    row = replay_row(runner, samples, what=f"{fmt} ({Path(path).name})")
+    row["size_mb"] = Path(path).stat().st_size / 2**20
+    if latency:
+        row["latency_b1_ms"] = median_latency_ms(runner, samples["x"], 1)
+        row["latency_b64_ms"] = median_latency_ms(runner, samples["x"], 64)
+    return row, runner
+
+
+PERCENT_COLUMNS = ("clean", "agreement", "transfer_pgd20", "transfer_autoattack", "square")
+UNIT_COLUMNS = (("size_mb", "size (MB)", 3), ("latency_b1_ms", "latency b1 (ms)", 2),
+                ("latency_b64_ms", "latency b64 (ms)", 2))
+
+
+def format_table(table: dict) -> str:
+    """The verification table as Markdown (accuracies in %)."""
+    rows = list(table.values())
+    keys = [k for k in PERCENT_COLUMNS if any(k in r for r in rows)]
+    keys += sorted({k for r in rows for k in r if k.startswith("transfer_") and k not in keys})
+    units = [u for u in UNIT_COLUMNS if any(u[0] in r for r in rows)]
+    head = ["format"] + [k.replace("_", " ") + " (%)" for k in keys] + [u[1] for u in units]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for fmt, row in table.items():
+        cells = [f"{100 * row[k]:.1f}" if row.get(k) is not None else "" for k in keys]
+        cells += [f"{row[u[0]]:.{u[2]}f}" if row.get(u[0]) is not None else "" for u in units]
+        lines.append(f"| {fmt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# On the device
+# --------------------------------------------------------------------------------------------
+
+def _fraction_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from None
+    if not _fraction(value):
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, as every RobustEdge command
+        self.exit(2, f"error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", nargs="?", type=Path, default=Path(__file__).resolve().parent,
+                        help="the bundle folder (default: the folder this file is in)")
+    parser.add_argument("--formats", default=None, help="comma-separated formats to check (default: all runnable)")
+    parser.add_argument("--max-drop", type=_fraction_arg, default=None, help="gate override (fraction)")
+    parser.add_argument("--min-agreement", type=_fraction_arg, default=None, help="gate override (fraction)")
+    args = parser.parse_args(argv)
+    try:
+        manifest, samples = read_bundle(args.bundle)
+        gate = Gate.from_dict(manifest["gate"])
+        gate = Gate(gate.max_robust_drop if args.max_drop is None else args.max_drop,
+                    gate.min_agreement if args.min_agreement is None else args.min_agreement)
+        wanted = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else list(manifest["files"])
+        for fmt in wanted:
+            if fmt not in manifest["files"]:
+                raise RobustEdgeError(f"the bundle has no format '{fmt}'; it has {', '.join(manifest['files'])}")
+        table = {"torch": {k: v for k, v in manifest["table"]["torch"].items() if not k.startswith("latency")}}
+        for fmt in wanted:
+            try:
+                table[fmt], _ = artifact_row(args.bundle / manifest["files"][fmt]["file"], fmt, samples)
+            except ImportError as exc:  # this device lacks that runtime
+                print(f"skipping {fmt}: {exc}", file=sys.stderr)
+    except RobustEdgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("torch = the numbers measured at export time; the others were measured now, on this device")
+    print(format_table(table), end="")
+    failures = gate.check(table)
+    if failures:
+        print("GATE FAILED: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    print("gate passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

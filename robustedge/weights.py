@@ -1,0 +1,93 @@
+"""Weights from elsewhere: ``.pt``/``.pth``/``.safetensors`` state dicts loaded into a registry model.
+
+Published checkpoints (TRADES' WideResNet, kuangliu's ResNet-18, chenyaofo's ResNet-56, ...) are
+pickles; they are read with ``torch.load(weights_only=True)`` only, which refuses anything but
+tensors and plain containers, so a malicious file cannot run code. Loading is always strict, with
+an error that names the keys and shapes that differ.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from robustedge.checkpoint import ModelSpec, check_file
+from robustedge.errors import RobustEdgeError
+from robustedge.models import Classifier
+
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` or ``.pt``/``.pth`` file, never unpickling code.
+
+    Unwraps the usual containers (``{'state_dict': ...}``, ``{'model': ...}``) and the
+    ``module.`` prefix DataParallel leaves behind.
+    """
+    path = Path(path)
+    check_file(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise RobustEdgeError(f"{path}: not a readable safetensors file: {exc}") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RobustEdgeError(f"{path}: not a weights-only torch checkpoint ({first})") from None
+    for _ in range(3):
+        if isinstance(obj, Mapping):
+            inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)
+            if inner is not None and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+                obj = inner
+                continue
+        break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise RobustEdgeError(f"{path} does not hold a model state dict")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _preview(keys: list[str], limit: int = 4) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, arch: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the keys and shapes that differ."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} in file vs {tuple(v.shape)} in model"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_preview(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_preview(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {_preview(shapes, 3)}")
+    if problems:
+        raise RobustEdgeError(f"{source} does not fit architecture '{arch}': " + "; ".join(problems))
+    model.load_state_dict(state, strict=True)
+
+
+def load_weights(spec: ModelSpec, path: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier:
+    """Build ``spec`` and load weights from any supported file into it, strictly."""
+    model = spec.build()
+    load_state_strict(model, read_state_dict(path), source=str(path), arch=spec.arch)
+    return model.to(device).eval()
+
+
+#

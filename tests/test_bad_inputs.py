@@ -1,0 +1,379 @@
+"""Every class of bad input, through the real command line: exit status 2, one line on stderr that
+names the problem, no traceback, and nothing on disk changed (not even a temporary file left).
+
+Each row is (command line, what the error line must say). Placeholders in braces are files of the
+``world`` folder below: a good checkpoint and bundle, broken copies of them, a user's own folder of
+documents, a previous quickstart, configs that are wrong in one way each. Bundle rows are also run
+through the bundle's own torch-free ``verify.py``, which must refuse with the same message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robustedge.cli import main
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+EVAL = ["eval", "{ckpt}", "--n", "16", "--attacks", "clean", "--device", "cpu", "--no-progress", "--out", "{new}"]
+EXPORT = ["export", "{ckpt}", "--n", "16", "--calibration-n", "16", "--square-n", "0", "--transfer-attacks", "pgd20"]
+TRAIN = ["train", "--config", "digits_teacher_clean", "--out-dir", "{new}", "--device", "cpu", "--no-progress"]
+DISTILL = ["distill", "--config", "digits_student_bmtard", "--out-dir", "{new}", "--device", "cpu"]
+QUICKSTART = ["quickstart", "--out", "{quickstart}", "--no-progress"]
+
+CASES = [
+    # --- eval: numbers, names, files, devices, models that give NaN ---------------------------
+    (EVAL + ["--aa-batch-size", "-2"], "--aa-batch-size must be an integer >= 1, got -2"),
+    (EVAL + ["--aa-batch-size", "0"], "--aa-batch-size must be an integer >= 1, got 0"),
+    (EVAL + ["--batch-size", "0"], "--batch-size must be an integer >= 1 or 'auto', got '0'"),
+    (EVAL + ["--batch-size", "many"], "--batch-size must be an integer >= 1 or 'auto', got 'many'"),
+    (EVAL + ["--n", "-3"], "--n must be an integer >= 0, got -3"),
+    (EVAL + ["--n", "ten"], "--n must be an integer, got 'ten'"),
+    (EVAL + ["--eps", "2"], "--eps must be in [0, 1], got 2"),
+    (EVAL + ["--eps", "-0.1"], "--eps must be in [0, 1], got -0.1"),
+    (EVAL + ["--eps", "nan"], "--eps must be a finite number, got 'nan'"),
+    (EVAL + ["--eps", "inf"], "--eps must be a finite number, got 'inf'"),
+    (EVAL + ["--eps", "8/0"], "--eps must be a number (e.g. 0.1 or 8/255), got '8/0'"),
+    (EVAL + ["--eps", "abc"], "--eps must be a number (e.g. 0.1 or 8/255), got 'abc'"),
+    (EVAL + ["--attacks", "clean,pgd7"], "unknown attack 'pgd7'; valid attacks:"),
+    (EVAL + ["--attacks", ","], "no attacks given"),
+    (EVAL + ["--dataset", "mnist"], "unknown dataset 'mnist'; valid datasets:"),
+    (EVAL + ["--dataset", "cifar10"], "dataset 'cifar10' needs --data-root"),
+    (EVAL + ["--device", "foo"], "unknown device 'foo'"),
+    pytest.param(EVAL + ["--device", "cuda"], "CUDA is not available", marks=NO_CUDA),
+    (EVAL + ["--split", "foo"], "argument --split: invalid choice: 'foo'"),
+    (EVAL + ["--seed", "-1"], "--seed must be an integer in [0, 2147483647], got -1"),
+    (EVAL + ["--seed", "x"], "--seed must be an integer, got 'x'"),
+    (EVAL[:-1] + ["{file}"], "is an existing file, not a folder"),
+    (EVAL[:-1] + ["{foreign_eval}"], "eval.json exists and was not written by RobustEdge"),
+    (["eval", "{missing}"], "checkpoint not found"),
+    (["eval", "{truncated}"], "truncated or corrupt"),
+    (["eval", "{pickle}"], "not a readable safetensors file"),
+    (["eval", "{docs}"], "checkpoint is not a file"),
+    (["eval", "{foreign_safetensors}"], "is a safetensors file but not a RobustEdge model"),
+    (["eval", "{bad_meta}"], "malformed RobustEdge metadata"),
+    ([a if a != "{ckpt}" else "{nan_ckpt}" for a in EVAL], "non-finite logits (NaN/Inf)"),
+    ([a if a != "{ckpt}" else "{inf_ckpt}" for a in EVAL], "non-finite logits (NaN/Inf)"),
+    (["eval"], "the following arguments are required: checkpoint"),
+    # --- export: output folders that are not ours, numbers, names -------------------------------
+    (EXPORT + ["--out", "{new}", "--formats", "onnx,tflite"], "unknown export format 'tflite'"),
+    (EXPORT + ["--out", "{new}", "--formats", ","], "unknown export format ''"),
+    (EXPORT + ["--out", "{docs}"], "is not empty and is not a RobustEdge export bundle"),
+    (EXPORT + ["--out", "{docs}", "--force"], "is not empty and is not a RobustEdge export bundle"),
+    (EXPORT + ["--out", "{world}", "--force"], "contains"),
+    (["export", "{ckpt_in_bundle}", "--out", "{bundle_with_ckpt}", "--force"], "an input of this command"),
+    (EXPORT + ["--out", "{file}"], "is an existing file, not a folder"),
+    (EXPORT + ["--out", "{file}", "--force"], "is an existing file, not a folder"),
+    (EXPORT + ["--out", "{bundle}"], "already holds a RobustEdge export bundle; pass --force"),
+    (EXPORT + ["--out", "{new}", "--n", "0"], "--n must be an integer >= 1, got 0"),
+    (EXPORT + ["--out", "{new}", "--calibration-n", "0"], "--calibration-n must be an integer >= 1, got 0"),
+    (EXPORT + ["--out", "{new}", "--square-n", "-1"], "--square-n must be an integer >= 0, got -1"),
+    (EXPORT + ["--out", "{new}", "--square-queries", "0"], "--square-queries must be an integer >= 1, got 0"),
+    (EXPORT + ["--out", "{new}", "--max-drop", "5"], "--max-drop must be in [0, 1], got 5"),
+    (EXPORT + ["--out", "{new}", "--max-drop", "-0.1"], "--max-drop must be in [0, 1], got -0.1"),
+    (EXPORT + ["--out", "{new}", "--min-agreement", "1.5"], "--min-agreement must be in [0, 1], got 1.5"),
+    (EXPORT + ["--out", "{new}", "--max-drop", "nan"], "--max-drop must be a finite number"),
+    (EXPORT + ["--out", "{new}", "--transfer-attacks", "foo"], "unknown transfer attack 'foo'"),
+    (EXPORT + ["--out", "{new}", "--calibration-method", "foo"], "argument --calibration-method: invalid choice"),
+    (EXPORT + ["--out", "{new}", "--seed", "x"], "--seed must be an integer, got 'x'"),
+    (["export", "{nan_ckpt}", "--out", "{new}"], "non-finite logits (NaN/Inf)"),
+    (["export", "{ckpt}"], "the following arguments are required: --out"),
+    # --- verify: bundles that are not what their manifest says ----------------------------------
+    (["verify", "{world}"], "is not an export bundle (no manifest.json)"),
+    (["verify", "{file}"], "is not an export bundle (not a folder)"),
+    (["verify", "{b_badjson}"], "manifest.json is not valid JSON"),
+    (["verify", "{b_list}"], "manifest.json: must be a JSON object"),
+    (["verify", "{b_nofiles}"], "missing required key 'files'"),
+    (["verify", "{b_escape}"], "'files.onnx.file' must be a plain file name inside the bundle, got '../outside.onnx'"),
+    (["verify", "{b_absolute}"], "must be a plain file name inside the bundle"),
+    (["verify", "{b_symlink}"], "points outside the bundle"),
+    (["verify", "{b_unknown_format}"], "unknown format 'tflite' in 'files'"),
+    (["verify", "{b_unknown_gate}"], "unknown gate key 'max_drop_typo'"),
+    (["verify", "{b_gate_range}"], "gate 'min_agreement' must be a fraction in [0, 1], got 7"),
+    (["verify", "{b_eps_string}"], "'eps' must be a number in [0, 1], got 'abc'"),
+    (["verify", "{b_eps_nan}"], "non-finite number NaN"),
+    (["verify", "{b_table_string}"], "'table.torch.clean' must be a finite number or null"),
+    (["verify", "{b_npz_object}"], "verify.npz is not a readable numpy archive without objects"),
+    (["verify", "{b_npz_missing}"], "verify.npz does not match the manifest: missing torch_pred"),
+    (["verify", "{b_npz_shape}"], "verify.npz: 'x' must be float32 images in [0, 1] of shape (16, 1, 16, 16)"),
+    (["verify", "{b_npz_labels}"], "verify.npz: 'y' must be int64 class indices"),
+    (["verify", "{b_tampered}"], "model.int8.onnx does not match its manifest sha256"),
+    (["verify", "{b_missing_file}"], "bundle file missing"),
+    (["verify", "{bundle}", "--square-n", "-1"], "--square-n must be an integer >= 0, got -1"),
+    (["verify", "{bundle}", "--max-drop", "2"], "--max-drop must be in [0, 1], got 2"),
+    # --- train / distill: config values of the wrong type or range ------------------------------
+    (TRAIN + ["--set", "epochs=abc"], "config key 'epochs' expects an integer, got 'abc'"),
+    (TRAIN + ["--set", "optim.lr=fast"], "config key 'optim.lr' expects a number, got 'fast'"),
+    (TRAIN + ["--set", "optim.milestones=abc"], "config key 'optim.milestones' expects a list of integers, got 'abc'"),
+    (TRAIN + ["--set", "optim.milestones=[1,x]"], "config key 'optim.milestones[1]' expects an integer, got 'x'"),
+    (TRAIN + ["--set", "channels_last=maybe"], "config key 'channels_last' expects a boolean"),
+    (["train", "--config", "{yaml_ten}", "--out-dir", "{new}"], "config key 'epochs' expects an integer, got 'ten'"),
+    (["train", "--config", "{binary}", "--out-dir", "{new}"], "is not a YAML text file"),
+    (["train", "--config", "{yaml_list}", "--out-dir", "{new}"], "config 'top level' must be a mapping, got list"),
+    (["train", "--config", "{yaml_invalid}", "--out-dir", "{new}"], "is not valid YAML"),
+    (["train", "--config", "{docs}"], "config {docs} is not a file"),
+    (["train", "--config", "no_such_recipe"], "config file not found: no_such_recipe"),
+    (TRAIN + ["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (TRAIN + ["--epochs", "-1"], "--epochs must be an integer >= 1, got -1"),
+    (TRAIN + ["--lr", "-0.1"], "--lr must be > 0, got -0.1"),
+    (TRAIN + ["--lr", "nan"], "--lr must be a finite number"),
+    (TRAIN + ["--eps", "2"], "--eps must be in [0, 1], got 2"),
+    (TRAIN + ["--eps", "8/0"], "--eps must be a number (e.g. 0.1 or 8/255)"),
+    (TRAIN + ["--step-size", "0"], "--step-size must be > 0, got 0"),
+    (TRAIN + ["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (TRAIN + ["--width", "-1"], "--width must be > 0, got -1"),
+    (TRAIN + ["--set", "eval_n=-1"], "config key 'eval_n' (0 turns validation off) must be an integer >= 0, got -1"),
+    (TRAIN + ["--set", "eval_eps=2"], "config key 'eval_eps' must be in [0, 1], got 2"),
+    (TRAIN + ["--set", "attack.step_size=0", "--method", "pgd_at"], "config key 'attack.step_size' must be > 0, got 0"),
+    (TRAIN + ["--set", "data.val_fraction=1.5"], "config key 'data.val_fraction' must be in [0, 1), got 1.5"),
+    (TRAIN + ["--method", "trades", "--set", "method_args.beta=six"], "config key 'method_args.beta' must be a number"),
+    (TRAIN + ["--method", "trades", "--set", "method_args.betta=6"], "has no argument(s) betta; valid: beta"),
+    (TRAIN + ["--set", "attack.start=foo"], "config key 'attack.start' must be one of gaussian, uniform, none"),
+    (TRAIN + ["--set", "optim.schedule=foo"], "config key 'optim.schedule' must be one of piecewise, cosine, constant"),
+    (TRAIN + ["--set", "optim.momentum=1.5"], "config key 'optim.momentum' must be in [0, 1), got 1.5"),
+    (TRAIN + ["--set", "amp=foo"], "config key 'amp' must be one of auto, off, bf16, fp16"),
+    (TRAIN + ["--set", "model.arch=resnet99"], "unknown model 'resnet99'"),
+    (TRAIN + ["--set", "seed=-5"], "config key 'seed' must be an integer in [0, 2147483647], got -5"),
+    (TRAIN + ["--set", "data.name=mnist"], "unknown dataset 'mnist'"),
+    (TRAIN + ["--set", "name=../escape"], "config key 'name' must be a folder name"),
+    (TRAIN + ["--set", "log_every=0"], "config key 'log_every' must be an integer >= 1, got 0"),
+    (TRAIN + ["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (TRAIN + ["--set", "nonsense"], "must look like key.sub=value"),
+    (TRAIN + ["--device", "foo"], "unknown device 'foo'"),
+    (["train", "--config", "digits_teacher_clean", "--out-dir", "{file}"], "--out-dir {file} is an existing file"),
+    (TRAIN + ["--resume"], "nothing to resume"),
+    (TRAIN + ["--method", "bmtard"], "argument --method: invalid choice: 'bmtard'"),
+    (DISTILL + ["--set", "teachers.robsut.checkpoint=x"], "unknown teacher role 'robsut'; valid roles: robust, clean"),
+    (DISTILL + ["--set", "method=trades"], "not a `robustedge distill` method"),
+    # --- quickstart: nothing of the previous results is deleted before the settings are checked ---
+    (QUICKSTART + ["--device", "foo"], "unknown device 'foo'"),
+    pytest.param(QUICKSTART + ["--device", "cuda"], "CUDA is not available", marks=NO_CUDA),
+    (QUICKSTART + ["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (QUICKSTART + ["--n", "0"], "--n must be an integer >= 1, got 0"),
+    (QUICKSTART + ["--teacher-epochs", "x"], "--teacher-epochs must be an integer, got 'x'"),
+    (QUICKSTART + ["--attacks", "foo"], "unknown attack 'foo'"),
+    (QUICKSTART + ["--seed", "-1"], "--seed must be an integer in [0, 2147483647], got -1"),
+    (["quickstart", "--out", "{file}"], "is an existing file, not a folder"),
+    (["quickstart", "--out", "{docs}"], "is not empty and is not a RobustEdge quickstart folder"),
+    (["quickstart", "--out", "{live_quickstart}"], "is being written by a quickstart that is still running"),
+    # --- report ------------------------------------------------------------------------------------
+    (["report", "{missing}"], "is not a folder"),
+    (["report", "{docs}"], "no training runs (folders with metrics.csv)"),
+    (["report", "{runs}", "--out", "{file}"], "is an existing file, not a folder"),
+    (["report", "{runs}", "--out", "{docs}"], "is not empty and is not a RobustEdge report folder"),
+    (["report", "{runs}", "--out", "{world}"], "an input of this command"),
+    (["report", "{runs}", "--curve-n", "-1"], "--curve-n must be an integer >= 0, got -1"),
+    # --- app -----------------------------------------------------------------------------------------
+    (["app", "--port", "0"], "--port must be an integer in [1, 65535], got 0"),
+    (["app", "--port", "70000"], "--port must be an integer in [1, 65535], got 70000"),
+    (["app", "--port", "abc"], "--port must be an integer, got 'abc'"),
+    (["app", "--models", "{missing}"], "models folder {missing} does not exist"),
+    (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
+]
+
+
+def _write_bundle_variant(src: Path, dst: Path, edit_manifest=None, edit_samples=None) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    if edit_samples is not None:
+        with np.load(dst / "verify.npz") as data:
+            samples = {k: data[k] for k in data.files}
+        edit_samples(samples)
+        np.savez_compressed(dst / "verify.npz", **samples)
+        manifest["samples"]["sha256"] = hashlib.sha256((dst / "verify.npz").read_bytes()).hexdigest()
+    if edit_manifest is not None:
+        manifest = edit_manifest(manifest)
+    text = manifest if isinstance(manifest, str) else json.dumps(manifest)
+    (dst / "manifest.json").write_text(text)
+    return dst
+
+
+def _bundle_variants(bundle: Path, root: Path) -> dict[str, Path]:
+    def setting(path: list[str], value):
+        def edit(m):
+            node = m
+            for key in path[:-1]:
+                node = node[key]
+            node[path[-1]] = value
+            return m
+        return edit
+
+    def drop(key):
+        return lambda m: {k: v for k, v in m.items() if k != key}
+
+    def samples_object(s):
+        s["x"] = np.array([object()] * len(s["y"]), dtype=object)
+
+    def symlinked(m):
+        return m
+
+    variants = {
+        "b_badjson": dict(edit_manifest=lambda m: "{not json"),
+        "b_list": dict(edit_manifest=lambda m: "[1, 2]"),
+        "b_nofiles": dict(edit_manifest=drop("files")),
+        "b_escape": dict(edit_manifest=setting(["files", "onnx", "file"], "../outside.onnx")),
+        "b_absolute": dict(edit_manifest=setting(["files", "onnx", "file"], str(root / "outside.onnx"))),
+        "b_unknown_format": dict(edit_manifest=lambda m: m | {"files": m["files"] | {"tflite": m["files"]["onnx"]}}),
+        "b_unknown_gate": dict(edit_manifest=setting(["gate", "max_drop_typo"], 0.1)),
+        "b_gate_range": dict(edit_manifest=setting(["gate", "min_agreement"], 7)),
+        "b_eps_string": dict(edit_manifest=setting(["eps"], "abc")),
+        "b_eps_nan": dict(edit_manifest=lambda m: json.dumps(m).replace('"eps": 0.1', '"eps": NaN')),
+        "b_table_string": dict(edit_manifest=setting(["table", "torch", "clean"], "high")),
+        "b_npz_object": dict(edit_samples=samples_object),
+        "b_npz_missing": dict(edit_samples=lambda s: s.pop("torch_pred")),
+        "b_npz_shape": dict(edit_samples=lambda s: s.update(x=s["x"][:, :, :8, :8].copy())),
+        "b_npz_labels": dict(edit_samples=lambda s: s.update(y=s["y"].astype(np.float32))),
+        "b_symlink": dict(edit_manifest=symlinked),
+        "b_tampered": dict(),
+        "b_missing_file": dict(),
+    }
+    paths = {name: _write_bundle_variant(bundle, root / name, **kw) for name, kw in variants.items()}
+    (root / "outside.onnx").write_bytes((bundle / "model.onnx").read_bytes())
+    (paths["b_symlink"] / "model.onnx").unlink()
+    (paths["b_symlink"] / "model.onnx").symlink_to(root / "outside.onnx")
+    data = bytearray((paths["b_tampered"] / "model.int8.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (paths["b_tampered"] / "model.int8.onnx").write_bytes(bytes(data))
+    (paths["b_missing_file"] / "model.fp16.onnx").unlink()
+    return paths
+
+
+def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    from robustedge.checkpoint import load_model, save_model
+
+    model, meta = load_model(ckpt)
+    paths = {}
+    for name, value in (("nan_ckpt", float("nan")), ("inf_ckpt", float("inf"))):
+        broken, _ = load_model(ckpt)
+        with torch.no_grad():
+            broken.fc.bias.fill_(value)
+        paths[name] = save_model(root / f"{name}.safetensors", broken, meta)
+    paths["truncated"] = root / "truncated.safetensors"
+    paths["truncated"].write_bytes(ckpt.read_bytes()[:300])
+    paths["pickle"] = root / "pickle.safetensors"
+    torch.save({"not": "a model"}, paths["pickle"])
+    paths["foreign_safetensors"] = root / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(paths["foreign_safetensors"]))
+    paths["bad_meta"] = root / "bad_meta.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["bad_meta"]),
+              metadata={"format": "robustedge/1", "robustedge": json.dumps({"spec": {"arch": "resnet20"},
+                                                                             "extra": "not a mapping"})})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, digits_checkpoint):
+    """Everything the rows refer to, in one folder whose every byte is compared before and after."""
+    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.files import writer_identity
+
+    root = tmp_path_factory.mktemp("world")
+    ckpt = root / "model.safetensors"
+    shutil.copy(digits_checkpoint, ckpt)
+    bundle = root / "bundle"
+    export_bundle(ckpt, bundle, ExportOptions(n=16, calibration_n=32, transfer_attacks=("pgd20",), square_n=0),
+                  progress=lambda m: None)
+    paths = {"world": root, "ckpt": ckpt, "bundle": bundle, "new": root / "new_output",
+             "missing": root / "missing.safetensors", "file": root / "notes.txt", "docs": root / "documents"}
+    paths["file"].write_text("a user's file")
+    paths["docs"].mkdir()
+    (paths["docs"] / "thesis.tex").write_text("precious")
+    paths["foreign_eval"] = root / "their_eval"
+    paths["foreign_eval"].mkdir()
+    (paths["foreign_eval"] / "eval.json").write_text('{"my": "notes"}')
+    paths["bundle_with_ckpt"] = root / "bundle_with_ckpt"
+    shutil.copytree(bundle, paths["bundle_with_ckpt"])
+    paths["ckpt_in_bundle"] = paths["bundle_with_ckpt"] / "source.safetensors"
+    shutil.copy(ckpt, paths["ckpt_in_bundle"])
+    paths.update(_broken_checkpoints(ckpt, root))
+    paths.update(_bundle_variants(bundle, root))
+    configs = root / "configs"
+    configs.mkdir()
+    for name, text in (("yaml_ten", "epochs: ten\n"), ("yaml_list", "- 1\n- 2\n"), ("yaml_invalid", "a: [1, 2\n")):
+        paths[name] = configs / f"{name}.yaml"
+        paths[name].write_text(text)
+    paths["binary"] = configs / "binary.yaml"
+    paths["binary"].write_bytes(bytes(range(256)) * 4)
+    quickstart = root / "quickstart"
+    quickstart.mkdir()
+    (quickstart / "quickstart.json").write_text(json.dumps({"format": "robustedge-quickstart/1", "status": "done"}))
+    (quickstart / "results.md").write_text("last week's results")
+    paths["quickstart"] = quickstart
+    live = root / "live_quickstart"
+    live.mkdir()
+    (live / "quickstart.json").write_text(json.dumps({"format": "robustedge-quickstart/1", "status": "running",
+                                                      "writer": writer_identity()}))
+    paths["live_quickstart"] = live
+    runs = root / "runs" / "r1"
+    runs.mkdir(parents=True)
+    shutil.copy(ckpt, runs / "best.safetensors")
+    (runs / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    paths["runs"] = runs
+    return paths
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every path under ``root`` (hidden temporaries included) with its content hash or link target."""
+    state = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            state[rel] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            state[rel] = "dir"
+        else:
+            state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def _fill(text: str, paths: dict[str, Path]) -> str:
+    for key, value in paths.items():
+        text = text.replace("{" + key + "}", str(value))
+    return text
+
+
+@pytest.mark.parametrize("argv,message", CASES, ids=[f"{i:03d}" for i in range(len(CASES))])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(world["world"])  # anything written to a default path would land in the snapshot
+    before = snapshot(world["world"])
+    code = main([_fill(a, world) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.endswith("\n"), err
+    assert _fill(message, world) in err, err
+    assert "Traceback" not in err + out
+    assert snapshot(world["world"]) == before
+
+
+def test_there_are_enough_cases_and_every_command_has_some():
+    commands = {case.values[0][0] if hasattr(case, "values") else case[0][0] for case in CASES}
+    assert len(CASES) >= 60
+    assert {"eval", "export", "verify", "train", "distill", "quickstart", "report", "app"} <= commands
+
+
+BUNDLE_ROWS = [c for c in CASES if isinstance(c, tuple) and c[0][0] == "verify" and c[0][1].startswith("{b_")]
+
+
+@pytest.mark.parametrize("argv,message", BUNDLE_ROWS, ids=[c[0][1].strip("{}") for c in BUNDLE_ROWS])
+def test_the_bundle_verifier_refuses_with_the_same_message(world, argv, message):
+    """The bundle's own verify.py (the torch-free core) says what `robustedge verify` says."""
+    bundle = Path(_fill(argv[1], world))
+    verifier = world["bundle"] / "verify.py"  # every bundle carries the same file; variants may have lost theirs
+    before = snapshot(world["world"])
+    hide_torch = ("import sys, runpy; sys.modules['torch'] = None; sys.modules['robustedge'] = None; "
+                  f"sys.argv = ['verify.py', {str(bundle)!r}]; runpy.run_path({str(verifier)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", hide_torch], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and _fill(message, world) in proc.stderr, proc.stderr
+    assert snapshot(world["world"]) == before
