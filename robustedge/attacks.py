@@ -112,6 +112,30 @@ def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
                start="uniform", generator=generator)
 
 
+def disagreement(reference: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+                 step_size: float, steps: int = 20, c: float = 1.0,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """DIVA-style attack (Hong et al., MLSys 2022): maximise p_ref(y | x') - c * p_target(y | x').
+
+    It looks for inputs that the ``target`` (the deployed INT8 artifact's twin) gets wrong while the
+    ``reference`` (the float model) still gets right: the adversarial examples a float-only
+    evaluation cannot see. PGD with sign steps from a uniform start, projected onto the eps ball.
+    """
+    x = x.detach()
+    noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
+    x_adv = (x + noise).clamp_(0.0, 1.0)
+    lower, upper = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+    for _ in range(steps):
+        with torch.enable_grad():
+            xg = x_adv.detach().requires_grad_(True)
+            p_ref = F.softmax(reference(xg).float(), dim=1).gather(1, y[:, None])
+            p_target = F.softmax(target(xg).float(), dim=1).gather(1, y[:, None])
+            objective = (p_ref - c * p_target).sum()
+            (grad,) = torch.autograd.grad(objective, xg)
+        x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), lower), upper)
+    return x_adv.detach()
+
+
 # --------------------------------------------------------------------------------------------
 # AutoAttack (pyautoattack: the authors' code)
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold-bn", action="store_true",
                    help="attack a conv+BN-folded channels_last copy: the same function to ~1e-6; PGD-20 "
                         "2.9x, AutoAttack 2.6x faster on the quickstart student (CPU)")
+    p.add_argument("--flags-n", type=_count(1, "--flags-n"), default=100,
+                   help="examples the attack-failure checks run on (Square 1000 queries, zero gradients, flat loss, "
+                        "4 x eps, PGD-100 x 2 restarts)")
+    p.add_argument("--no-flags", action="store_true", help="skip the attack-failure checks")
+    p.add_argument("--allow-flags", action="store_true",
+                   help="exit 0 even when an attack-failure flag fires (default: exit 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
 
@@ -97,6 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from robustedge.data import split_for_model
     from robustedge.evaluate import EVAL_OUTPUTS, evaluate, parse_attacks
     from robustedge.files import check_output_files
+    from robustedge.flags import FlagSettings
     from robustedge.runtime import resolve_device
 
     attacks = parse_attacks(args.attacks)
@@ -114,13 +121,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}",
           flush=True)
     report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
-                      aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn)
+                      aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn,
+                      flags=None if args.no_flags else FlagSettings(n=args.flags_n))
     print(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""))
     report.info |= {"checkpoint": str(ckpt), "dataset": args.dataset or meta.dataset, "split": args.split,
                     "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
     report.save(out / "eval.json", out / "eval.md")
     print(report.to_text())
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    if report.flags and not args.allow_flags:
+        print(f"robustedge: {len(report.flags)} attack-failure flag(s) fired: these robustness numbers are not "
+              f"trustworthy (docs/design.md, \"Attack-failure flags\"); --allow-flags to exit 0", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -268,17 +280,18 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def _add_gate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-drop", type=_typed(options.parse_fraction, "--max-drop"), default=None,
-                   help="gate: largest clean or robust accuracy drop (fraction, e.g. 0.05) of an artifact vs torch")
+                   help="gate: largest drop (fraction, e.g. 0.05) of an artifact's clean, transfer or worst-case "
+                        "accuracy below torch's")
     p.add_argument("--min-agreement", type=_typed(options.parse_fraction, "--min-agreement"), default=None,
                    help="gate: smallest top-1 agreement with torch (fraction, e.g. 0.95)")
+    p.add_argument("--allow-flags", action="store_true", default=None,
+                   help="report attack-failure flags without failing the gate")
 
 
 def _gate(args: argparse.Namespace, base=None):
     from robustedge.verify_core import Gate
 
-    gate = base or Gate()
-    return Gate(args.max_drop if args.max_drop is not None else gate.max_robust_drop,
-                args.min_agreement if args.min_agreement is not None else gate.min_agreement)
+    return (base or Gate()).override(args.max_drop, args.min_agreement, args.allow_flags)
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
@@ -307,6 +320,11 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="activation type of the ONNX INT8 file: uint8 is ONNX Runtime's fast x86 path; int8 for "
                         "runtimes that want signed; TensorRT INT8 engines always use int8-symmetric")
     p.add_argument("--transfer-attacks", default="pgd20,autoattack", help="attacks crafted on torch and replayed")
+    p.add_argument("--whitebox-attacks", default="pgd20,cw,autoattack,diva",
+                   help="attacks run on the exact differentiable twin of each INT8 artifact and replayed on its "
+                        "runtime ('none' to skip); diva maximises float-vs-INT8 disagreement")
+    p.add_argument("--flags-n", type=_count(1, "--flags-n"), default=100,
+                   help="examples the gradient-based attack-failure checks run on")
     p.add_argument("--square-n", type=_count(0, "--square-n"), default=100,
                    help="examples for the black-box Square attack (0: off)")
     p.add_argument("--square-queries", type=_count(1, "--square-queries"), default=5000,
@@ -321,7 +339,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                                    "fails). `python BUNDLE/verify.py` runs the same checks without torch.")
     p.add_argument("bundle", help="a folder written by `robustedge export`")
     p.add_argument("--square-n", type=_count(0, "--square-n"), default=None,
-                   help="examples for Square (default: as exported; 0: off)")
+                   help="run a fresh Square attack on N examples of each runtime (default: replay the stored "
+                        "Square examples; 0: leave Square out)")
     _add_gate(p)
     p.set_defaults(func=cmd_verify)
 
@@ -334,21 +353,31 @@ def _report_gate(failures: list[str], where: Path) -> int:
     return 0
 
 
+def _names(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() == "none" else tuple(a.strip() for a in text.split(",") if a.strip())
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from robustedge.export.bundle import ExportOptions, export_bundle
-    from robustedge.verify_core import format_table
+    from robustedge.flags import FlagSettings
+    from robustedge.verify_core import format_flags, format_table
 
     opts = ExportOptions(formats=args.formats, n=args.n, calibration_n=args.calibration_n,
                          calibration_method=args.calibration_method, calibrate_adversarial=args.calibrate_adversarial,
                          int8_activations=args.int8_activations,
-                         transfer_attacks=tuple(a.strip() for a in args.transfer_attacks.split(",") if a.strip()),
+                         transfer_attacks=_names(args.transfer_attacks), whitebox_attacks=_names(args.whitebox_attacks),
                          square_n=args.square_n, square_queries=args.square_queries, data_root=args.data_root,
-                         seed=args.seed, gate=_gate(args))
+                         seed=args.seed, gate=_gate(args), flags=FlagSettings(n=args.flags_n))
     out = Path(args.out)
     manifest, failures = export_bundle(args.checkpoint, out, opts, progress=lambda m: print(m, file=sys.stderr),
                                        force=args.force)
     print(format_table(manifest["table"]))
+    print(format_flags(manifest["flags"]), end="")
     print(f"fp32 ONNX vs torch: max |logit difference| {manifest['table']['onnx']['max_abs_logit_diff']:.2e}")
+    for fmt, row in manifest["table"].items():
+        if "twin_agreement" in row:
+            print(f"{fmt}: its twin agrees with the runtime on {100 * row['twin_agreement']:.1f}% of the clean and "
+                  f"adversarial inputs (max |logit difference| {row['twin_max_logit_diff']:.3g})")
     for fmt, why in manifest["skipped"].items():
         print(f"{fmt} not built: {why}")
     return _report_gate(failures, out)
@@ -356,12 +385,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from robustedge.export.bundle import verify_bundle
-    from robustedge.verify_core import Gate, format_table, load_manifest
+    from robustedge.verify_core import Gate, format_flags, format_table, load_manifest
 
     manifest = load_manifest(Path(args.bundle))
     report, failures = verify_bundle(args.bundle, _gate(args, Gate.from_dict(manifest["gate"])), args.square_n,
                                      progress=lambda m: print(m, file=sys.stderr))
     print(format_table(report["table"]))
+    print(format_flags(report["flags"]), end="")
     return _report_gate(failures, Path(args.bundle))
 
 

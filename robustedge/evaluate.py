@@ -94,19 +94,33 @@ class EvalReport:
     accuracy: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    worst: float | None = None  # per example, correct under every attack run (with at least two attacks)
+    flags: list[dict] | None = None  # attack-failure flags that fired (None: the checks did not run)
+    checks: dict = field(default_factory=dict)  # what the checks measured
 
     def w_robust(self, attack: str) -> float:
         """Weighted Robust Accuracy = (clean + robust) / 2."""
         return (self.accuracy["clean"] + self.accuracy[attack]) / 2
 
     def rows(self) -> list[tuple[str, float, float | None, float]]:
-        return [(name, acc, None if name == "clean" else self.w_robust(name), self.seconds.get(name, 0.0))
+        rows = [(name, acc, None if name == "clean" else self.w_robust(name), self.seconds.get(name, 0.0))
                 for name, acc in self.accuracy.items()]
+        if self.worst is not None:  # per example over every attack: what AutoAttack reports, over the whole suite
+            rows.append(("worst", self.worst, (self.accuracy["clean"] + self.worst) / 2, 0.0))
+        return rows
+
+    def flag_lines(self) -> list[str]:
+        from robustedge.verify_core import describe_flag
+
+        if self.flags is None:
+            return ["attack-failure checks: not run"]
+        return [f"attack-failure flag: {describe_flag(f)}" for f in self.flags] or ["attack-failure flags: none"]
 
     @classmethod
     def from_dict(cls, raw: dict) -> "EvalReport":
         """The inverse of :meth:`to_dict` (derived keys dropped)."""
-        return cls(**{k: raw[k] for k in ("n", "eps", "accuracy", "seconds", "info") if k in raw})
+        return cls(**{k: raw[k] for k in ("n", "eps", "accuracy", "seconds", "info", "worst", "flags", "checks")
+                      if k in raw})
 
     def to_dict(self) -> dict:
         out = {"format": EVAL_FORMAT} | asdict(self)
@@ -118,13 +132,13 @@ class EvalReport:
                  "| attack | accuracy (%) | W-Robust (%) | time (s) |", "|---|---:|---:|---:|"]
         for name, acc, wr, sec in self.rows():
             lines.append(f"| {name} | {100 * acc:.2f} | {'' if wr is None else f'{100 * wr:.2f}'} | {sec:.1f} |")
-        return "\n".join(lines) + "\n"
+        return "\n".join(lines + [""] + self.flag_lines()) + "\n"
 
     def to_text(self) -> str:
         lines = [f"{'attack':<14}{'accuracy %':>12}{'W-Robust %':>12}{'time s':>9}"]
         for name, acc, wr, sec in self.rows():
             lines.append(f"{name:<14}{100 * acc:>12.2f}{'' if wr is None else f'{100 * wr:.2f}':>12}{sec:>9.1f}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.flag_lines())
 
     def save(self, json_path: str | Path, md_path: str | Path | None = None) -> None:
         atomic_write_json(json_path, self.to_dict())
@@ -208,10 +222,49 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return _logits(model, x, batch_size, what).argmax(1) == y
 
 
+def _run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
+                seed: int, aa_batch_size: int | None, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example correctness, adversarial examples) of one suite attack."""
+    if name == "autoattack":
+        x_adv, y_adv = autoattack(model, x, y, eps=eps, seed=seed, batch_size=aa_batch_size or batch_size)
+        _logits(model, x_adv, batch_size, "AutoAttack's examples")
+        return y_adv.to(y.device) == y, x_adv
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    chunks, advs = [], []
+    for xb, yb in progress(list(zip(x.split(batch_size), y.split(batch_size))), desc=name, enabled=show_progress):
+        x_adv = SUITE[name].run(model, xb, yb, eps, gen)
+        chunks.append(_accuracy(model, x_adv, yb, batch_size, f"{name} examples"))
+        advs.append(x_adv)
+    return torch.cat(chunks), torch.cat(advs)
+
+
+def _flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, results: dict, pgd20: torch.Tensor | None,
+           settings, seed: int) -> tuple[list[dict], dict]:
+    """Attack-failure flags of an evaluation: black-box Square against the suite's white-box attacks,
+    then the gradient checks (robustedge/flags.py), all on the first ``settings.n`` examples."""
+    import numpy as np
+
+    from robustedge.export.runners import TorchRunner
+    from robustedge.export.verify import square_examples
+    from robustedge.flags import gradient_flags, model_correct
+    from robustedge.verify_core import comparison_flags, worst_case
+
+    n = min(settings.n, len(y))
+    first = {"x": x[:n].cpu().numpy().astype(np.float32), "y": y[:n].cpu().numpy().astype(np.int64)}
+    square = square_examples(TorchRunner(model), first, eps, n, settings.square_queries, seed)
+    compared = {("clean" if k == "clean" else f"whitebox_{k}"): v[:n].cpu().numpy() for k, v in results.items()}
+    compared["square"] = model_correct(model)(torch.from_numpy(square).to(x.device), y[:n])
+    flags = comparison_flags(compared, settings.tolerance)
+    more, checks = gradient_flags(model, x, y, eps, model_correct(model), settings, seed, pgd20,
+                                  worst_case(compared))
+    checks["square_accuracy"] = float(compared["square"].mean())
+    return flags + more, checks
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
              batch_size: int | str = 256, seed: int = 0, aa_batch_size: int | None = None,
              show_progress: bool = True, fold_bn: bool = False,
-             adversarial_out: dict[str, torch.Tensor] | None = None) -> EvalReport:
+             adversarial_out: dict[str, torch.Tensor] | None = None, flags=None) -> EvalReport:
     """Run the suite on (x, y) already on the model's device; the model is put in eval mode.
 
     ``fold_bn`` attacks a conv+BN-folded copy in channels_last layout (the same function to ~1e-6;
@@ -222,10 +275,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     per-example, so the batch size changes speed, not results.
     ``adversarial_out``, when given, receives each attack's adversarial examples (for reuse, e.g.
     as transfer examples when verifying an export).
+    ``flags`` (a :class:`robustedge.flags.FlagSettings`) runs the attack-failure checks; the report's
+    ``flags`` then lists those that fired and ``worst`` is the per-example worst case over the attacks.
     """
     eps = check_eps(eps)
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
         raise RobustEdgeError(f"batch size must be an integer >= 1 or 'auto', got {batch_size!r}")
+    if len(y) == 0:
+        raise RobustEdgeError("nothing to evaluate: no examples")
+    if aa_batch_size is not None and (not isinstance(aa_batch_size, int) or aa_batch_size < 1):
+        raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
     original, was_training = model, model.training
     model.eval()
     if fold_bn:
@@ -235,39 +294,26 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, x[:1]) if len(x) else 1
-    if len(y) == 0:
-        raise RobustEdgeError("nothing to evaluate: no examples")
-    if aa_batch_size is not None and (not isinstance(aa_batch_size, int) or aa_batch_size < 1):
-        raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
+        batch_size = auto_batch_size(model, x[:1])
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size})
+    results, examples = {}, {}
     try:
-        clean = _accuracy(model, x, y, batch_size, "clean inputs")  # also refuses a model with NaN/Inf logits
+        results["clean"] = _accuracy(model, x, y, batch_size, "clean inputs")  # also refuses NaN/Inf logits
         for name in attacks:
-            attack = SUITE[name]
             start = time.perf_counter()
-            if name == "clean":
-                correct = clean
-            elif name == "autoattack":
-                x_adv, y_adv = autoattack(model, x, y, eps=eps, seed=seed, batch_size=aa_batch_size or batch_size)
-                _logits(model, x_adv, batch_size, "AutoAttack's examples")
-                correct = y_adv.to(y.device) == y
-                if adversarial_out is not None:
-                    adversarial_out[name] = x_adv
-            else:
-                gen = torch.Generator(device=x.device).manual_seed(seed)
-                chunks, advs = [], []
-                batches = list(zip(x.split(batch_size), y.split(batch_size)))
-                for xb, yb in progress(batches, desc=name, enabled=show_progress):
-                    x_adv = attack.run(model, xb, yb, eps, gen)
-                    chunks.append(_accuracy(model, x_adv, yb, batch_size, f"{name} examples"))
-                    if adversarial_out is not None:
-                        advs.append(x_adv)
-                correct = torch.cat(chunks)
-                if adversarial_out is not None:
-                    adversarial_out[name] = torch.cat(advs)
-            report.accuracy[name] = float(correct.float().mean())
+            if name != "clean":
+                results[name], examples[name] = _run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size,
+                                                            show_progress)
+            report.accuracy[name] = float(results[name].float().mean())
             report.seconds[name] = time.perf_counter() - start
+        if adversarial_out is not None:
+            adversarial_out.update(examples)
+        if len(results) > 2:
+            report.worst = float(torch.stack(list(results.values())).all(0).float().mean())
+        if flags is not None and eps > 0:
+            start = time.perf_counter()
+            report.flags, report.checks = _flags(model, x, y, eps, results, examples.get("pgd20"), flags, seed)
+            report.seconds["flags"] = time.perf_counter() - start
     finally:
         original.train(was_training)
     return report

@@ -43,6 +43,7 @@ from robustedge.errors import RobustEdgeError
 from robustedge.evaluate import DEFAULT_ATTACKS, EvalReport, evaluate, parse_attacks
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, read_json,
                               writer_alive, writer_identity)
+from robustedge.flags import FlagSettings
 from robustedge.options import parse_eps, parse_int, parse_seed
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs
 from robustedge.train import train
@@ -192,7 +193,7 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     t0 = time.perf_counter()
     report = evaluate(model, split.float_images(), split.labels, attacks=list(s.attacks), eps=s.eps,
                       batch_size=200, seed=s.seed, show_progress=s.progress, fold_bn=True,
-                      adversarial_out=adversarial if keep else None)
+                      adversarial_out=adversarial if keep else None, flags=FlagSettings())
     seconds = time.perf_counter() - t0
     report.info |= {"checkpoint": str(s.out / name / "best.safetensors"), "method": meta.method}
     report.save(s.out / name / "eval.json", s.out / name / "eval.md")
@@ -244,7 +245,7 @@ def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     export_table, gate_failures = "", []
     if s.export:
         from robustedge.export.bundle import ExportOptions, export_bundle
-        from robustedge.verify_core import format_table
+        from robustedge.verify_core import format_flags, format_table
 
         print("\n== exporting student_bmtard to ONNX fp32 / fp16 / INT8 and re-verifying ==", flush=True)
         t0 = time.perf_counter()
@@ -254,7 +255,7 @@ def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
             ExportOptions(n=s.eval_n, transfer_attacks=attacks, square_n=100, square_queries=s.square_queries,
                           seed=s.seed), progress=lambda m: print(m, flush=True), precomputed_adv=adversarial)
         timings["export"] = time.perf_counter() - t0
-        export_table = format_table(manifest["table"])
+        export_table = format_table(manifest["table"]) + "\n" + format_flags(manifest["flags"])
 
     t0 = time.perf_counter()
     from robustedge.report import build_report
@@ -286,9 +287,14 @@ def comparison_table(reports: dict[str, EvalReport]) -> str:
     for attack in attacks:
         cells = [f"{100 * reports[n].accuracy[attack]:.1f}" for n in names]
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    if all(r.worst is not None for r in reports.values()):
+        lines.append("| worst case | " + " | ".join(f"{100 * reports[n].worst:.1f}" for n in names) + " |")
     if "autoattack" in attacks:
         lines.append("| W-Robust (AA) | " + " | ".join(f"{100 * reports[n].w_robust('autoattack'):.1f}"
                                                      for n in names) + " |")
+    lines.append("| attack-failure flags | " + " | ".join(
+        ", ".join(f["check"] for f in reports[n].flags) or "none" if reports[n].flags is not None else "not checked"
+        for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,7 @@ from robustedge.checkpoint import load_model
 from robustedge.errors import RobustEdgeError
 from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
                               check_output_folder)
-from robustedge.verify_core import check_manifest, is_number
+from robustedge.verify_core import PERCENT_COLUMNS, check_manifest, is_number
 
 EPS_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the curve's eps, as multiples of the run's eps
 REPORT_FORMAT = "robustedge-report/1"
@@ -285,6 +285,8 @@ def _robust_metric(info: RunInfo) -> tuple[str, float, float] | None:
     """(attack name, clean, robust) from the evaluation, else from the last validation."""
     if info.evaluation:
         acc = info.evaluation["accuracy"]
+        if is_number(info.evaluation.get("worst")):
+            return "worst case", acc["clean"], info.evaluation["worst"]
         attack = next((a for a in ("autoattack", "pgd20", "cw", "fgsm") if a in acc), None)
         if attack:
             return attack, acc["clean"], acc[attack]
@@ -305,7 +307,7 @@ def scatter_figure(runs: list[RunInfo]) -> bytes | None:
             continue
         points.append((f"{r.name} [{metric[0]}]", r.latency_ms, metric[1], metric[2], False))
         for fmt, row in (r.bundle or {}).get("table", {}).items():
-            robust = row.get("transfer_autoattack", row.get("transfer_pgd20"))
+            robust = row.get("worst", row.get("transfer_autoattack", row.get("transfer_pgd20")))
             if fmt != "torch" and row.get("latency_b1_ms") and robust is not None:
                 points.append((f"{r.name} [{fmt}]", row["latency_b1_ms"], row["clean"], robust, True))
     if not points:
@@ -321,7 +323,7 @@ def scatter_figure(runs: list[RunInfo]) -> bytes | None:
         handle.set_sizes([30])
     ax.set_xscale("log")
     ax.set_xlabel("latency, batch 1, this machine (ms, log): circles torch eager, squares exported runtimes")
-    ax.set_ylabel("robust accuracy (%; transfer for exports)")
+    ax.set_ylabel("robust accuracy (%): worst case over the attacks run")
     ax.set_title("accuracy (marker size, colour) - robustness - latency")
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -340,29 +342,41 @@ def robustness_table(runs: list[RunInfo]) -> list[list[str]]:
     attacks = [a for a in DEFAULT_ATTACKS if a in found] + sorted(found - set(DEFAULT_ATTACKS))
     if not attacks:
         return []
-    rows = [["run", "method", "n"] + attacks + (["W-Robust (AA)"] if "autoattack" in attacks else [])]
+    rows = [["run", "method", "n"] + attacks + ["worst"] + (["W-Robust (AA)"] if "autoattack" in attacks else [])
+            + ["attack-failure flags"]]
     for r in runs:
         if not r.evaluation:
             continue
         acc = r.evaluation["accuracy"]
         row = [r.name, r.method, str(r.evaluation.get("n", ""))] + [_pct(acc.get(a)) for a in attacks]
+        worst = r.evaluation.get("worst")
+        row.append(_pct(worst) if is_number(worst) else "")
         if "autoattack" in attacks:
             row.append(_pct((acc["clean"] + acc["autoattack"]) / 2) if "autoattack" in acc else "")
-        rows.append(row)
+        rows.append(row + [_flag_cell(r.evaluation.get("flags"))])
     return rows
+
+
+def _flag_cell(flags) -> str:
+    """The flags that fired, as 'check (examples/of)'; 'not checked' when the checks did not run."""
+    if not isinstance(flags, list):
+        return "not checked"
+    return ", ".join(f"{f.get('check')} ({f.get('examples')}/{f.get('of')})" for f in flags if isinstance(f, dict)) \
+        or "none"
 
 
 def export_table(info: RunInfo) -> list[list[str]]:
     table = info.bundle.get("table", {}) if info.bundle else {}
     if not table:
         return []
-    columns = [c for c in ("clean", "agreement", "transfer_pgd20", "transfer_autoattack", "square") if
-               any(c in row for row in table.values())]
-    rows = [["format"] + [c.replace("_", " ") + " (%)" for c in columns] + ["size (MB)", "b1 (ms)", "b64 (ms)"]]
+    columns = [c for c in PERCENT_COLUMNS if any(c in row for row in table.values())]
+    flags = info.bundle.get("flags", {})
+    rows = [["format"] + [c.replace("_", " ") + " (%)" for c in columns] + ["size (MB)", "b1 (ms)", "b64 (ms)",
+                                                                            "attack-failure flags"]]
     for fmt, row in table.items():
         rows.append([fmt] + [_pct(row.get(c)) for c in columns]
                     + [f"{row.get('size_mb', 0):.3f}", f"{row.get('latency_b1_ms', 0):.2f}",
-                       f"{row.get('latency_b64_ms', 0):.2f}"])
+                       f"{row.get('latency_b64_ms', 0):.2f}", _flag_cell(flags.get(fmt) if flags else None)])
     return rows
 
 

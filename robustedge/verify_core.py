@@ -144,6 +144,22 @@ def check_manifest(manifest: object) -> dict:
     _get(samples, "n", "samples.", lambda v: _count(v, 1), "an integer >= 1")
     _get(samples, "attacks", "samples.", lambda v: isinstance(v, list) and all(isinstance(a, str) and a for a in v),
          "a list of attack names")
+    whitebox = _get(samples, "whitebox", "samples.", _mapping, "an object", required=False) or {}
+    for fmt, attacks in whitebox.items():
+        if fmt not in files or not (isinstance(attacks, list) and all(isinstance(a, str) and a for a in attacks)):
+            raise _fail(f"samples.whitebox.{fmt}", "a list of attack names of a format in 'files'", attacks)
+    square = _get(samples, "square", "samples.", _mapping, "an object", required=False) or {}
+    for fmt, count in square.items():
+        if fmt not in files and fmt != "torch" or not _count(count, 1) or count > samples["n"]:
+            raise _fail(f"samples.square.{fmt}", "a count in [1, samples.n] for torch or a format in 'files'", count)
+    flags = _get(manifest, "flags", "", _mapping, "an object", required=False) or {}
+    for row_name, row_flags in flags.items():
+        if not isinstance(row_flags, list):
+            raise _fail(f"flags.{row_name}", "a list", row_flags)
+        for flag in row_flags:
+            if not (isinstance(flag, dict) and flag.get("check") in FLAG_CHECKS and _count(flag.get("examples"))
+                    and _count(flag.get("of"), 1) and isinstance(flag.get("detail"), str)):
+                raise _fail(f"flags.{row_name}", "a list of {check, examples, of, detail} objects", flag)
     verifier = _get(manifest, "verifier", "", _mapping, "an object", required=False)
     if verifier is not None:
         if plain_name(verifier.get("file"), "verifier.file") != VERIFIER_FILE:
@@ -207,8 +223,21 @@ def check_hashes(bundle: Path, manifest: dict) -> None:
                                     f"refusing to verify it")
 
 
+def whitebox_key(fmt: str, attack: str) -> str:
+    """verify.npz name of the white-box examples crafted on ``fmt``'s twin."""
+    return f"wb.{fmt}.{attack}"
+
+
+def square_key(row: str) -> str:
+    """verify.npz name of the black-box Square examples found against ``row`` (a format or torch)."""
+    return f"sq.{row}"
+
+
 def sample_keys(manifest: dict) -> set[str]:
-    return {"x", "y", "torch_pred"} | {f"adv_{a}" for a in manifest["samples"]["attacks"]}
+    samples = manifest["samples"]
+    return ({"x", "y", "torch_pred"} | {f"adv_{a}" for a in samples["attacks"]}
+            | {whitebox_key(f, a) for f, attacks in samples.get("whitebox", {}).items() for a in attacks}
+            | {square_key(f) for f in samples.get("square", {})})
 
 
 def load_samples(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
@@ -227,7 +256,7 @@ def load_samples(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
                                 + "; ".join(([f"missing {', '.join(missing)}"] if missing else [])
                                             + ([f"unexpected {', '.join(extra)}"] if extra else [])))
     n = manifest["samples"]["n"]
-    shape = (n, *manifest["input"]["shape"])
+    rows = {square_key(f): count for f, count in manifest["samples"].get("square", {}).items()}
     classes = manifest["output"].get("classes")
     for key, array in samples.items():
         if key in ("y", "torch_pred"):
@@ -235,6 +264,7 @@ def load_samples(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
                 (classes is None or (array < len(classes)).all())
             want = f"int64 class indices of shape ({n},)"
         else:
+            shape = (rows.get(key, n), *manifest["input"]["shape"])
             ok = array.dtype == np.float32 and array.shape == shape and np.isfinite(array).all() and \
                 (array >= 0).all() and (array <= 1).all()
             want = f"float32 images in [0, 1] of shape {shape}"
@@ -242,7 +272,8 @@ def load_samples(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
             raise RobustEdgeError(f"{SAMPLES_FILE}: '{key}' must be {want}, got {array.dtype} {array.shape}")
     eps = manifest["eps"]
     for key in expected - {"x", "y", "torch_pred"}:
-        if np.abs(samples[key] - samples["x"]).max(initial=0.0) > eps + 1e-5:
+        clean = samples["x"][:len(samples[key])]
+        if np.abs(samples[key] - clean).max(initial=0.0) > eps + 1e-5:
             raise RobustEdgeError(f"{SAMPLES_FILE}: '{key}' leaves the eps = {eps} ball around 'x'")
     return samples
 
@@ -261,15 +292,22 @@ def read_bundle(bundle: Path) -> tuple[dict, dict[str, np.ndarray]]:
 
 @dataclass
 class Gate:
-    """Thresholds that turn a regression of an artifact against the torch model into a failure."""
+    """Thresholds that turn a regression of an artifact against the torch model, or an attack that
+    shows signs of failure, into a failed gate (exit 1)."""
 
-    max_robust_drop: float = 0.05  # accuracy (fraction) an artifact may lose vs torch, clean or robust
+    max_robust_drop: float = 0.05  # accuracy (fraction) an artifact may lose vs torch: clean, transfer, worst case
     min_agreement: float = 0.95  # top-1 agreement with torch on clean inputs
+    min_twin_agreement: float = 0.99  # white-box numbers need a twin this close to the runtime (top-1)
+    flag_tolerance: float = 0.005  # a comparison flag fires above this fraction of the examples compared
+    allow_flags: bool = False  # report attack-failure flags without failing the gate
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not _fraction(value):
+            if f.name == "allow_flags":
+                if not isinstance(value, bool):
+                    raise RobustEdgeError(f"gate 'allow_flags' must be true or false, got {value!r}")
+            elif not _fraction(value):
                 raise RobustEdgeError(f"gate '{f.name}' must be a fraction in [0, 1], got {value!r}")
 
     @classmethod
@@ -283,20 +321,32 @@ class Gate:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def check(self, table: dict) -> list[str]:
+    def override(self, max_drop: float | None = None, min_agreement: float | None = None,
+                 allow_flags: bool | None = None) -> "Gate":
+        """This gate with the thresholds a command line gave (None keeps the bundle's)."""
+        changes = {k: v for k, v in (("max_robust_drop", max_drop), ("min_agreement", min_agreement),
+                                     ("allow_flags", allow_flags)) if v is not None}
+        return Gate(**(self.to_dict() | changes))
+
+    def check(self, table: dict, flags: dict | None = None) -> list[str]:
         ref = table["torch"]
         failures = []
         for fmt, row in table.items():
-            if fmt == "torch":
-                continue
-            if row["agreement"] < self.min_agreement:
-                failures.append(f"{fmt}: agreement {100 * row['agreement']:.1f}% < {100 * self.min_agreement:.1f}%")
-            for key in [k for k in row if k == "clean" or k.startswith("transfer_")]:
-                if ref.get(key) is None or row[key] is None:
-                    continue
-                drop = ref[key] - row[key]
-                if drop > self.max_robust_drop + 1e-9:
-                    failures.append(f"{fmt}: {key} drops {100 * drop:.1f} points (> {100 * self.max_robust_drop:.1f})")
+            if fmt != "torch":
+                if row["agreement"] < self.min_agreement:
+                    failures.append(f"{fmt}: agreement {100 * row['agreement']:.1f}% < {100 * self.min_agreement:.1f}%")
+                if row.get("twin_agreement") is not None and row["twin_agreement"] < self.min_twin_agreement:
+                    failures.append(f"{fmt}: its twin agrees with the runtime on {100 * row['twin_agreement']:.1f}% "
+                                    f"(< {100 * self.min_twin_agreement:.1f}%); white-box numbers refused")
+                for key in [k for k in row if k in ("clean", "worst") or k.startswith("transfer_")]:
+                    if ref.get(key) is None or row[key] is None:
+                        continue
+                    drop = ref[key] - row[key]
+                    if drop > self.max_robust_drop + 1e-9:
+                        failures.append(f"{fmt}: {key} drops {100 * drop:.1f} points "
+                                        f"(> {100 * self.max_robust_drop:.1f})")
+            if not self.allow_flags:
+                failures += [f"{fmt}: attack-failure flag {describe_flag(flag)}" for flag in (flags or {}).get(fmt, [])]
         return failures
 
 
@@ -444,28 +494,115 @@ def median_latency_ms(runner, sample: np.ndarray, batch: int, repeats: int = 30,
     return float(np.median(times) * 1000)
 
 
-def replay_row(runner, samples: dict, what: str = "the model") -> dict:
-    """Clean accuracy, top-1 agreement with torch and transfer accuracy on every adversarial set."""
+def replay(runner, samples: dict, row_name: str, what: str = "the model") -> tuple[dict, dict]:
+    """Every stored set of examples through ``runner``: (row of accuracies, per-example correctness).
+
+    Columns: ``clean``, ``agreement`` (top-1 with torch), ``transfer_<attack>`` (crafted on the torch
+    model), ``whitebox_<attack>`` (crafted on this artifact's twin), ``square`` (black-box examples found
+    against this artifact, on the first rows) and ``worst``: an example counts as robust only if every
+    attack left it correct, as AutoAttack itself reports.
+    """
+    y = samples["y"]
+
+    def correct(x: np.ndarray) -> np.ndarray:
+        return predict(runner, x, what=what).argmax(1) == y[:len(x)]
+
     pred = predict(runner, samples["x"], what=what).argmax(1)
-    row = {"clean": float((pred == samples["y"]).mean()), "agreement": float((pred == samples["torch_pred"]).mean())}
+    results = {"clean": pred == y}
     for key in sorted(k for k in samples if k.startswith("adv_")):
-        row[f"transfer_{key[4:]}"] = float((predict(runner, samples[key], what=what).argmax(1) == samples["y"]).mean())
+        results[f"transfer_{key[4:]}"] = correct(samples[key])
+    prefix = whitebox_key(row_name, "")
+    for key in sorted(k for k in samples if k.startswith(prefix)):
+        results[f"whitebox_{key[len(prefix):]}"] = correct(samples[key])
+    if square_key(row_name) in samples:
+        results["square"] = correct(samples[square_key(row_name)])
+    row = {"agreement": float((pred == samples["torch_pred"]).mean())}
+    row.update(accuracy_row(results))
+    return row, results
+
+
+def worst_case(results: dict) -> np.ndarray:
+    """Per example: correct under every attack (a shorter array, such as Square's, covers a prefix)."""
+    worst = np.ones(len(results["clean"]), dtype=bool)
+    for correct in results.values():
+        worst[:len(correct)] &= correct
+    return worst
+
+
+def accuracy_row(results: dict) -> dict:
+    """Accuracy per column and the per-example worst case over all of them."""
+    row = {key: float(np.mean(correct)) for key, correct in results.items()}
+    row["worst"] = float(worst_case(results).mean())
     return row
 
 
-def artifact_row(path: Path, fmt: str, samples: dict, latency: bool = True) -> tuple[dict, object]:
-    """The measured row of one artifact through its own runtime, and the runner (for more checks)."""
+FLAG_CHECKS = {
+    "blackbox_below_whitebox": "the black-box Square attack broke examples that every white-box attack left correct",
+    "transfer_below_whitebox": "examples crafted on the float model broke examples the artifact's own white-box "
+                               "attacks left correct",
+    "large_radius": "accuracy at a large radius is not near zero",
+    "zero_gradients": "the input gradient is exactly zero",
+    "flat_loss": "the attack did not increase the loss",
+    "more_steps": "more attack steps and restarts lowered accuracy by more than a point",
+}
+
+
+def make_flag(check: str, examples: int, of: int, detail: str) -> dict:
+    return {"check": check, "examples": int(examples), "of": int(of), "detail": detail}
+
+
+def describe_flag(flag: dict) -> str:
+    return f"{flag['check']} on {flag['examples']} of {flag['of']} examples ({flag['detail']})"
+
+
+def comparison_flags(results: dict, tolerance: float = 0.005) -> list[dict]:
+    """Attack-failure flags that need only replays (Carlini et al. 2019; Pintor et al. 2022): a weaker
+    attack must not succeed where the stronger, white-box ones failed. The white-box reference is the
+    artifact's own (``whitebox_*``) where it has a twin, else the torch model's (``transfer_*``)."""
+    own = [k for k in results if k.startswith("whitebox_")]
+    transfer = [k for k in results if k.startswith("transfer_")]
+    reference = own or transfer
+    if not reference:
+        return []
+    robust = np.logical_and.reduce([results["clean"]] + [results[k] for k in reference])
+    flags = []
+    if "square" in results:
+        m = len(results["square"])
+        count = int((robust[:m] & ~results["square"]).sum())
+        if count > tolerance * m:
+            flags.append(make_flag("blackbox_below_whitebox", count, m,
+                                   f"Square broke {count} examples that {', '.join(reference)} left correct"))
+    if own and transfer:
+        broken = ~np.logical_and.reduce([results[k] for k in transfer])
+        count = int((robust & broken).sum())
+        if count > tolerance * len(robust):
+            flags.append(make_flag("transfer_below_whitebox", count, len(robust),
+                                   f"{', '.join(transfer)} broke {count} examples that {', '.join(own)} left correct"))
+    return flags
+
+
+def artifact_row(path: Path, fmt: str, samples: dict, latency: bool = True) -> tuple[dict, dict, object]:
+    """One artifact through its own runtime: (row, per-example correctness, runner)."""
     runner = open_runner(path, fmt)
     check_input_shape(runner, samples["x"].shape)
-    row = replay_row(runner, samples, what=f"{fmt} ({Path(path).name})")
+    row, results = replay(runner, samples, fmt, what=f"{fmt} ({Path(path).name})")
     row["size_mb"] = Path(path).stat().st_size / 2**20
     if latency:
         row["latency_b1_ms"] = median_latency_ms(runner, samples["x"], 1)
         row["latency_b64_ms"] = median_latency_ms(runner, samples["x"], 64)
-    return row, runner
+    return row, results, runner
 
 
-PERCENT_COLUMNS = ("clean", "agreement", "transfer_pgd20", "transfer_autoattack", "square")
+def bundle_flags(manifest: dict, fmt: str, results: dict, tolerance: float) -> list[dict]:
+    """A format's flags: the comparison flags recomputed from this replay, plus the gradient checks
+    recorded at export (they need the torch side to recompute)."""
+    recorded = [f for f in manifest.get("flags", {}).get(fmt, []) if f["check"] not in
+                ("blackbox_below_whitebox", "transfer_below_whitebox")]
+    return comparison_flags(results, tolerance) + recorded
+
+
+PERCENT_COLUMNS = ("clean", "agreement", "transfer_pgd20", "transfer_autoattack", "whitebox_pgd20", "whitebox_cw",
+                   "whitebox_autoattack", "whitebox_diva", "square", "worst")
 UNIT_COLUMNS = (("size_mb", "size (MB)", 3), ("latency_b1_ms", "latency b1 (ms)", 2),
                 ("latency_b64_ms", "latency b64 (ms)", 2))
 
@@ -474,7 +611,7 @@ def format_table(table: dict) -> str:
     """The verification table as Markdown (accuracies in %)."""
     rows = list(table.values())
     keys = [k for k in PERCENT_COLUMNS if any(k in r for r in rows)]
-    keys += sorted({k for r in rows for k in r if k.startswith("transfer_") and k not in keys})
+    keys += sorted({k for r in rows for k in r if k.startswith(("transfer_", "whitebox_")) and k not in keys})
     units = [u for u in UNIT_COLUMNS if any(u[0] in r for r in rows)]
     head = ["format"] + [k.replace("_", " ") + " (%)" for k in keys] + [u[1] for u in units]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
@@ -483,6 +620,12 @@ def format_table(table: dict) -> str:
         cells += [f"{row[u[0]]:.{u[2]}f}" if row.get(u[0]) is not None else "" for u in units]
         lines.append(f"| {fmt} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def format_flags(flags: dict) -> str:
+    lines = [f"attack-failure flag, {row}: {describe_flag(flag)}" for row, row_flags in flags.items()
+             for flag in row_flags]
+    return "".join(line + "\n" for line in lines) if lines else "attack-failure flags: none\n"
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,28 +654,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--formats", default=None, help="comma-separated formats to check (default: all runnable)")
     parser.add_argument("--max-drop", type=_fraction_arg, default=None, help="gate override (fraction)")
     parser.add_argument("--min-agreement", type=_fraction_arg, default=None, help="gate override (fraction)")
+    parser.add_argument("--allow-flags", action="store_true", help="report attack-failure flags without failing")
     args = parser.parse_args(argv)
     try:
         manifest, samples = read_bundle(args.bundle)
-        gate = Gate.from_dict(manifest["gate"])
-        gate = Gate(gate.max_robust_drop if args.max_drop is None else args.max_drop,
-                    gate.min_agreement if args.min_agreement is None else args.min_agreement)
+        gate = Gate.from_dict(manifest["gate"]).override(args.max_drop, args.min_agreement, args.allow_flags or None)
         wanted = [f.strip() for f in args.formats.split(",") if f.strip()] if args.formats else list(manifest["files"])
         for fmt in wanted:
             if fmt not in manifest["files"]:
                 raise RobustEdgeError(f"the bundle has no format '{fmt}'; it has {', '.join(manifest['files'])}")
         table = {"torch": {k: v for k, v in manifest["table"]["torch"].items() if not k.startswith("latency")}}
+        flags = {"torch": manifest.get("flags", {}).get("torch", [])}
         for fmt in wanted:
             try:
-                table[fmt], _ = artifact_row(args.bundle / manifest["files"][fmt]["file"], fmt, samples)
+                table[fmt], results, _ = artifact_row(args.bundle / manifest["files"][fmt]["file"], fmt, samples)
             except ImportError as exc:  # this device lacks that runtime
                 print(f"skipping {fmt}: {exc}", file=sys.stderr)
+                continue
+            for key in ("twin_agreement", "twin_max_logit_diff"):
+                if key in manifest["table"].get(fmt, {}):
+                    table[fmt][key] = manifest["table"][fmt][key]
+            flags[fmt] = bundle_flags(manifest, fmt, results, gate.flag_tolerance)
     except RobustEdgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("torch = the numbers measured at export time; the others were measured now, on this device")
     print(format_table(table), end="")
-    failures = gate.check(table)
+    print(format_flags(flags), end="")
+    failures = gate.check(table, flags)
     if failures:
         print("GATE FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1

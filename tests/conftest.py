@@ -51,6 +51,12 @@ def train_natural(model, split, epochs: int = 10, lr: float = 3e-3, seed: int = 
 
 
 @pytest.fixture(scope="session")
+def fit_natural():
+    """:func:`train_natural` for tests that train a model of their own (tests never import conftest)."""
+    return train_natural
+
+
+@pytest.fixture(scope="session")
 def digits_model(digits):
     from robustedge.models import build_model
 

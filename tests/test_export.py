@@ -48,8 +48,13 @@ def test_bundle_has_every_format_a_manifest_and_a_verified_table(bundle):
     assert manifest["input"] == {"name": "input", "shape": [1, 16, 16], "dtype": "float32", "range": [0.0, 1.0],
                                  "layout": "NCHW", "dynamic_batch": True}
     with np.load(out / "verify.npz") as data:
-        assert set(data.files) == {"x", "y", "torch_pred", "adv_pgd20"} and len(data["y"]) == 64
-        assert np.abs(data["adv_pgd20"] - data["x"]).max() <= manifest["eps"] + 1e-6
+        whitebox = {f"wb.onnx-int8.{a}" for a in ("pgd20", "cw", "autoattack", "diva")}
+        square = {f"sq.{row}" for row in ("torch", "onnx", "onnx-fp16", "onnx-int8")}
+        assert set(data.files) == {"x", "y", "torch_pred", "adv_pgd20"} | whitebox | square
+        assert len(data["y"]) == 64 and all(len(data[k]) == 8 for k in square)
+        for key in ["adv_pgd20"] + sorted(whitebox):
+            assert np.abs(data[key] - data["x"]).max() <= manifest["eps"] + 1e-6
+    assert manifest["samples"]["whitebox"] == {"onnx-int8": ["pgd20", "cw", "autoattack", "diva"]}
     assert "| onnx-int8 |" in (out / "verify.md").read_text()
     assert not list(out.parent.glob(".bundle.*"))  # no temporary folder left behind
     assert manifest["gate_failures"] == failures

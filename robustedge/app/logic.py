@@ -62,11 +62,22 @@ def _read_json_dict(path: Path, warnings: list[str]) -> dict | None:
     return data
 
 
-def _robustness_label(path: Path, meta, warnings: list[str]) -> str | None:
+def _flag_lines(flags) -> list[str]:
+    from robustedge.verify_core import FLAG_CHECKS, describe_flag
+
+    if not isinstance(flags, list):
+        return []
+    return [describe_flag(f) for f in flags if isinstance(f, dict) and f.get("check") in FLAG_CHECKS
+            and {"examples", "of", "detail"} <= set(f)]
+
+
+def _robustness_label(path: Path, meta, warnings: list[str], info: dict) -> str | None:
     eval_json = path.with_name("eval.json")
     if eval_json.is_file() and path.name == "best.safetensors":
         data = _read_json_dict(eval_json, warnings)
         acc = data.get("accuracy") if data else None
+        if data is not None:
+            info["flags"] = _flag_lines(data.get("flags"))
         if isinstance(acc, dict) and all(isinstance(acc.get(k), (int, float)) for k in ("clean", "autoattack")):
             return f"clean {100 * acc['clean']:.0f}%, AA {100 * acc['autoattack']:.0f}%"
         if data is not None and not isinstance(acc, dict):
@@ -93,8 +104,8 @@ def scan_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
             meta = read_meta(path)
         except RobustEdgeError:
             continue
-        info = {"arch": meta.spec.arch, "method": meta.method, "dataset": meta.dataset, "eps": meta.eps,
-                "robustness": _robustness_label(path, meta, warnings)}
+        info = {"arch": meta.spec.arch, "method": meta.method, "dataset": meta.dataset, "eps": meta.eps}
+        info["robustness"] = _robustness_label(path, meta, warnings, info)
         entries.append(ModelEntry(str(path.relative_to(folder)), path, "torch", info))
     for path in sorted(folder.rglob("*.onnx")):
         if not _inside(folder, path) or path.name.startswith("."):
@@ -108,6 +119,12 @@ def scan_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
             info = {"arch": f"{src.get('arch')} ({path.stem.replace('model', 'onnx').replace('.', ' ')})",
                     "method": src.get("method"), "dataset": src.get("dataset"),
                     "eps": eps if isinstance(eps, (int, float)) and 0 <= eps <= 1 else None}
+            fmt = next((f for f, entry in (manifest.get("files") or {}).items()
+                        if isinstance(entry, dict) and entry.get("file") == path.name), None)
+            row = (manifest.get("table") or {}).get(fmt) if fmt else None
+            if isinstance(row, dict) and isinstance(row.get("worst"), (int, float)):
+                info["robustness"] = f"clean {100 * row.get('clean', 0):.0f}%, worst case {100 * row['worst']:.0f}%"
+            info["flags"] = _flag_lines((manifest.get("flags") or {}).get(fmt)) if fmt else []
             relative = src.get("relative_path")
             candidate = (path.parent / relative).resolve() if isinstance(relative, str) and relative else None
             if candidate is not None and candidate.is_file() and _inside(folder, candidate):

@@ -178,6 +178,8 @@ def _show_result(c: Choice, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tenso
         st.error(f"Prediction flipped: {pred_clean} -> {pred_adv}  (attack took {seconds:.2f} s)")
     else:
         st.success(f"Prediction unchanged: {pred_clean}  (attack took {seconds:.2f} s)")
+    for flag in model.entry.info.get("flags") or []:
+        st.warning(f"Attack-failure flag of this model's evaluation: {flag}")
 
     def top_k(probs: torch.Tensor) -> "pd.DataFrame":
         values, idx = probs.topk(min(TOP_K, len(probs)))

@@ -25,12 +25,15 @@ from robustedge import __version__, verify_core
 from robustedge.checkpoint import load_model
 from robustedge.errors import RobustEdgeError
 from robustedge.export import convert
-from robustedge.export.verify import (TRANSFER_ATTACKS, check_transfer_attacks, craft_samples, square_for_torch,
-                                      torch_row, verify_artifact)
+from robustedge.export.verify import (TRANSFER_ATTACKS, WHITEBOX_ATTACKS, check_transfer_attacks,
+                                      check_whitebox_attacks, craft_samples, square_examples, torch_row,
+                                      verify_artifact)
+from robustedge.flags import FlagSettings
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, make_temp_dir,
                               replace_folder)
 from robustedge.verify_core import (BUNDLE_FORMAT, FORMATS, MANIFEST_FILE, SAMPLES_FILE, VERIFIER_FILE, Gate,
-                                    check_finite, format_table, read_bundle, sha256)
+                                    accuracy_row, artifact_row, bundle_flags, check_finite, format_flags,
+                                    format_table, predict, read_bundle, sha256, square_key, whitebox_key)
 
 BUNDLE = OutputKind("export bundle", MANIFEST_FILE, BUNDLE_FORMAT)
 
@@ -44,8 +47,10 @@ class ExportOptions:
     calibrate_adversarial: bool = False
     int8_activations: str = "uint8"  # the ONNX INT8 file's; TensorRT INT8 always uses int8-symmetric
     transfer_attacks: tuple[str, ...] = TRANSFER_ATTACKS
+    whitebox_attacks: tuple[str, ...] = WHITEBOX_ATTACKS  # on the twin of every INT8 artifact (empty: none)
     square_n: int = 100
     square_queries: int = 5000
+    flags: FlagSettings = field(default_factory=FlagSettings)
     parity_tol: float = 1e-3  # max |logit difference| of fp32 ONNX vs torch
     seed: int = 0
     data_root: str | None = None
@@ -65,6 +70,8 @@ class ExportOptions:
             raise RobustEdgeError(f"INT8 activations must be one of {', '.join(convert.INT8_ACTIVATIONS)}, "
                                   f"got '{self.int8_activations}'")
         self.transfer_attacks = check_transfer_attacks(tuple(self.transfer_attacks))
+        self.whitebox_attacks = check_whitebox_attacks(tuple(self.whitebox_attacks))
+        self.flags.validate()
         if not (isinstance(self.parity_tol, (int, float)) and math.isfinite(self.parity_tol) and self.parity_tol > 0):
             raise RobustEdgeError(f"parity tolerance must be a positive number, got {self.parity_tol!r}")
         if not isinstance(self.gate, Gate):
@@ -163,6 +170,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     with torch.no_grad():
         check_finite(model(x[:256]).numpy(), f"{checkpoint.name}")
     tmp = make_temp_dir(out)
+    timings, t0 = {}, time.perf_counter()
     try:
         progress(f"exporting {checkpoint.name} ({meta.spec.arch}) to ONNX opset {convert.OPSET}")
         convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
@@ -171,24 +179,30 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
             raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {diff:.2e} (> {opts.parity_tol:.0e})")
         skipped = _build_formats(model, meta, opts.formats, tmp, opts, progress)
 
+        timings["convert"] = time.perf_counter() - t0
         progress(f"crafting {', '.join(opts.transfer_attacks)} examples on the torch model ({len(y)} test images)")
+        t0 = time.perf_counter()
         samples = craft_samples(model, x, y, meta.eps, opts.transfer_attacks, opts.seed, precomputed_adv)
-        table = {"torch": torch_row(model, samples, checkpoint.stat().st_size)}
-        if opts.square_n > 0:
-            table["torch"]["square"] = square_for_torch(model, samples, meta.eps, opts.square_n, opts.square_queries,
-                                                        opts.seed)
+        timings["transfer_examples"] = time.perf_counter() - t0
+        common = dict(square_n=min(opts.square_n, len(y)), square_queries=opts.square_queries, seed=opts.seed,
+                      flag_settings=opts.flags, gate=opts.gate)
+        table, flags, checks = {}, {}, {}
+        table["torch"], flags["torch"], checks["torch"] = torch_row(model, samples, checkpoint.stat().st_size,
+                                                                    meta.eps, **common)
         built = [f for f in opts.formats if (tmp / FORMATS[f][0]).exists()]
         for fmt in built:
             progress(f"verifying {fmt} through its runtime")
-            table[fmt] = verify_artifact(tmp / FORMATS[fmt][0], fmt, samples, meta.eps, opts.square_n,
-                                         opts.square_queries, opts.seed)
+            table[fmt], flags[fmt], checks[fmt] = verify_artifact(
+                tmp / FORMATS[fmt][0], fmt, samples, meta.eps, float_model=model, whitebox=opts.whitebox_attacks,
+                progress=progress, **common)
         table["onnx"]["max_abs_logit_diff"] = diff
-        failures = opts.gate.check(table)
+        failures = opts.gate.check(table, flags)
         np.savez_compressed(tmp / SAMPLES_FILE, **samples)
         shutil.copyfile(verify_core.__file__, tmp / VERIFIER_FILE)
         manifest = _manifest(checkpoint, out, meta, opts, tmp, built, samples, skipped, table, failures)
+        manifest |= {"flags": flags, "checks": checks, "seconds": timings}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        atomic_write_text(tmp / "verify.md", format_table(table))
+        atomic_write_text(tmp / "verify.md", format_table(table) + "\n" + format_flags(flags))
         replace_folder(tmp, out, BUNDLE, replace=force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -210,23 +224,31 @@ def _manifest(checkpoint: Path, out: Path, meta, opts: ExportOptions, tmp: Path,
         "files": {f: {"file": FORMATS[f][0], "sha256": sha256(tmp / FORMATS[f][0]),
                       "bytes": (tmp / FORMATS[f][0]).stat().st_size} for f in built},
         "samples": {"file": SAMPLES_FILE, "sha256": sha256(tmp / SAMPLES_FILE), "n": int(len(samples["y"])),
-                    "attacks": list(opts.transfer_attacks)},
+                    "attacks": list(opts.transfer_attacks),
+                    "whitebox": {f: [a for a in opts.whitebox_attacks if whitebox_key(f, a) in samples] for f in built
+                                 if any(whitebox_key(f, a) in samples for a in opts.whitebox_attacks)},
+                    "square": {r: int(len(samples[square_key(r)])) for r in ["torch"] + built
+                               if square_key(r) in samples}},
         "verifier": {"file": VERIFIER_FILE, "sha256": sha256(tmp / VERIFIER_FILE)},
         "skipped": skipped, "table": table, "gate": opts.gate.to_dict(), "gate_failures": failures,
-        "options": {k: v for k, v in asdict(opts).items() if k != "gate"},
+        "options": {k: v for k, v in asdict(opts).items() if k not in ("gate", "flags")} | {"flags": opts.flags.to_dict()},
     }
 
 
 def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | None = None,
                   progress=print) -> tuple[dict, list[str]]:
-    """Re-run the checks on a bundle's artifacts; the torch row comes from the manifest."""
+    """Re-run a bundle's checks through each runtime: replays of every stored example set (the same
+    as the bundle's own ``verify.py``), the comparison flags recomputed, the gradient checks as recorded
+    at export. ``square_n`` > 0 runs a fresh Square attack on each runtime instead of replaying the
+    stored one; the torch row comes from the manifest."""
     bundle = Path(bundle)
     manifest, samples = read_bundle(bundle)
     options = manifest["options"]
-    square_n = options["square_n"] if square_n is None else square_n
-    if not isinstance(square_n, int) or square_n < 0:
+    gate = gate or Gate.from_dict(manifest["gate"])
+    if square_n is not None and (not isinstance(square_n, int) or square_n < 0):
         raise RobustEdgeError(f"square-n must be an integer >= 0, got {square_n!r}")
     table = {"torch": manifest["table"]["torch"]}
+    flags = {"torch": manifest.get("flags", {}).get("torch", [])}
     for fmt, entry in manifest["files"].items():
         if FORMATS[fmt][1] == "tensorrt":
             ok, why = convert.tensorrt_available()
@@ -234,12 +256,22 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
                 progress(f"skipping {fmt}: {why}")
                 continue
         progress(f"verifying {fmt} through its runtime")
-        table[fmt] = verify_artifact(bundle / entry["file"], fmt, samples, manifest["eps"], square_n,
-                                     options["square_queries"], options["seed"])
-    gate = gate or Gate.from_dict(manifest["gate"])
-    failures = gate.check(table)
-    report = {"table": table, "gate": gate.to_dict(), "gate_failures": failures,
+        row, results, runner = artifact_row(bundle / entry["file"], fmt, samples)
+        if square_n is not None:
+            results.pop("square", None)
+            if square_n > 0:
+                fresh = square_examples(runner, samples, manifest["eps"], min(square_n, len(samples["y"])),
+                                        options["square_queries"], options["seed"], what=fmt)
+                results["square"] = predict(runner, fresh, what=fmt).argmax(1) == samples["y"][:len(fresh)]
+            row = {k: v for k, v in row.items() if k not in ("square", "worst")} | accuracy_row(results)
+        for key in ("twin_agreement", "twin_max_logit_diff", "max_abs_logit_diff"):
+            if key in manifest["table"].get(fmt, {}):
+                row[key] = manifest["table"][fmt][key]
+        table[fmt] = row
+        flags[fmt] = bundle_flags(manifest, fmt, results, gate.flag_tolerance)
+    failures = gate.check(table, flags)
+    report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
               "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
     atomic_write_json(bundle / "verify.json", report)
-    atomic_write_text(bundle / "verify.md", format_table(table))
+    atomic_write_text(bundle / "verify.md", format_table(table) + "\n" + format_flags(flags))
     return report, failures

@@ -1,14 +1,26 @@
-"""Re-verify robustness on exported artifacts, through their own runtimes (the torch side).
+"""Robustness of the exported artifacts, measured on their own runtimes (the torch side).
 
-The replay of clean and adversarial samples, the table and the gate are the torch-free
-:mod:`robustedge.verify_core`'s, shared with the bundle's own ``verify.py``. This module adds what
-needs torch: crafting the adversarial samples on the torch model, the torch reference row, and the
-black-box check (pyautoattack's Square attack querying the runtime itself). The ``torch`` row is the
-reference: on its own adversarial examples its accuracy is the white-box robust accuracy.
+What every artifact gets (docs/design.md, "Export, bundles and verification"):
+
+- replays through its runtime of the clean inputs and of the adversarial examples crafted on the
+  torch model (``transfer_*``);
+- white-box attacks on the artifact itself where it is a quantised ONNX file: PGD-20, CW-inf,
+  AutoAttack (pyautoattack, standard) and a DIVA-style float-vs-INT8 disagreement attack, all run on
+  its exact differentiable twin (:mod:`robustedge.export.twin`) and then replayed on the runtime: the
+  runtime's accuracy on them is what is reported (``whitebox_*``). When the twin disagrees with the
+  runtime beyond the gate's tolerance, these numbers are refused, not printed;
+- black-box Square examples found by querying the runtime itself (``square``);
+- ``worst``: per example, robust only if every attack left it correct;
+- attack-failure flags: the comparisons of :mod:`robustedge.verify_core` and the gradient checks of
+  :mod:`robustedge.flags` (on the twin, measured on the runtime).
+
+Every adversarial example lands in ``verify.npz``, so the bundle's torch-free ``verify.py`` replays
+exactly these numbers on the target device.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +28,12 @@ import torch
 
 from robustedge.errors import RobustEdgeError
 from robustedge.export.runners import RunnerModule, TorchRunner
-from robustedge.verify_core import artifact_row, check_finite, median_latency_ms, replay_row
+from robustedge.flags import FlagSettings, gradient_flags, model_correct
+from robustedge.verify_core import (FORMATS, Gate, artifact_row, comparison_flags, median_latency_ms,
+                                    predict, replay, square_key, whitebox_key, worst_case)
 
 TRANSFER_ATTACKS = ("pgd20", "autoattack")
+WHITEBOX_ATTACKS = ("pgd20", "cw", "autoattack", "diva")
 CRAFTABLE = ("pgd20", "autoattack", "fgsm", "cw", "pgd20_trades")
 
 
@@ -29,60 +44,141 @@ def check_transfer_attacks(attacks: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(attacks))
 
 
+def check_whitebox_attacks(attacks: tuple[str, ...]) -> tuple[str, ...]:
+    for name in attacks:
+        if name not in WHITEBOX_ATTACKS:
+            raise RobustEdgeError(f"unknown white-box attack '{name}'; valid: {', '.join(WHITEBOX_ATTACKS)}")
+    return tuple(dict.fromkeys(attacks))
+
+
+def _attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
+            reference: torch.nn.Module | None = None) -> torch.Tensor:
+    """One suite attack (or DIVA against ``reference``) on ``model``, batched."""
+    from robustedge.attacks import autoattack, disagreement
+    from robustedge.evaluate import SUITE
+
+    if name == "autoattack":
+        return autoattack(model, x, y, eps=eps, seed=seed, batch_size=256)[0]
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    if name == "diva":
+        return torch.cat([disagreement(reference, model, xb, yb, eps=eps, step_size=eps / 4, steps=20, generator=gen)
+                          for xb, yb in zip(x.split(256), y.split(256))])
+    return torch.cat([SUITE[name].run(model, xb, yb, eps, gen) for xb, yb in zip(x.split(256), y.split(256))])
+
+
 def craft_samples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                   attacks: tuple[str, ...] = TRANSFER_ATTACKS, seed: int = 0,
                   precomputed: dict[str, torch.Tensor] | None = None) -> dict[str, np.ndarray]:
     """Clean inputs, labels, torch predictions and adversarial examples crafted on the torch model."""
-    from robustedge.attacks import autoattack
-    from robustedge.evaluate import SUITE
-
     check_transfer_attacks(attacks)
     model = model.eval()
     samples = {"x": x.cpu().numpy().astype(np.float32), "y": y.cpu().numpy().astype(np.int64)}
-    with torch.no_grad():
-        logits = torch.cat([model(xb) for xb in x.split(256)])
-    samples["torch_pred"] = check_finite(logits.float().cpu().numpy(), "the torch model").argmax(1).astype(np.int64)
+    samples["torch_pred"] = predict(TorchRunner(model), samples["x"], what="the torch model").argmax(1).astype(np.int64)
     for name in attacks:
-        if precomputed and name in precomputed:
-            adv = precomputed[name]
-        elif name == "autoattack":
-            adv, _ = autoattack(model, x, y, eps=eps, seed=seed, batch_size=256)
-        else:
-            gen = torch.Generator(device=x.device).manual_seed(seed)
-            adv = torch.cat([SUITE[name].run(model, xb, yb, eps, gen) for xb, yb in zip(x.split(256), y.split(256))])
+        adv = precomputed[name] if precomputed and name in precomputed else _attack(name, model, x, y, eps, seed)
         samples[f"adv_{name}"] = adv.detach().cpu().numpy().astype(np.float32)
     return samples
 
 
-def torch_row(model: torch.nn.Module, samples: dict[str, np.ndarray], size_bytes: int) -> dict:
-    run = TorchRunner(model)
-    row = replay_row(run, samples, what="the torch model")
-    row.update(size_mb=size_bytes / 2**20, latency_b1_ms=median_latency_ms(run, samples["x"], 1),
-               latency_b64_ms=median_latency_ms(run, samples["x"], 64))
-    return row
-
-
-def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: float, square_n: int = 100,
-                    square_queries: int = 5000, seed: int = 0) -> dict:
-    """The core's row for one artifact plus the black-box Square accuracy on its runtime."""
-    row, runner = artifact_row(path, fmt, samples)
-    if square_n > 0:
-        row["square"] = square_accuracy(runner, samples, eps, square_n, square_queries, seed, what=fmt)
-    return row
-
-
-def square_accuracy(run, samples: dict[str, np.ndarray], eps: float, n: int, queries: int, seed: int,
-                    what: str = "the model") -> float:
-    """Black-box robust accuracy: pyautoattack's Square attack querying ``run`` (no gradients)."""
+def square_examples(run, samples: dict[str, np.ndarray], eps: float, n: int, queries: int, seed: int,
+                    what: str = "the model") -> np.ndarray:
+    """pyautoattack's Square attack querying ``run`` (outputs only) on the first ``n`` examples."""
     from robustedge.attacks import autoattack
 
     x = torch.from_numpy(samples["x"][:n])
     y = torch.from_numpy(samples["y"][:n])
-    _, y_adv = autoattack(RunnerModule(run, what), x, y, eps=eps, version="custom", attacks=["square"], seed=seed,
+    x_adv, _ = autoattack(RunnerModule(run, what), x, y, eps=eps, version="custom", attacks=["square"], seed=seed,
                           batch_size=max(1, n), device="cpu", square_queries=queries)
-    return float((y_adv == y).float().mean())
+    return x_adv.numpy().astype(np.float32)
 
 
-def square_for_torch(model: torch.nn.Module, samples: dict[str, np.ndarray], eps: float, n: int, queries: int,
-                     seed: int) -> float:
-    return square_accuracy(TorchRunner(model), samples, eps, n, queries, seed, what="the torch model")
+def runtime_correct(runner, what: str):
+    """Correctness measured on a runtime (for the gradient checks run on an artifact's twin)."""
+    def correct(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        return predict(runner, x.detach().cpu().numpy().astype(np.float32), what=what).argmax(1) == y.cpu().numpy()
+    return correct
+
+
+def torch_row(model: torch.nn.Module, samples: dict[str, np.ndarray], size_bytes: int, eps: float, *,
+              square_n: int, square_queries: int, seed: int, flag_settings: FlagSettings,
+              gate: Gate) -> tuple[dict, list[dict], dict]:
+    """The reference row: the torch model on its own white-box examples (``transfer_*`` are white-box
+    for it), Square on it, and its flags."""
+    run = TorchRunner(model)
+    seconds = {}
+    if square_n > 0:
+        start = time.perf_counter()
+        samples[square_key("torch")] = square_examples(run, samples, eps, square_n, square_queries, seed,
+                                                       what="the torch model")
+        seconds["square"] = time.perf_counter() - start
+    row, results = replay(run, samples, "torch", what="the torch model")
+    row.update(size_mb=size_bytes / 2**20, latency_b1_ms=median_latency_ms(run, samples["x"], 1),
+               latency_b64_ms=median_latency_ms(run, samples["x"], 64))
+    x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
+    pgd20 = torch.from_numpy(samples["adv_pgd20"]) if "adv_pgd20" in samples else None
+    start = time.perf_counter()
+    grad_flags, info = gradient_flags(model, x, y, eps, model_correct(model), flag_settings, seed, pgd20,
+                                      worst_case(results))
+    seconds["gradient_checks"] = time.perf_counter() - start
+    return row, comparison_flags(results, gate.flag_tolerance) + grad_flags, {"gradient_checks": info,
+                                                                              "seconds": seconds}
+
+
+def quantized_twin(path: Path, fmt: str):
+    """The differentiable twin of an INT8 ONNX artifact, or None for formats without one."""
+    from robustedge.export.twin import OnnxTwin
+
+    if FORMATS[fmt][1] != "onnxruntime" or not str(path).endswith(".onnx"):
+        return None
+    twin = OnnxTwin(path).eval()
+    return twin if twin.is_quantized else None
+
+
+def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: float, *,
+                    float_model: torch.nn.Module, whitebox: tuple[str, ...], square_n: int, square_queries: int,
+                    seed: int, flag_settings: FlagSettings, gate: Gate, progress=print) -> tuple[dict, list[dict], dict]:
+    """One artifact's row, flags and diagnostics; adds its adversarial examples to ``samples``."""
+    from robustedge.export.twin import agreement
+    from robustedge.verify_core import open_runner
+
+    runner = open_runner(path, fmt)
+    twin = quantized_twin(path, fmt) if whitebox else None
+    info, twin_stats, accepted, seconds = {}, {}, False, {}
+    if twin is not None:
+        progress(f"white-box attacks on the twin of {fmt}: {', '.join(whitebox)}")
+        x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
+        crafted = {}
+        for name in whitebox:
+            start = time.perf_counter()
+            crafted[name] = _attack(name, twin, x, y, eps, seed, reference=float_model).numpy().astype(np.float32)
+            seconds[f"whitebox_{name}"] = time.perf_counter() - start
+        clean = agreement(twin, runner, samples["x"])
+        adversarial = agreement(twin, runner, np.concatenate(list(crafted.values())))
+        twin_stats = {"twin_agreement": min(clean["agreement"], adversarial["agreement"]),
+                      "twin_max_logit_diff": max(clean["max_abs_logit_diff"], adversarial["max_abs_logit_diff"])}
+        info["twin"] = {"clean": clean, "adversarial": adversarial}
+        accepted = twin_stats["twin_agreement"] >= gate.min_twin_agreement
+        if accepted:
+            samples.update({whitebox_key(fmt, name): adv for name, adv in crafted.items()})
+        else:
+            progress(f"{fmt}: the twin agrees with the runtime on {100 * twin_stats['twin_agreement']:.1f}% only; "
+                     f"white-box numbers refused")
+    if square_n > 0:
+        start = time.perf_counter()
+        samples[square_key(fmt)] = square_examples(runner, samples, eps, square_n, square_queries, seed, what=fmt)
+        seconds["square"] = time.perf_counter() - start
+    start = time.perf_counter()
+    row, results, runner = artifact_row(path, fmt, samples)
+    seconds["replay_and_latency"] = time.perf_counter() - start
+    row.update(twin_stats)
+    flags = comparison_flags(results, gate.flag_tolerance)
+    if accepted:
+        start = time.perf_counter()
+        x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
+        pgd20 = torch.from_numpy(samples[whitebox_key(fmt, "pgd20")]) if "pgd20" in whitebox else None
+        grad_flags, info["gradient_checks"] = gradient_flags(twin, x, y, eps, runtime_correct(runner, fmt),
+                                                             flag_settings, seed, pgd20, worst_case(results))
+        flags += grad_flags
+        seconds["gradient_checks"] = time.perf_counter() - start
+    info["seconds"] = seconds
+    return row, flags, info

@@ -1,0 +1,324 @@
+"""An exact differentiable twin of an exported ONNX file, so white-box attacks can see the artifact.
+
+Attacks crafted on the float model transfer poorly to its INT8 version (Bernhard et al. 2019), so
+"robust after quantisation" must be measured by attacking the quantised function itself. ONNX
+Runtime gives no gradients; this module rebuilds the file's graph in torch from the file alone (its
+int8 weights, scales, zero points and nodes) and computes the same function:
+
+- ``QuantizeLinear``: ``saturate(round_half_to_even(x / scale) + zero_point)`` per tensor or per axis,
+  exactly as the ONNX specification defines it; ``DequantizeLinear``: ``(q - zero_point) * scale``;
+- every other node (Conv, Gemm, Add, ...) in float, on the dequantised values, which is the QDQ
+  format's reference semantics;
+- gradients: straight-through for the rounding (the derivative of the line it approximates) and the
+  true derivative (zero) where the quantiser saturates.
+
+ONNX Runtime runs fused integer kernels instead (``QLinearConv`` etc.: int32 accumulation, then a
+float requantisation multiplier), so a float emulation can differ from it by one quantisation step
+where a value lands within float rounding of a .5 boundary. :func:`agreement` measures how often that
+changes the prediction; white-box numbers are refused when the twin disagrees with the runtime beyond
+a stated tolerance (docs/design.md, "White-box robustness of the artifact").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustedge.errors import RobustEdgeError
+
+_QRANGE = {np.dtype(np.uint8): (0, 255), np.dtype(np.int8): (-128, 127),
+           np.dtype(np.uint16): (0, 65535), np.dtype(np.int16): (-32768, 32767)}
+
+
+class _QuantizeSTE(torch.autograd.Function):
+    """ONNX QuantizeLinear on float values (the result holds integers), optionally followed by its
+    DequantizeLinear (``dequantize``: the fake-quantised activation, one node instead of two).
+    Straight-through gradient inside the representable range, zero where the output saturates."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: float, qmax: float, dequantize: bool):
+        q = x / scale
+        ctx.dequantize = dequantize
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((q >= qmin - 0.5 - zero_point) & (q <= qmax + 0.5 - zero_point), scale)
+        q.round_().add_(zero_point).clamp_(qmin, qmax)  # a fresh tensor: in place is safe here
+        return q.sub_(zero_point).mul_(scale) if dequantize else q
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, scale = ctx.saved_tensors
+        return (grad * inside if ctx.dequantize else grad * inside / scale), None, None, None, None, None
+
+
+def _per_axis(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
+    if param.dim() == 0 or param.numel() == 1:
+        return param.reshape(())
+    shape = [1] * x.dim()
+    shape[axis % x.dim()] = -1
+    return param.reshape(shape)
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+# --------------------------------------------------------------------------------------------
+# Operators: (node attributes, input tensors) -> output tensors
+# --------------------------------------------------------------------------------------------
+
+def _qrange(zp: torch.Tensor | None) -> tuple[float, float]:
+    dtype = zp.dtype if zp is not None else torch.uint8  # ONNX: no zero point means uint8
+    qmin, qmax = _QRANGE[np.dtype(str(dtype).replace("torch.", ""))]
+    return float(qmin), float(qmax)
+
+
+def _quantize(a, x, scale, zp=None, dequantize: bool = False):
+    if "qrange" in a:  # prepared at load: float zero point and scale, range from the zero point's type
+        qmin, qmax = a["qrange"]
+        return _QuantizeSTE.apply(x, scale, zp, qmin, qmax, dequantize)
+    qmin, qmax = _qrange(zp)
+    axis = a.get("axis", 1)
+    zp_f = _per_axis((zp if zp is not None else torch.zeros(())).to(x.dtype), x, axis)
+    return _QuantizeSTE.apply(x, _per_axis(scale.to(x.dtype), x, axis), zp_f, qmin, qmax, dequantize)
+
+
+def _dequantize(a, x, scale, zp=None):
+    axis = a.get("axis", 1)
+    x = x.to(scale.dtype) if not x.is_floating_point() else x
+    if zp is not None:
+        x = x - _per_axis(zp.to(x.dtype), x, axis)
+    return x * _per_axis(scale.to(x.dtype), x, axis)
+
+
+def _conv(a, x, w, b=None):
+    pads = list(a.get("pads", [0] * (2 * (w.dim() - 2))))
+    if a.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        raise RobustEdgeError("the twin does not support Conv auto_pad; export with explicit pads")
+    half = len(pads) // 2
+    if pads[:half] != pads[half:]:
+        pad = []
+        for begin, end in reversed(list(zip(pads[:half], pads[half:]))):
+            pad += [begin, end]
+        x, pads = F.pad(x, pad), [0] * len(pads)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+    return conv(x, w, b, stride=list(a.get("strides", [1])), padding=pads[:half],
+                dilation=list(a.get("dilations", [1])), groups=a.get("group", 1))
+
+
+def _gemm(a, x, w, c=None):
+    x = x.transpose(0, 1) if a.get("transA", 0) else x
+    w = w.transpose(0, 1) if a.get("transB", 0) else w
+    out = a.get("alpha", 1.0) * (x @ w)
+    return out if c is None else out + a.get("beta", 1.0) * c
+
+
+def _reduce_mean(a, x, axes=None):
+    dims = a.get("axes") if axes is None else [int(v) for v in axes.tolist()]
+    if not dims:
+        return x if a.get("noop_with_empty_axes", 0) else x.mean(keepdim=bool(a.get("keepdims", 1)))
+    return x.mean(dim=dims, keepdim=bool(a.get("keepdims", 1)))
+
+
+def _reshape(a, x, shape):
+    target = [int(v) for v in shape.tolist()]
+    if not a.get("allowzero", 0):
+        target = [x.shape[i] if v == 0 else v for i, v in enumerate(target)]
+    return x.reshape(target)
+
+
+def _batch_norm(a, x, scale, bias, mean, var):
+    return F.batch_norm(x, mean, var, scale, bias, training=False, eps=a.get("epsilon", 1e-5))
+
+
+def _pool(kind: str) -> Callable:
+    def pool(a, x):
+        pads = list(a.get("pads", [0, 0, 0, 0]))
+        if pads[:2] != pads[2:]:
+            x, pads = F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), [0, 0, 0, 0]
+        kernel, stride = a["kernel_shape"], a.get("strides", [1, 1])
+        if kind == "max":
+            return F.max_pool2d(x, kernel, stride, pads[:2], dilation=a.get("dilations", [1, 1]),
+                                ceil_mode=bool(a.get("ceil_mode", 0)))
+        return F.avg_pool2d(x, kernel, stride, pads[:2], ceil_mode=bool(a.get("ceil_mode", 0)),
+                            count_include_pad=bool(a.get("count_include_pad", 0)))
+    return pool
+
+
+def _axes(a, axes):
+    return a.get("axes") if axes is None else [int(v) for v in axes.tolist()]
+
+
+def _unsqueeze(a, x, axes=None):
+    for axis in sorted(d % (x.dim() + len(_axes(a, axes))) for d in _axes(a, axes)):
+        x = x.unsqueeze(axis)
+    return x
+
+
+OPS: dict[str, Callable] = {
+    "QuantizeLinear": _quantize,
+    "FakeQuantize": lambda a, x, scale, zp=None: _quantize(a, x, scale, zp, dequantize=True),
+    "DequantizeLinear": _dequantize,
+    "Conv": _conv,
+    "Gemm": _gemm,
+    "MatMul": lambda a, x, y: x @ y,
+    "Add": lambda a, x, y: x + y,
+    "Sub": lambda a, x, y: x - y,
+    "Mul": lambda a, x, y: x * y,
+    "Div": lambda a, x, y: x / y,
+    "Relu": lambda a, x: F.relu(x),
+    "LeakyRelu": lambda a, x: F.leaky_relu(x, a.get("alpha", 0.01)),
+    "Sigmoid": lambda a, x: torch.sigmoid(x),
+    "Tanh": lambda a, x: torch.tanh(x),
+    "HardSigmoid": lambda a, x: torch.clamp(a.get("alpha", 0.2) * x + a.get("beta", 0.5), 0, 1),
+    "HardSwish": lambda a, x: F.hardswish(x),
+    "Clip": lambda a, x, lo=None, hi=None: torch.clamp(x, None if lo is None else float(lo),
+                                                         None if hi is None else float(hi)),
+    "ReduceMean": _reduce_mean,
+    "GlobalAveragePool": lambda a, x: x.mean(dim=tuple(range(2, x.dim())), keepdim=True),
+    "AveragePool": _pool("avg"),
+    "MaxPool": _pool("max"),
+    "Reshape": _reshape,
+    "Flatten": lambda a, x: x.reshape(int(np.prod(x.shape[:a.get("axis", 1)])), -1),
+    "BatchNormalization": _batch_norm,
+    "Concat": lambda a, *xs: torch.cat(xs, dim=a["axis"]),
+    "Identity": lambda a, x: x,
+    "Transpose": lambda a, x: x.permute(*a["perm"]) if "perm" in a else x.permute(*reversed(range(x.dim()))),
+    "Squeeze": lambda a, x, axes=None: x.squeeze(tuple(_axes(a, axes))) if _axes(a, axes) else x.squeeze(),
+    "Unsqueeze": _unsqueeze,
+    "Shape": lambda a, x: torch.tensor(x.shape, dtype=torch.int64),
+    "Gather": lambda a, x, i: torch.index_select(x, a.get("axis", 0), i.reshape(-1).long()).reshape(
+        list(x.shape[:a.get("axis", 0)]) + list(i.shape) + list(x.shape[a.get("axis", 0) + 1:])),
+    "Cast": lambda a, x: x,  # the twin computes in float; integer casts only occur in shape arithmetic here
+}
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and a.dtype == b.dtype
+                                         and a.shape == b.shape and torch.equal(a, b))
+
+
+def _fuse_quantize_dequantize(nodes: list, consts: dict) -> list:
+    """QuantizeLinear -> DequantizeLinear with the same constant scale, zero point and axis, where the
+    quantised tensor has no other use, becomes one fake-quantise node: the same values, half the
+    interpreter steps and a fused in-place kernel chain."""
+    users: dict[str, int] = {}
+    for _, _, inputs, _ in nodes:
+        for name in inputs:
+            users[name] = users.get(name, 0) + 1
+    producer = {outs[0]: i for i, (op, _, _, outs) in enumerate(nodes) if op == "QuantizeLinear"}
+    fused, dropped = list(nodes), set()
+    for i, (op, attrs, inputs, outputs) in enumerate(nodes):
+        if op != "DequantizeLinear" or inputs[0] not in producer or users.get(inputs[0]) != 1:
+            continue
+        j = producer[inputs[0]]
+        q_attrs, q_inputs = nodes[j][1], nodes[j][2]
+        params = [consts.get(name) if name else None for name in q_inputs[1:3]]
+        mine = [consts.get(name) if name else None for name in inputs[1:3]]
+        if len(params) == 2 and len(mine) == 2 and all(_same(a, b) for a, b in zip(params, mine)) \
+                and q_attrs.get("axis", 1) == attrs.get("axis", 1) and params[0] is not None:
+            fused[i] = ("FakeQuantize", q_attrs, q_inputs, outputs)
+            dropped.add(j)
+    return [_prepared(node, consts) for k, node in enumerate(fused) if k not in dropped]
+
+
+def _prepared(node: tuple, consts: dict) -> tuple:
+    """A quantise node with a constant per-tensor scale and zero point, with both converted once to
+    float and its integer range worked out once (instead of at every forward)."""
+    op, attrs, inputs, outputs = node
+    if op not in ("QuantizeLinear", "FakeQuantize") or inputs[1] not in consts:
+        return node
+    scale = consts[inputs[1]]
+    zp = consts.get(inputs[2]) if len(inputs) > 2 and inputs[2] else None
+    if scale.numel() != 1 or (len(inputs) > 2 and inputs[2] and zp is None):
+        return node
+    names = [f"{outputs[0]}::scale", f"{outputs[0]}::zero_point"]
+    consts[names[0]] = scale.reshape(()).float()
+    consts[names[1]] = (zp if zp is not None else torch.zeros(())).reshape(()).float()
+    return op, attrs | {"qrange": _qrange(zp)}, [inputs[0]] + names, outputs
+
+
+class OnnxTwin(nn.Module):
+    """The function of an ONNX file (fp32 or QDQ INT8) as a differentiable torch module.
+
+    Constant sub-expressions (int8 weights through their DequantizeLinear, biases) are evaluated once
+    at load; ``forward`` interprets the remaining nodes in the file's (topological) order.
+    """
+
+    def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        import onnx
+        from onnx import numpy_helper
+
+        self.path = Path(path)
+        try:
+            model = onnx.load(str(path))
+        except Exception as exc:  # onnx raises DecodeError and others for non-ONNX bytes
+            raise RobustEdgeError(f"{Path(path).name} is not a readable ONNX file: {type(exc).__name__}") from None
+        graph = model.graph
+        initializers = {i.name for i in graph.initializer}
+        inputs = [i.name for i in graph.input if i.name not in initializers]
+        if len(inputs) != 1 or len(graph.output) != 1:
+            raise RobustEdgeError(f"{self.path.name}: the twin needs one input and one output")
+        self.input_name, self.output_name, self.dtype = inputs[0], graph.output[0].name, dtype
+        consts: dict[str, torch.Tensor] = {}
+        for init in graph.initializer:
+            consts[init.name] = self._tensor(numpy_helper.to_array(init))
+        self.nodes = []
+        for node in graph.node:
+            if node.op_type == "Constant":
+                consts[node.output[0]] = self._tensor(numpy_helper.to_array(_attrs(node)["value"]))
+                continue
+            if node.op_type not in OPS:
+                raise RobustEdgeError(f"{self.path.name}: the twin has no rule for ONNX op '{node.op_type}' "
+                                      f"(node {node.name}); white-box attacks cannot be run on this file")
+            args = [consts.get(i) if i else None for i in node.input]
+            if node.input and all(a is not None or not i for a, i in zip(args, node.input)):
+                with torch.no_grad():  # weights and biases: folded once
+                    outs = OPS[node.op_type](_attrs(node), *args)
+                for name, value in zip(node.output, outs if isinstance(outs, tuple) else (outs,)):
+                    consts[name] = value
+                continue
+            self.nodes.append((node.op_type, _attrs(node), list(node.input), list(node.output)))
+        self.nodes = _fuse_quantize_dequantize(self.nodes, consts)
+        used = {i for _, _, ins, _ in self.nodes for i in ins} | {self.output_name}
+        self._names = sorted(k for k in consts if k in used)
+        for index, name in enumerate(self._names):
+            self.register_buffer(f"c{index}", consts[name], persistent=False)
+        self.op_counts = {}
+        for op, *_ in self.nodes:
+            self.op_counts[op] = self.op_counts.get(op, 0) + 1
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(np.array(array, copy=True))
+        return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+
+    @property
+    def is_quantized(self) -> bool:
+        return "QuantizeLinear" in self.op_counts or "FakeQuantize" in self.op_counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        env = {name: getattr(self, f"c{i}") for i, name in enumerate(self._names)}
+        env[self.input_name] = x.to(self.dtype)
+        for op, attrs, inputs, outputs in self.nodes:
+            outs = OPS[op](attrs, *[env[i] if i else None for i in inputs])
+            for name, value in zip(outputs, outs if isinstance(outs, tuple) else (outs,)):
+                env[name] = value
+        return env[self.output_name].float()
+
+
+def agreement(twin: nn.Module, runner, x: np.ndarray, batch_size: int = 256) -> dict:
+    """Top-1 agreement and max |logit difference| of the twin against the runtime on ``x``."""
+    from robustedge.verify_core import predict
+
+    runtime = predict(runner, x, batch_size, what="the runtime")
+    with torch.no_grad():
+        mine = torch.cat([twin(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]).numpy()
+    return {"agreement": float((runtime.argmax(1) == mine.argmax(1)).mean()),
+            "max_abs_logit_diff": float(np.abs(runtime - mine).max()), "n": int(len(x))}

@@ -1,0 +1,141 @@
+"""Attack-failure flags that need gradients: is the attack that measured robustness working at all?
+
+A robustness number is only as good as the attack behind it. Carlini et al. ("On Evaluating
+Adversarial Robustness", 2019) and Pintor et al. ("Indicators of Attack Failure", NeurIPS 2022) list
+the symptoms of an attack that failed rather than a model that resisted; these checks look for them
+on the first ``n`` examples (docs/design.md, "Attack-failure flags"):
+
+- ``zero_gradients``: the input gradient of the loss is exactly zero on correctly classified examples
+  (a non-differentiable or saturated model masks gradients; the attacks cannot move);
+- ``flat_loss``: examples that survived PGD-20 whose loss at the adversarial example is not above the
+  loss at the clean input (the attack made no progress at all);
+- ``large_radius``: accuracy at a radius of ``large_factor`` x eps (at most 1) is not near zero: every
+  model is breakable at a large enough radius, so a high accuracy there means the attack is failing;
+- ``more_steps``: PGD-100 with random restarts lowers accuracy by more than a point below the reported
+  figure (the per-example worst case over every attack run, or PGD-20 alone): the evaluation had not
+  converged.
+
+The comparisons that need only replays (black-box or transfer beating white-box) live in the
+torch-free :mod:`robustedge.verify_core`, so a bundle's own verifier recomputes them on the device.
+
+Every check measures correctness with ``correct_fn``: the model itself in ``robustedge eval``, the
+runtime (replaying examples crafted on the twin) when an exported artifact is checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustedge.attacks import pgd
+from robustedge.errors import RobustEdgeError
+from robustedge.verify_core import make_flag
+
+Correct = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # (x, y) -> per-example correctness
+
+
+@dataclass
+class FlagSettings:
+    """Budgets and thresholds of the checks (fractions are of the examples checked)."""
+
+    n: int = 100  # examples the checks run on (the first n)
+    large_factor: float = 4.0  # the large radius, as a multiple of eps (capped at 1)
+    large_threshold: float = 0.10  # accuracy above this at the large radius fires large_radius
+    steps: int = 100  # the stronger PGD of more_steps ...
+    restarts: int = 2  # ... with this many random restarts
+    more_steps_points: float = 0.01  # fires when the stronger PGD is lower by more than this
+    tolerance: float = 0.005  # zero_gradients / flat_loss fire above this fraction
+    square_queries: int = 1000  # the black-box Square run of `robustedge eval` (on the same n examples)
+
+    def validate(self) -> "FlagSettings":
+        for name in ("n", "steps", "restarts", "square_queries"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise RobustEdgeError(f"flag setting '{name}' must be an integer >= 1, got {value!r}")
+        for name in ("large_threshold", "more_steps_points", "tolerance"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise RobustEdgeError(f"flag setting '{name}' must be a fraction in [0, 1]")
+        if not self.large_factor >= 1:
+            raise RobustEdgeError("flag setting 'large_factor' must be >= 1")
+        return self
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def model_correct(model: nn.Module, batch_size: int = 256) -> Correct:
+    """Correctness measured on the model itself."""
+    def correct(x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            logits = torch.cat([model(xb) for xb in x.split(batch_size)])
+        return (logits.argmax(1) == y).cpu().numpy()
+    return correct
+
+
+def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return F.cross_entropy(model(x).float(), y, reduction="none")
+
+
+def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, correct_fn: Correct,
+                   settings: FlagSettings, seed: int = 0, pgd20: torch.Tensor | None = None,
+                   reported: np.ndarray | None = None) -> tuple[list[dict], dict]:
+    """The four gradient checks on the first ``settings.n`` examples: (flags, diagnostics).
+
+    ``model`` is what the attacks differentiate (the model, or an artifact's twin); ``pgd20`` may pass
+    the suite's PGD-20 examples for these inputs so they are not crafted twice; ``reported`` is the
+    per-example robustness the evaluation reports (its worst case), which ``more_steps`` must not beat.
+    """
+    settings.validate()
+    x, y = x[:settings.n], y[:settings.n]
+    n = len(y)
+    if n == 0 or eps == 0:
+        return [], {}
+    model.eval()
+    flags, info = [], {"n": n}
+    clean_ok = correct_fn(x, y)
+
+    with torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        loss = F.cross_entropy(model(xg).float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, xg)
+    zero = (grad.flatten(1).abs().sum(1) == 0).cpu().numpy() & clean_ok
+    info["zero_gradients"] = int(zero.sum())
+    if zero.sum() > settings.tolerance * max(1, clean_ok.sum()):
+        flags.append(make_flag("zero_gradients", zero.sum(), int(clean_ok.sum()),
+                               "the attacks cannot move these inputs (masked or saturated gradients)"))
+
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    adv = pgd20[:n] if pgd20 is not None else pgd(model, x, y, eps=eps, step_size=eps / 4, steps=20, generator=gen)
+    survived = correct_fn(adv, y)
+    flat = (_losses(model, adv, y) <= _losses(model, x, y)).cpu().numpy() & survived
+    info["flat_loss"] = int(flat.sum())
+    if flat.sum() > settings.tolerance * max(1, survived.sum()):
+        flags.append(make_flag("flat_loss", flat.sum(), int(survived.sum()),
+                               "PGD-20 ended at a loss no higher than the clean input's"))
+
+    radius = min(1.0, settings.large_factor * eps)
+    large = correct_fn(pgd(model, x, y, eps=radius, step_size=radius / 4, steps=20, generator=gen), y)
+    info["large_radius_accuracy"], info["large_radius"] = float(large.mean()), radius
+    if large.mean() > settings.large_threshold:
+        flags.append(make_flag("large_radius", large.sum(), n, f"{100 * large.mean():.1f}% accuracy at eps "
+                               f"{radius:.4g} ({settings.large_factor:g} x eps); expected near 0"))
+
+    strong = np.ones(n, dtype=bool)
+    for restart in range(settings.restarts):
+        restart_gen = torch.Generator(device=x.device).manual_seed(seed + 1 + restart)
+        strong &= correct_fn(pgd(model, x, y, eps=eps, step_size=eps / 10, steps=settings.steps,
+                                 generator=restart_gen), y)
+    base, label = (reported[:n], "the reported worst case") if reported is not None else (survived, "PGD-20")
+    info["pgd20_accuracy"], info["strong_pgd_accuracy"] = float(survived.mean()), float(strong.mean())
+    info["reported_accuracy"] = float(base.mean())
+    if base.mean() - strong.mean() > settings.more_steps_points:
+        flags.append(make_flag("more_steps", int((base & ~strong).sum()), n,
+                               f"PGD-{settings.steps} x {settings.restarts} restarts: {100 * strong.mean():.1f}% vs "
+                               f"{label} {100 * base.mean():.1f}%"))
+    return flags, info
