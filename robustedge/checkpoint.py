@@ -176,10 +176,11 @@ def model_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[Classifier, ModelMeta]:
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
     """Rebuild the model a RobustEdge file describes and load its weights strictly (eval mode).
 
-    A run's ``last.safetensors`` (a training state) works too: its model part is used.
+    A run's ``last.safetensors`` (a training state) works too: its model part is used. A QAT student
+    comes back as its fake-quantised :class:`robustedge.qat.QATStudent`.
     """
     from robustedge.weights import load_state_strict
 
@@ -191,5 +192,12 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
         model = meta.spec.build()
     except TypeError as exc:  # a spec with values of the wrong type
         raise RobustEdgeError(f"{path}: malformed model spec ({exc})") from None
+    qat = meta.extra.get("qat")
+    if qat:  # a QAT student: the same fake-quantised graph, rebuilt, then its weights and learned ranges
+        from robustedge.qat import prepare_qat
+
+        if not isinstance(qat, dict):
+            raise RobustEdgeError(f"{path}: malformed QAT metadata")
+        model = prepare_qat(model, meta.spec.input_shape, qat.get("activations", "uint8"))
     load_state_strict(model, state, source=str(path), arch=meta.spec.arch)
     return model.to(device).eval(), meta

@@ -179,6 +179,15 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--teacher-precision", choices=["auto", "fp32", "bf16", "fp16"],
                        help="precision of every teacher (default auto: bf16 where the hardware has it)")
         p.add_argument("--sync-bn", action="store_true", default=None, help="SyncBatchNorm under DDP")
+        p.add_argument("--qat", action=argparse.BooleanOptionalAction, default=None,
+                       help="quantization-aware training: train (and attack) the student as its fake-quantised "
+                            "INT8 function (torchao PT2E; docs/design.md, \"Quantization-aware training\")")
+        p.add_argument("--qat-from", metavar="FILE",
+                       help="QAT fine-tuning: start from this trained float student (implies --qat; its ranges "
+                            "are first calibrated on qat.calibration_n training images, as post-training "
+                            "quantisation does); use a small --lr")
+        p.add_argument("--qat-activations", choices=["uint8", "int8-symmetric"],
+                       help="QAT activation scheme: uint8 (ONNX Runtime's x86 kernels) or int8-symmetric (TensorRT)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--seed", type=SEED, help="seed of initialisation, data order and attacks")
         p.add_argument("--name", help="run name (folder under --out-dir)")
@@ -201,7 +210,8 @@ _FLAG_KEYS = {"method": "method", "arch": "model.arch", "width": "model.width", 
               "lr": "optim.lr", "eps": "attack.eps", "step_size": "attack.step_size", "amp": "amp",
               "compile": "compile", "channels_last": "channels_last", "fold_attack": "fold_attack",
               "sync_bn": "sync_bn", "device": "device", "seed": "seed", "name": "name", "out_dir": "out_dir",
-              "robust_teacher": "teachers.robust.checkpoint", "clean_teacher": "teachers.clean.checkpoint"}
+              "robust_teacher": "teachers.robust.checkpoint", "clean_teacher": "teachers.clean.checkpoint",
+              "qat": "qat.enabled", "qat_from": "qat.from_checkpoint", "qat_activations": "qat.activations"}
 
 
 def resolve_train_config(args: argparse.Namespace):
@@ -210,6 +220,8 @@ def resolve_train_config(args: argparse.Namespace):
 
     cfg = load_config(args.config) if args.config else TrainConfig()
     flags = {key: getattr(args, attr) for attr, key in _FLAG_KEYS.items() if getattr(args, attr, None) is not None}
+    if args.qat_from is not None and args.qat is None:
+        flags["qat.enabled"] = True
     cfg = apply_values(cfg, {**flags, **parse_overrides(args.overrides)})
     if args.no_progress:
         cfg.progress = False
@@ -259,6 +271,11 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=SEED, default=0, help="seed of every run")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export + verification step")
+    p.add_argument("--qat", action="store_true",
+                   help="also fine-tune the B-MTARD student with quantization-aware training, export it to INT8 "
+                        "and show float / PTQ INT8 / QAT INT8 side by side, each INT8 file attacked white-box "
+                        "(off by default: it takes the quickstart past its 5-minute budget; docs/design.md, section 10)")
+    p.add_argument("--qat-epochs", type=_count(1, "--qat-epochs"), default=3, help="epochs of the QAT fine-tune")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)
 
@@ -270,7 +287,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
                                       eval_n=args.n, device=args.device, seed=args.seed,
                                       attacks=tuple(parse_attacks(args.attacks)), progress=not args.no_progress,
-                                      export=not args.no_export))
+                                      export=not args.no_export, qat=args.qat, qat_epochs=args.qat_epochs))
     return 0
 
 
@@ -306,7 +323,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "black-box Square on the runtime, size, latency. Exits 1 when the gate fails.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint", help="a RobustEdge .safetensors model")
-    p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FORMATS)}")
+    p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FORMATS)} (ort/ort-int8: ORT format for ONNX Runtime Mobile, "
+                        "with the reduced-operator config of a minimal build; ort-int8 also builds onnx-int8, its "
+                        "source and its twin's graph)")
     p.add_argument("--out", required=True, help="bundle folder to create (must not exist or be empty)")
     p.add_argument("--force", action="store_true",
                    help="replace --out if it is a RobustEdge bundle (never any other folder)")
@@ -373,7 +392,10 @@ def cmd_export(args: argparse.Namespace) -> int:
                                        force=args.force)
     print(format_table(manifest["table"]))
     print(format_flags(manifest["flags"]), end="")
-    print(f"fp32 ONNX vs torch: max |logit difference| {manifest['table']['onnx']['max_abs_logit_diff']:.2e}")
+    parity = manifest["parity"]
+    print(f"{parity['format']} vs {parity['reference']}: max |logit difference| {parity['max_abs_logit_diff']:.2e} "
+          f"on {parity['n']} test and random inputs, top-1 agreement {100 * parity['agreement']:.1f}% on the "
+          f"{parity['n_agreement']} test inputs")
     for fmt, row in manifest["table"].items():
         if "twin_agreement" in row:
             print(f"{fmt}: its twin agrees with the runtime on {100 * row['twin_agreement']:.1f}% of the clean and "

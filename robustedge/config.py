@@ -72,6 +72,17 @@ class AttackConfig:
 
 
 @dataclass
+class QATConfig:
+    """Quantization-aware training (robustedge/qat.py): the student trains, and is attacked, as the
+    fake-quantised INT8 function it will be exported as."""
+
+    enabled: bool = False
+    activations: str = "uint8"  # uint8 (ONNX Runtime's x86 scheme, onnx-int8's default) | int8-symmetric (TensorRT)
+    from_checkpoint: str | None = None  # fine-tune a trained float student (a RobustEdge model file)
+    calibration_n: int = 512  # with from_checkpoint: training images that set the ranges first (PTQ start); 0: none
+
+
+@dataclass
 class OptimConfig:
     lr: float = 0.1
     momentum: float = 0.9
@@ -92,6 +103,7 @@ class TrainConfig:
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)  # roles: "robust", "clean"
     attack: AttackConfig = field(default_factory=AttackConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    qat: QATConfig = field(default_factory=QATConfig)
     epochs: int = 300
     batch_size: int = 128
     eval_every: int = 1  # validation clean + PGD-20 every N epochs (and at the last)
@@ -356,4 +368,19 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     resolve_device(cfg.device)
     if cfg.amp == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise RobustEdgeError("amp fp16 needs CUDA; use amp bf16 or off on the CPU")
+    _validate_qat(cfg)
     return cfg
+
+
+def _validate_qat(cfg: TrainConfig) -> None:
+    from robustedge.qat import ACTIVATIONS
+
+    q = cfg.qat
+    _choice(q.activations, ACTIVATIONS, "qat.activations")
+    parse_int(q.calibration_n, "config key 'qat.calibration_n'", 0)
+    if q.from_checkpoint is not None and not q.enabled:
+        raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
+    if q.enabled and q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():
+        raise RobustEdgeError(f"config key 'qat.from_checkpoint': no such file {q.from_checkpoint}")
+    if q.enabled and cfg.compile:
+        raise RobustEdgeError("quantization-aware training does not support compile: true; set compile: false")

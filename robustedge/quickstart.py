@@ -6,7 +6,11 @@
 3. both students through the full robustness suite on the test split;
 4. the B-MTARD student exported to ONNX fp32 / fp16 / INT8 and re-verified on each artifact through
    ONNX Runtime (transfer PGD-20 and AutoAttack examples, black-box Square on the runtime);
-   a table, the report (``report/report.html``) and the folder.
+   a table, the report (``report/report.html``) and the folder;
+5. with ``--qat``: a quantization-aware fine-tune of the B-MTARD student (same method, a few epochs),
+   exported straight to INT8 and attacked white-box through its twin like the PTQ file, and float /
+   PTQ INT8 / QAT INT8 side by side. Off by default: it takes the quickstart past its five-minute
+   budget on two CPU cores (bench/RESULTS.md).
 
 On a CPU, the teachers, then the students, then the two evaluations run side by side in two
 processes with one thread each (robustedge.runtime.parallel_plan): models this small are bound by
@@ -37,8 +41,8 @@ from pathlib import Path
 import torch
 
 from robustedge.checkpoint import load_model
-from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig,
-                               validate_config)
+from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, QATConfig, TeacherConfig,
+                               TrainConfig, validate_config)
 from robustedge.errors import RobustEdgeError
 from robustedge.evaluate import DEFAULT_ATTACKS, EvalReport, evaluate, parse_attacks
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, read_json,
@@ -65,6 +69,8 @@ class QuickstartSettings:
     progress: bool = True
     export: bool = True
     square_queries: int = 1000  # the black-box check's budget here; `robustedge export` defaults to 5000
+    qat: bool = False
+    qat_epochs: int = 3
 
 
 def _base(name: str, method: str, arch: str, width: float, epochs: int, s: QuickstartSettings) -> TrainConfig:
@@ -80,7 +86,8 @@ def _base(name: str, method: str, arch: str, width: float, epochs: int, s: Quick
 
 
 def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
-    """The four runs, in order. Their YAML twins live in configs/digits_*.yaml (a test keeps them equal)."""
+    """The runs, in order (four; five with QAT). Their YAML twins live in configs/digits_*.yaml (a test
+    keeps them equal)."""
     clean = _base("teacher_clean", "natural", "resnet20", 1.0, s.teacher_epochs, s)
     robust = _base("teacher_robust", "trades", "wideresnet-10-2", 1.0, s.teacher_epochs, s)
     student = _base("student_bmtard", "bmtard", "mobilenetv2", 0.25, s.epochs, s)
@@ -88,7 +95,14 @@ def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
                         "clean": TeacherConfig(checkpoint=str(s.out / "teacher_clean" / "best.safetensors"))}
     baseline = copy.deepcopy(student)
     baseline.name, baseline.method, baseline.teachers = "student_pgd_at", "pgd_at", {}
-    return {c.name: c for c in (clean, robust, student, baseline)}
+    runs = [clean, robust, student, baseline]
+    if s.qat:  # fine-tuning from the PTQ model, small steps (docs/design.md, section 10)
+        qat = copy.deepcopy(student)
+        qat.name, qat.epochs, qat.eval_every = "student_bmtard_qat", s.qat_epochs, s.qat_epochs
+        qat.optim.lr, qat.optim.milestones = 0.002, [max(1, s.qat_epochs - 1)]
+        qat.qat = QATConfig(enabled=True, from_checkpoint=str(s.out / "student_bmtard" / "best.safetensors"))
+        runs.append(qat)
+    return {c.name: c for c in runs}
 
 
 QUICKSTART_FORMAT = "robustedge-quickstart/1"
@@ -154,15 +168,20 @@ def _marked(out: Path):
 
 def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
     """Every setting checked before the quickstart touches disk; returns the four run configs."""
-    for name in ("epochs", "teacher_epochs", "eval_n"):
+    for name in ("epochs", "teacher_epochs", "eval_n", "qat_epochs"):
         parse_int(getattr(s, name), name.replace("_", "-"), 1)
     parse_seed(s.seed)
     parse_eps(s.eps)
     parse_int(s.square_queries, "square-queries", 1)
     parse_attacks(list(s.attacks))
     resolve_device(s.device)
+    if s.qat and not s.export:
+        raise RobustEdgeError("--qat compares exported INT8 artifacts; it cannot be combined with --no-export")
     configs = quickstart_configs(s)
     for cfg in configs.values():
+        if cfg.qat.enabled:  # the float student it starts from is trained by this very quickstart
+            cfg = copy.deepcopy(cfg)
+            cfg.qat.from_checkpoint = None
         validate_config(cfg)
     _check_out(s.out)
     return configs
@@ -204,6 +223,56 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     return {"report": report.to_dict(), "seconds": seconds}
 
 
+def _export_options(s: QuickstartSettings, transfer: tuple[str, ...], **overrides):
+    from robustedge.export.bundle import ExportOptions
+
+    return ExportOptions(n=s.eval_n, transfer_attacks=transfer, square_n=100, square_queries=s.square_queries,
+                         seed=s.seed, **overrides)
+
+
+def _export_float(s: QuickstartSettings) -> dict:
+    """The B-MTARD student to ONNX fp32 / fp16 / INT8 (PTQ), verified; reuses its evaluation's examples."""
+    from safetensors.torch import load_file
+
+    from robustedge.export.bundle import export_bundle
+
+    adversarial: dict[str, torch.Tensor] = {}
+    if (s.out / "student_bmtard" / ADVERSARIAL_FILE).exists():
+        adversarial = load_file(str(s.out / "student_bmtard" / ADVERSARIAL_FILE))
+    print("\n== exporting student_bmtard to ONNX fp32 / fp16 / INT8 and re-verifying ==", flush=True)
+    t0 = time.perf_counter()
+    attacks = tuple(a for a in ("pgd20", "autoattack") if a in adversarial)
+    manifest, failures = export_bundle(s.out / "student_bmtard" / "best.safetensors", s.out / "student_bmtard_export",
+                                       _export_options(s, attacks), progress=lambda m: print(m, flush=True),
+                                       precomputed_adv=adversarial)
+    return {"manifest": manifest, "failures": failures, "seconds": time.perf_counter() - t0}
+
+
+def _qat_job(job: tuple[QuickstartSettings, TrainConfig]) -> dict:
+    """Fine-tune the B-MTARD student as its INT8 function, export it to INT8 with its learned scales and
+    attack that file white-box through its twin. The bundle's reference row (the fake-quantised torch
+    model) gets the same transfer attacks as the float bundle's: the gate compares worst cases, and a
+    reference attacked more weakly would fail it for the wrong reason."""
+    s, cfg = job
+    from robustedge.export.bundle import export_bundle
+
+    print(f"\n== QAT: fine-tuning student_bmtard as its INT8 function, {cfg.epochs} epochs ==", flush=True)
+    t0 = time.perf_counter()
+    result = train(cfg)
+    seconds = {"train": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    manifest, failures = export_bundle(result.last_path, s.out / "student_bmtard_qat_export",
+                                       _export_options(s, ("pgd20", "autoattack"), formats=["onnx-int8"]),
+                                       progress=lambda m: print(f"[qat] {m}", flush=True))
+    seconds["export"] = time.perf_counter() - t0
+    return {"manifest": manifest, "failures": failures, "seconds": seconds}
+
+
+def _chain_job(steps: list[tuple]) -> list:
+    """Several jobs one after another in one worker (module-level, so a spawned process can run it)."""
+    return [fn(arg) for fn, arg in steps]
+
+
 def _phase(title: str, fn, items: list, workers: int, threads: int) -> list:
     mode = f" ({workers} processes x {threads} thread{'s' if threads > 1 else ''})" if workers > 1 else ""
     print(f"\n== {title}{mode} ==", flush=True)
@@ -230,32 +299,33 @@ def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
         timings |= dict(zip(names, seconds))
 
     students = ["student_bmtard", "student_pgd_at"]
-    evaluated = _phase("evaluating both students with the full suite", _eval_job, [(s, n) for n in students],
-                       workers, threads)
+    qat = None
+    if s.qat:  # two chains side by side: eval + float export | eval + QAT fine-tune + QAT export
+        chains = [[(_eval_job, (s, "student_bmtard")), (_export_float, s)],
+                  [(_eval_job, (s, "student_pgd_at")), (_qat_job, (s, configs["student_bmtard_qat"]))]]
+        (evaluated_b, exported), (evaluated_p, qat) = _phase(
+            "evaluating both students; exporting the B-MTARD one (PTQ INT8) | fine-tuning it with QAT and "
+            "exporting it (QAT INT8)", _chain_job, chains, workers, threads)
+        evaluated = [evaluated_b, evaluated_p]
+        timings |= {"qat_train": qat["seconds"]["train"], "qat_export": qat["seconds"]["export"]}
+    else:
+        evaluated = _phase("evaluating both students with the full suite", _eval_job, [(s, n) for n in students],
+                           workers, threads)
+        exported = _export_float(s) if s.export else None
     reports: dict[str, EvalReport] = {}
     for name, result in zip(students, evaluated):
         reports[name] = EvalReport.from_dict(result["report"])
         timings[f"eval_{name}"] = result["seconds"]
-    adversarial: dict[str, torch.Tensor] = {}
-    if (s.out / "student_bmtard" / ADVERSARIAL_FILE).exists():
-        from safetensors.torch import load_file
 
-        adversarial = load_file(str(s.out / "student_bmtard" / ADVERSARIAL_FILE))
-
-    export_table, gate_failures = "", []
-    if s.export:
-        from robustedge.export.bundle import ExportOptions, export_bundle
+    export_table, gate_failures, int8_table = "", [], ""
+    if exported is not None:
         from robustedge.verify_core import format_flags, format_table
 
-        print("\n== exporting student_bmtard to ONNX fp32 / fp16 / INT8 and re-verifying ==", flush=True)
-        t0 = time.perf_counter()
-        attacks = tuple(a for a in ("pgd20", "autoattack") if a in adversarial)
-        manifest, gate_failures = export_bundle(
-            s.out / "student_bmtard" / "best.safetensors", s.out / "student_bmtard_export",
-            ExportOptions(n=s.eval_n, transfer_attacks=attacks, square_n=100, square_queries=s.square_queries,
-                          seed=s.seed), progress=lambda m: print(m, flush=True), precomputed_adv=adversarial)
-        timings["export"] = time.perf_counter() - t0
+        manifest, gate_failures = exported["manifest"], exported["failures"]
+        timings["export"] = exported["seconds"]
         export_table = format_table(manifest["table"]) + "\n" + format_flags(manifest["flags"])
+        if qat is not None:
+            int8_table = int8_comparison(manifest, qat["manifest"])
 
     t0 = time.perf_counter()
     from robustedge.report import build_report
@@ -264,20 +334,44 @@ def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     timings["report"] = time.perf_counter() - t0
     total = time.perf_counter() - start
     table = comparison_table(reports)
-    summary = {"format": QUICKSTART_FORMAT, "status": "done", "writer": writer_identity(), "seconds": total, "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
+    summary = {"format": QUICKSTART_FORMAT, "status": "done", "writer": writer_identity(), "seconds": total,
+               "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
                "results": {k: r.to_dict() for k, r in reports.items()}, "export_gate_failures": gate_failures}
+    if qat is not None:
+        summary["qat_gate_failures"] = qat["failures"]
     atomic_write_text(s.out / "quickstart.md", f"# Quickstart results (digits, eps = {s.eps})\n\n{table}\n"
                                                 + (f"## Exported B-MTARD student\n\n{export_table}\n" if export_table
+                                                   else "")
+                                                + (f"## Float vs PTQ INT8 vs QAT INT8\n\n{int8_table}\n" if int8_table
                                                    else "") + f"Total time: {total:.0f} s\n")
     atomic_write_json(s.out / MARKER, summary)
     print("\n" + table)
     if export_table:
         print("exported B-MTARD student, verified through ONNX Runtime (accuracy in %):\n" + export_table)
         print("export gate: " + ("passed" if not gate_failures else "FAILED: " + "; ".join(gate_failures)))
+    if int8_table:
+        print("\nthe B-MTARD student as float, post-training INT8 and quantization-aware INT8 (accuracy in %; "
+              "INT8 attacked white-box through each file's twin, worst case over every attack):\n" + int8_table)
+        print("QAT export gate: " + ("passed" if not qat["failures"] else "FAILED: " + "; ".join(qat["failures"])))
     print(f"report: {report_page}")
     print(f"quickstart finished in {total:.0f} s ({total / 60:.1f} min); outputs in {s.out.resolve()}")
     sys.stdout.flush()
     return summary
+
+
+def int8_comparison(float_manifest: dict, qat_manifest: dict) -> str:
+    """Float / PTQ INT8 / QAT INT8 side by side, from the two bundles' verification tables."""
+    rows = [("float (torch)", float_manifest["table"]["torch"], "transfer_autoattack"),
+            ("PTQ INT8 (onnx-int8)", float_manifest["table"].get("onnx-int8"), "whitebox_autoattack"),
+            ("QAT INT8 (onnx-int8)", qat_manifest["table"].get("onnx-int8"), "whitebox_autoattack")]
+    lines = ["| model | clean | AutoAttack | worst case | size (MB) | latency b1 (ms) |", "|---|---:|---:|---:|---:|---:|"]
+    for label, row, aa in rows:
+        if row is None:
+            continue
+        cell = f"{100 * row[aa]:.1f}" if aa in row else "n/a (twin refused)"
+        lines.append(f"| {label} | {100 * row['clean']:.1f} | {cell} | {100 * row['worst']:.1f} | "
+                     f"{row['size_mb']:.3f} | {row['latency_b1_ms']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def comparison_table(reports: dict[str, EvalReport]) -> str:

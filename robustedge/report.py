@@ -143,10 +143,10 @@ def _bundle_for(run: Path, warnings: Warnings) -> dict | None:
 def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """Batch-1 latency of the folded model in torch eager (the export table's ``torch`` row's way)."""
     from robustedge.export.runners import TorchRunner
+    from robustedge.models import fold_if_possible
     from robustedge.verify_core import median_latency_ms
-    from robustedge.models import fold_batchnorm
 
-    return median_latency_ms(TorchRunner(fold_batchnorm(model)), np.random.default_rng(0).random((1, *shape),
+    return median_latency_ms(TorchRunner(fold_if_possible(model)), np.random.default_rng(0).random((1, *shape),
                                                                                                dtype=np.float32), 1,
                              repeats=20, warmup=3)
 
@@ -177,11 +177,11 @@ def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | 
         return None
     from robustedge.data import split_for_model
     from robustedge.evaluate import evaluate
-    from robustedge.models import fold_batchnorm
+    from robustedge.models import fold_if_possible
 
     split = split_for_model(meta, None, data_root, "test", n)
     x, y = split.float_images(), split.labels
-    folded = fold_batchnorm(model)  # once for the whole curve
+    folded = fold_if_possible(model)  # once for the whole curve
     eps_values = [round(f * meta.eps, 6) for f in EPS_FACTORS]
     accuracy = []
     for eps in eps_values:

@@ -38,7 +38,7 @@ from robustedge.teachers import load_teacher
 from robustedge.training_state import load_training_state, save_training_state
 from robustedge.weights import load_state_strict
 from robustedge.config import TrainConfig, config_to_dict, dump_config, validate_config
-from robustedge.data import DeviceLoader, load_dataset
+from robustedge.data import DeviceLoader, calibration_images, load_dataset
 from robustedge.errors import RobustEdgeError
 from robustedge.evaluate import evaluate
 from robustedge.methods import get_method
@@ -199,6 +199,13 @@ class Trainer:
                               drop_last=False, rank=rank, world_size=world)
         run = _Run(rank, world, device, parts, parts.model, loader, meta, val.float_images(device),
                    val.labels.to(device))
+        if cfg.qat.enabled:
+            from robustedge.qat import calibrate, library_version
+
+            meta.extra["qat"] = {"activations": cfg.qat.activations, "library": library_version(),
+                                 "from_checkpoint": cfg.qat.from_checkpoint}
+            if cfg.qat.from_checkpoint and cfg.qat.calibration_n and not self.resume:
+                calibrate(parts.model, calibration_images(data.train, cfg.qat.calibration_n, cfg.seed, device))
         if self.resume:
             self._restore(run, spec)
         run.student = parts.wrap(world, device)
@@ -394,16 +401,18 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     """
     seed_everything(cfg.seed)
     model = spec.build().to(device)
+    if cfg.qat.enabled:
+        model = _qat_student(cfg, spec, model, world).to(device)
     if cfg.sync_bn and world > 1:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
+    if cfg.channels_last and not cfg.qat.enabled:
         model = model.to(memory_format=torch.channels_last)
     method_cls = get_method(cfg.method)
     teachers = {role: load_teacher(cfg.teachers[role], num_classes or spec.num_classes, spec.in_channels,
                                    spec.image_size, device, cfg.data.name)
                 for role in method_cls.teacher_roles if role in cfg.teachers}
     method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
-    if cfg.fold_attack and method_cls.adversarial:
+    if cfg.fold_attack and method_cls.adversarial and not cfg.qat.enabled:  # QAT: attack the fake-quantised student
         from robustedge.models import fold_batchnorm
 
         twin = fold_batchnorm(model, linked=True)
@@ -413,6 +422,26 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     amp_dtype, use_scaler = _amp_settings(cfg, device)
     return TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
                          amp_dtype, device)
+
+
+def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:
+    """The student under fake quantisation; with ``qat.from_checkpoint``, from a trained float student."""
+    from robustedge.checkpoint import load_model
+    from robustedge.qat import prepare_qat
+
+    if world > 1:
+        raise RobustEdgeError("quantization-aware training under DDP is not supported; run it in one process")
+    if cfg.qat.from_checkpoint:
+        source, meta = load_model(cfg.qat.from_checkpoint)
+        if meta.extra.get("qat"):
+            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is already a QAT student; fine-tune from a float one")
+        if (meta.spec.arch, meta.spec.num_classes, meta.spec.in_channels, meta.spec.width, meta.spec.image_size) != \
+                (spec.arch, spec.num_classes, spec.in_channels, spec.width, spec.image_size):
+            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is {meta.spec.arch} (width {meta.spec.width}, "
+                                  f"{meta.spec.image_size}px, {meta.spec.in_channels} channels); the config trains "
+                                  f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
+        load_state_strict(model, source.state_dict(), source=cfg.qat.from_checkpoint, arch=spec.arch)
+    return prepare_qat(model, spec.input_shape, cfg.qat.activations)
 
 
 def _tensorboard(run_dir: Path):

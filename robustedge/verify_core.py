@@ -5,8 +5,10 @@
 
 This file is the single source of every bundle check. RobustEdge imports it as
 ``robustedge.verify_core`` and copies it, byte for byte, into every bundle as ``verify.py``, so a
-phone-class CPU or a Jetson (numpy + onnxruntime, or + tensorrt) runs exactly the checks and
-messages of ``robustedge verify``. It needs neither torch nor RobustEdge.
+phone-class CPU or a Jetson (numpy + onnxruntime for ``.onnx``/``.ort``, + tensorrt for engines,
++ executorch for ``.pte``) runs exactly the checks and messages of ``robustedge verify``. It needs
+neither RobustEdge nor torch (ExecuTorch's Python runtime imports torch itself, and only a ``.pte``
+loads it).
 
 It refuses (exit 2, one line) a manifest that does not follow the bundle schema, a file entry that
 is not a plain name inside the bundle, an unknown format or gate key, a file whose sha256 differs
@@ -35,12 +37,17 @@ BUNDLE_FORMAT = "robustedge-bundle/1"
 MANIFEST_FILE = "manifest.json"
 SAMPLES_FILE = "verify.npz"
 VERIFIER_FILE = "verify.py"
+ORT_OPERATORS_FILE = "ort.required_operators.config"  # ops a minimal ONNX Runtime Mobile build must hold
 
 # format -> (file name inside the bundle, runtime that executes it): a new format is one row
 FORMATS = {
     "onnx": ("model.onnx", "onnxruntime"),
     "onnx-fp16": ("model.fp16.onnx", "onnxruntime"),
     "onnx-int8": ("model.int8.onnx", "onnxruntime"),
+    "ort": ("model.ort", "onnxruntime"),  # ORT format, as ONNX Runtime Mobile loads it
+    "ort-int8": ("model.int8.ort", "onnxruntime"),
+    "executorch": ("model.pte", "executorch"),  # ExecuTorch program, XNNPACK delegate, batch 1
+    "executorch-int8": ("model.int8.pte", "executorch"),
     "trt-fp16": ("model.fp16.engine", "tensorrt"),
     "trt-int8": ("model.int8.engine", "tensorrt"),
 }
@@ -160,6 +167,12 @@ def check_manifest(manifest: object) -> dict:
             if not (isinstance(flag, dict) and flag.get("check") in FLAG_CHECKS and _count(flag.get("examples"))
                     and _count(flag.get("of"), 1) and isinstance(flag.get("detail"), str)):
                 raise _fail(f"flags.{row_name}", "a list of {check, examples, of, detail} objects", flag)
+    operators = _get(manifest, "ort_operators", "", _mapping, "an object", required=False)
+    if operators is not None:
+        if plain_name(operators.get("file"), "ort_operators.file") != ORT_OPERATORS_FILE:
+            raise RobustEdgeError(f"manifest.json: 'ort_operators.file' must be {ORT_OPERATORS_FILE}")
+        _get(operators, "sha256", "ort_operators.", lambda v: isinstance(v, str) and len(v) == 64,
+             "a sha256 hex digest")
     verifier = _get(manifest, "verifier", "", _mapping, "an object", required=False)
     if verifier is not None:
         if plain_name(verifier.get("file"), "verifier.file") != VERIFIER_FILE:
@@ -212,8 +225,7 @@ def load_manifest(bundle: Path) -> dict:
 def check_hashes(bundle: Path, manifest: dict) -> None:
     """Every file the manifest lists exists inside the bundle and matches its sha256."""
     entries = list(manifest["files"].values()) + [manifest["samples"]]
-    if manifest.get("verifier"):
-        entries.append(manifest["verifier"])
+    entries += [manifest[key] for key in ("verifier", "ort_operators") if manifest.get(key)]
     for entry in entries:
         file = bundle_path(bundle, entry["file"])
         if not file.is_file():
@@ -459,7 +471,37 @@ class TrtRunner:  # pragma: no cover - needs a GPU and tensorrt; exercised by te
         return self._call(x, self)
 
 
-RUNNERS = {"onnxruntime": OrtRunner, "tensorrt": TrtRunner}
+class ExecuTorchRunner:
+    """An ExecuTorch program through ExecuTorch's Python runtime (the XNNPACK delegate the phone runs).
+
+    Its pybindings take torch tensors, so torch is imported here and only here: a device verifying
+    ONNX files never needs it. Programs are exported for batch 1, the phone's case; a batch runs as
+    that many calls (so ``latency_b64_ms`` is 64 sequential calls).
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            import torch
+            from executorch.runtime import Runtime
+        except ImportError:
+            raise ImportError("the 'executorch' package is not installed here (pip install executorch)") from None
+        self.torch = torch
+        try:
+            self.method = Runtime.get().load_program(str(path)).load_method("forward")
+        except Exception as exc:  # the runtime raises RuntimeError with an error code
+            raise RobustEdgeError(f"executorch cannot load {Path(path).name}: "
+                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                  ) from None
+        sizes = self.method.metadata.input_tensor_meta(0).sizes() if hasattr(self.method, "metadata") else None
+        self.input_shape = tuple(sizes) if sizes else (1, None, None, None)
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = self.torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        rows = [self.method.execute([x[i:i + 1]])[0] for i in range(len(x))]
+        return self.torch.cat(rows).numpy().astype(np.float32) if rows else np.zeros((0, 0), np.float32)
+
+
+RUNNERS = {"onnxruntime": OrtRunner, "tensorrt": TrtRunner, "executorch": ExecuTorchRunner}
 
 
 def open_runner(path: Path, fmt: str):

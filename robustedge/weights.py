@@ -66,6 +66,8 @@ def _preview(keys: list[str], limit: int = 4) -> str:
 
 def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, arch: str) -> None:
     """``load_state_dict(strict=True)`` with an error that names the keys and shapes that differ."""
+    if hasattr(model, "match_quantizer_shapes"):  # a QAT student (robustedge/qat.py)
+        model.match_quantizer_shapes(state)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]

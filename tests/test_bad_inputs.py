@@ -168,6 +168,8 @@ CASES = [
     (QUICKSTART + ["--teacher-epochs", "x"], "--teacher-epochs must be an integer, got 'x'"),
     (QUICKSTART + ["--attacks", "foo"], "unknown attack 'foo'"),
     (QUICKSTART + ["--seed", "-1"], "--seed must be an integer in [0, 2147483647], got -1"),
+    (QUICKSTART + ["--qat", "--qat-epochs", "0"], "--qat-epochs must be an integer >= 1, got 0"),
+    (QUICKSTART + ["--qat", "--no-export"], "--qat compares exported INT8 artifacts"),
     (["quickstart", "--out", "{file}"], "is an existing file, not a folder"),
     (["quickstart", "--out", "{docs}"], "is not empty and is not a RobustEdge quickstart folder"),
     (["quickstart", "--out", "{live_quickstart}"], "is being written by a quickstart that is still running"),

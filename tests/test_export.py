@@ -156,7 +156,7 @@ def test_wrong_input_shape_and_missing_calibration_are_clear_errors(bundle):
         check_input_shape(runner, (1, 3, 16, 16))
     with pytest.raises(RobustEdgeError, match="needs calibration images"):
         quantize_int8(out / "model.onnx", out.parent / "q.onnx", np.zeros((0, 1, 16, 16), np.float32))
-    assert parse_formats("onnx-int8") == ["onnx", "onnx-int8"]
+    assert parse_formats("onnx-int8,onnx-int8") == ["onnx-int8"]
 
 
 @pytest.mark.gpu
@@ -167,3 +167,131 @@ def test_tensorrt_engines_build_and_verify(digits_checkpoint, tmp_path):
                                 progress=lambda m: None)
     assert {"trt-fp16", "trt-int8"} <= set(manifest["files"])
     assert manifest["table"]["trt-fp16"]["agreement"] > 0.95
+
+
+@pytest.fixture(scope="module")
+def mobile_bundle(digits_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("mobile") / "bundle"
+    opts = ExportOptions(**(OPTS | dict(formats=["ort", "ort-int8"], whitebox_attacks=("pgd20",))))
+    manifest, _ = export_bundle(digits_checkpoint, out, opts, progress=lambda m: None)
+    return out, manifest
+
+
+def test_ort_mobile_files_match_their_onnx_sources_and_int8_is_really_quantized(mobile_bundle, digits):
+    out, manifest = mobile_bundle
+    # ort-int8 brings its source (and its twin's graph), onnx-int8; the float path always builds onnx
+    assert set(manifest["files"]) == {"onnx", "onnx-int8", "ort", "ort-int8"}
+    x = np.concatenate([digits.test.float_images()[:128].numpy(),
+                        np.random.default_rng(0).random((32, 1, 16, 16), dtype=np.float32)])
+    for ort_file, onnx_file, tolerance in (("model.ort", "model.onnx", 1e-5), ("model.int8.ort", "model.int8.onnx", 1e-5)):
+        got, ref = OrtRunner(out / ort_file)(x), OrtRunner(out / onnx_file)(x)
+        print(f"{ort_file} vs {onnx_file}: max |logit difference| {np.abs(got - ref).max():.2e}")
+        assert np.abs(got - ref).max() <= tolerance and (got.argmax(1) == ref.argmax(1)).all()
+    operators = (out / "ort.required_operators.config").read_text()
+    assert "QLinearConv" in operators and "model.int8.ort" in operators and "/tmp" not in operators
+    assert manifest["ort_operators"]["file"] == "ort.required_operators.config"
+    assert manifest["files"]["ort-int8"]["bytes"] < 0.6 * manifest["files"]["ort"]["bytes"]
+    table = manifest["table"]
+    assert table["ort"]["clean"] == table["onnx"]["clean"] and table["ort-int8"]["twin_agreement"] >= 0.99
+    with np.load(out / "verify.npz") as data:  # the twin is the same function: its examples were reused
+        assert np.array_equal(data["wb.ort-int8.pgd20"], data["wb.onnx-int8.pgd20"])
+    assert "whitebox_pgd20" in table["ort-int8"] and "worst" in table["ort-int8"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "model.int8.ort does not match its manifest sha256"),
+    ("garbage with its hash", "onnxruntime cannot load model.int8.ort"),
+    ("operators", "ort.required_operators.config does not match its manifest sha256"),
+])
+def _refused_by_both_verifiers(bundle: Path, tmp_path: Path, file: str, fmt: str, damage: str, message: str) -> None:
+    """Damage one file of a copy of ``bundle`` (flip a byte, or replace it by garbage and fix its hash so
+    the runtime has to refuse it); both verifiers must refuse with ``message``, one line, exit 2."""
+    import hashlib
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    data = bytearray((broken / file).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    if damage == "garbage with its hash":
+        data = bytearray(b"not a model file" * 64)
+        manifest = json.loads((broken / "manifest.json").read_text())
+        manifest["files"][fmt]["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+        (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / file).write_bytes(bytes(data))
+    with pytest.raises(RobustEdgeError, match=message):
+        verify_bundle(broken, square_n=0, progress=lambda m: None)
+    proc = subprocess.run([sys.executable, str(broken / "verify.py")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("model.int8.ort", "flip", "model.int8.ort does not match its manifest sha256"),
+    ("model.int8.ort", "garbage with its hash", "onnxruntime cannot load model.int8.ort"),
+    ("ort.required_operators.config", "flip", "ort.required_operators.config does not match its manifest sha256"),
+])
+def test_a_corrupted_ort_file_is_refused_by_both_verifiers(mobile_bundle, tmp_path, file, damage, message):
+    _refused_by_both_verifiers(mobile_bundle[0], tmp_path, file, "ort-int8", damage, message)
+
+
+@pytest.fixture(scope="module")
+def phone_checkpoint(tmp_path_factory, fit_natural):
+    """A MobileNetV2 (the phone student) on 8x8 digits. (ExecuTorch's XNNPACK quantizer broke the
+    pre-activation WRN-10-1 of the other tests: its own converted torch graph agreed with the float
+    model on 55.5% of digits, which the bundle's agreement column and gate report; docs/design.md.)"""
+    from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+    from robustedge.data import load_dataset
+
+    spec = ModelSpec("mobilenetv2", 10, 1, 0.25, 8)
+    torch.manual_seed(0)
+    model = fit_natural(spec.build(), load_dataset("digits", image_size=8, channels=1).train, epochs=6)
+    return save_model(tmp_path_factory.mktemp("phone") / "mnv2.safetensors", model,
+                      ModelMeta(spec, dataset="digits", eps=0.1, method="natural", classes=[str(i) for i in range(10)],
+                                extra={"data": {"seed": 0, "val_fraction": 0.1}}))
+
+
+@pytest.fixture(scope="module")
+def executorch_bundle(phone_checkpoint, tmp_path_factory):
+    pytest.importorskip("executorch", reason="the mobile extra (executorch) is not installed")
+    out = tmp_path_factory.mktemp("executorch") / "bundle"
+    opts = ExportOptions(**(OPTS | dict(formats=["executorch", "executorch-int8"], whitebox_attacks=())))
+    manifest, _ = export_bundle(phone_checkpoint, out, opts, progress=lambda m: None)
+    return out, manifest
+
+
+def test_executorch_programs_match_the_float_onnx_model_and_int8_is_really_quantized(executorch_bundle):
+    from robustedge.verify_core import ExecuTorchRunner
+
+    out, manifest = executorch_bundle
+    assert set(manifest["files"]) == {"onnx", "executorch", "executorch-int8"}
+    from robustedge.data import load_dataset
+
+    x = load_dataset("digits", image_size=8, channels=1).test.float_images()[:200].numpy()
+    ref = OrtRunner(out / "model.onnx")(x)
+    fp32, int8 = ExecuTorchRunner(out / "model.pte")(x), ExecuTorchRunner(out / "model.int8.pte")(x)
+    print(f"model.pte vs model.onnx: max |logit difference| {np.abs(fp32 - ref).max():.2e}; model.int8.pte: "
+          f"{np.abs(int8 - ref).max():.3f}, top-1 agreement {100 * (int8.argmax(1) == ref.argmax(1)).mean():.1f}%")
+    assert np.abs(fp32 - ref).max() < 1e-4  # XNNPACK fp32 against ONNX Runtime fp32
+    assert (int8.argmax(1) == ref.argmax(1)).mean() >= 0.95 and np.abs(int8 - ref).max() > 1e-3  # INT8 differs
+    assert manifest["files"]["executorch-int8"]["bytes"] < 0.6 * manifest["files"]["executorch"]["bytes"]
+    assert ExecuTorchRunner(out / "model.pte").input_shape == (1, 1, 8, 8)
+    table = manifest["table"]
+    assert table["executorch"]["clean"] == table["onnx"]["clean"] and "square" in table["executorch-int8"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "model.int8.pte does not match its manifest sha256"),  # a flipped byte still loads and runs
+    ("garbage with its hash", "executorch cannot load model.int8.pte"),
+])
+def test_a_corrupted_pte_is_refused_by_both_verifiers(executorch_bundle, tmp_path, damage, message):
+    _refused_by_both_verifiers(executorch_bundle[0], tmp_path, "model.int8.pte", "executorch-int8", damage, message)
+
+
+def test_executorch_formats_are_skipped_with_the_install_line_without_the_extra(digits_checkpoint, tmp_path,
+                                                                                 monkeypatch):
+    from robustedge.export import executorch
+
+    monkeypatch.setattr(executorch, "available", lambda: (False, executorch.INSTALL))
+    opts = ExportOptions(**(OPTS | dict(formats=["executorch"], whitebox_attacks=(), square_n=0)))
+    manifest, _ = export_bundle(digits_checkpoint, tmp_path / "bundle", opts, progress=lambda m: None)
+    assert set(manifest["files"]) == {"onnx"} and "robustedge[mobile]" in manifest["skipped"]["executorch"]

@@ -186,7 +186,7 @@ def test_every_shipped_config_loads_and_digits_ones_match_the_quickstart():
     assert paper.optim.milestones == [215, 260, 285] and paper.attack.eps == pytest.approx(8 / 255)
     assert paper.attack.step_size == pytest.approx(2 / 255) and paper.attack.steps == 10
     assert paper.teachers["robust"].arch == "wrn34_10" and paper.teachers["clean"].arch == "resnet56"
-    for name, cfg in quickstart_configs(QuickstartSettings()).items():
+    for name, cfg in quickstart_configs(QuickstartSettings(qat=True)).items():
         assert config_to_dict(load_config(RECIPES / f"digits_{name}.yaml")) == config_to_dict(cfg), name
 
 
@@ -213,3 +213,27 @@ def test_quickstart_end_to_end_small(tmp_path, capsys):
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
     assert main(["quickstart", "--out", str(tmp_path / "mine"), "--epochs", "1"]) == 2
     assert (tmp_path / "mine" / "thesis.tex").exists()
+
+
+def test_quickstart_with_qat_shows_float_ptq_and_qat_int8_side_by_side(tmp_path, capsys):
+    from robustedge.cli import main
+
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--out", str(out), "--epochs", "1", "--teacher-epochs", "1", "--n", "24",
+                 "--attacks", "clean,pgd20", "--device", "cpu", "--no-progress", "--qat", "--qat-epochs", "1"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "float, post-training INT8 and quantization-aware INT8" in text
+    for label in ("float (torch)", "PTQ INT8 (onnx-int8)", "QAT INT8 (onnx-int8)"):
+        assert label in text and label in (out / "quickstart.md").read_text()
+    qat = json.loads((out / "student_bmtard_qat_export" / "manifest.json").read_text())
+    assert set(qat["files"]) == {"onnx-int8"} and qat["source"]["qat"]["activations"] == "uint8"
+    assert qat["source"]["checkpoint"] == "last.safetensors" and (out / "student_bmtard_qat" / "metrics.csv").is_file()
+    # the QAT file was attacked white-box through its twin, like the PTQ one, unless the twin was refused
+    # (these one-epoch students are near chance, so adversarial inputs sit on near-tied logits)
+    row = qat["table"]["onnx-int8"]
+    accepted = row["twin_agreement"] >= qat["gate"]["min_twin_agreement"]
+    assert (qat["samples"].get("whitebox") == {"onnx-int8": ["pgd20", "cw", "autoattack", "diva"]}) == accepted
+    assert ("whitebox_autoattack" in row) == accepted and "worst" in row
+    summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["status"] == "done" and {"qat_train", "qat_export", "export"} <= set(summary["timings"])

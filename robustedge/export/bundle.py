@@ -79,45 +79,109 @@ class ExportOptions:
         return self
 
 
+QAT_FORMATS = ("onnx-int8", "ort-int8", "trt-int8")  # what a QAT student exports to: its own INT8 function
+
+
 def parse_formats(text: str | list[str]) -> list[str]:
     names = [f.strip() for f in (text.split(",") if isinstance(text, str) else text) if f.strip()]
     bad = [f for f in names if f not in FORMATS]
     if bad or not names:
         raise RobustEdgeError(f"unknown export format '{(bad or [''])[0]}'; valid formats: {', '.join(FORMATS)}")
-    return ["onnx"] + [f for f in dict.fromkeys(names) if f != "onnx"]  # fp32 ONNX is the source of the rest
+    return list(dict.fromkeys(names))
+
+
+def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dict[str, str]]:
+    """(formats to build, {format: why not}): a float student always builds fp32 ONNX first (the source
+    of the rest); a QAT student builds only its INT8 formats, straight from its learned scales."""
+    requested = list(requested)
+    if "ort-int8" in requested and "onnx-int8" not in requested:  # its source, and its twin's
+        requested.insert(requested.index("ort-int8"), "onnx-int8")
+    if not qat:
+        return ["onnx"] + [f for f in requested if f != "onnx"], {}
+    why = "a QAT student is exported as INT8 only: its float weights are not the function it was trained as"
+    skipped = {f: why for f in requested if f not in QAT_FORMATS}
+    if "executorch-int8" in skipped:
+        skipped["executorch-int8"] = ("not for a QAT student yet: its uint8-activation scheme leaves quantize/"
+                                      "dequantize ops outside the XNNPACK delegate, which ExecuTorch's portable "
+                                      "runtime cannot run (docs/design.md, section 10)")
+    formats = [f for f in requested if f in QAT_FORMATS]
+    if not formats:
+        raise RobustEdgeError(f"a QAT student exports to {', '.join(QAT_FORMATS)}; --formats asked for none of them")
+    if "trt-int8" in formats and qat.get("activations") != "int8-symmetric":
+        formats.remove("trt-int8")
+        skipped["trt-int8"] = ("TensorRT takes zero points of 0 only: train the QAT student with "
+                               "--qat-activations int8-symmetric")
+        if not formats:
+            raise RobustEdgeError(skipped["trt-int8"])
+    return formats, skipped
 
 
 def _calibration(meta, opts: ExportOptions, model: torch.nn.Module) -> np.ndarray:
-    from robustedge.data import split_for_model
+    from robustedge.data import calibration_images, calibration_indices, split_for_model
 
     train = split_for_model(meta, None, opts.data_root, "train", None)
     if len(train) == 0:
         raise RobustEdgeError("no training images to calibrate INT8 with")
-    gen = torch.Generator().manual_seed(opts.seed)
-    idx = torch.randperm(len(train), generator=gen)[:opts.calibration_n]
-    x = train.images[idx].float() / 255.0
+    x = calibration_images(train, opts.calibration_n, opts.seed)
     if opts.calibrate_adversarial:  # half clean, half PGD-20 examples of the float model
         from robustedge.evaluate import SUITE
 
         half = len(x) // 2
-        y = train.labels[idx][half:]
+        y = train.labels[calibration_indices(train, opts.calibration_n, opts.seed)][half:]
         x[half:] = SUITE["pgd20"].run(model, x[half:], y, meta.eps, torch.Generator().manual_seed(opts.seed))
     return x.numpy().astype(np.float32)
 
 
-def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -> float:
-    """Max |logit difference| of the fp32 ONNX file against torch on test and random inputs."""
+def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -> dict:
+    """Max |logit difference| of an ONNX file against torch on test and random inputs, and top-1 agreement
+    on the test inputs (random noise has near-tied logits, whose order a rounding step flips: it would
+    measure the noise, not the file)."""
     from robustedge.export.runners import TorchRunner
     from robustedge.verify_core import OrtRunner, predict
 
     runner, reference = OrtRunner(onnx_path), TorchRunner(model)
     rand = np.random.default_rng(seed).random((64, *x.shape[1:]), dtype=np.float32)
-    worst = 0.0
+    refs, gots = [], []
     for batch in (x[:256], rand):
-        ref = predict(reference, batch, what="the torch model")
-        got = predict(runner, batch, what="the fp32 ONNX file")
-        worst = max(worst, float(np.abs(got - ref).max()))
-    return worst
+        refs.append(predict(reference, batch, what="the torch model"))
+        gots.append(predict(runner, batch, what=onnx_path.name))
+    ref, got = np.concatenate(refs), np.concatenate(gots)
+    real = slice(0, len(refs[0]))
+    return {"max_abs_logit_diff": float(np.abs(got - ref).max()),
+            "agreement": float((got[real].argmax(1) == ref[real].argmax(1)).mean()), "n": int(len(ref)),
+            "n_agreement": int(len(refs[0]))}
+
+
+
+
+def _convert(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, x: torch.Tensor,
+             progress) -> tuple[dict[str, str], dict]:
+    """Write the model files; return ({format: why skipped}, the parity check of the first file)."""
+    qat = meta.extra.get("qat")
+    if qat:
+        from robustedge.qat import to_qdq_onnx
+
+        progress(f"QAT student: its INT8 function to QDQ ONNX with the learned scales (no calibration)")
+        path = to_qdq_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
+        parity = _parity(model, path, x.numpy(), opts.seed) | {"format": "onnx-int8",
+                                                                  "reference": "the fake-quantised torch model"}
+        # no hard bound here: the file stores the folded biases as int32 (what integer runtimes execute),
+        # a rounding PT2E cannot simulate, so it is checked like any artifact, by the table's agreement
+        # with the fake-quantised model and the gate's min_agreement (measured 99.5-100% on digits)
+        skipped = {}
+        if "ort-int8" in formats:
+            _ort(["ort-int8"], tmp, progress)
+        if "trt-int8" in formats:
+            skipped = _tensorrt(["trt-int8"], {"trt-int8": path}, meta, tmp, progress)
+        return skipped, parity
+    progress(f"exporting to ONNX opset {convert.OPSET}")
+    convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
+    parity = _parity(model, tmp / FORMATS["onnx"][0], x.numpy(), opts.seed) | {"format": "onnx",
+                                                                              "reference": "the torch model"}
+    if parity["max_abs_logit_diff"] > opts.parity_tol:
+        raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {parity['max_abs_logit_diff']:.2e} "
+                              f"(> {opts.parity_tol:.0e})")
+    return _build_formats(model, meta, formats, tmp, opts, progress), parity
 
 
 def _build_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, progress) -> dict[str, str]:
@@ -126,26 +190,68 @@ def _build_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptio
     if "onnx-fp16" in formats:
         convert.convert_fp16(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-fp16"][0])
     calibration = None
-    if "onnx-int8" in formats or "trt-int8" in formats:
+    if {"onnx-int8", "trt-int8", "executorch-int8"} & set(formats):
         progress(f"INT8: {opts.calibration_method} calibration on {opts.calibration_n} training images"
                  + (" (half PGD-20 adversarial)" if opts.calibrate_adversarial else ""))
         calibration = _calibration(meta, opts, model)
     if "onnx-int8" in formats:
         convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-int8"][0], calibration,
                               opts.calibration_method, activations=opts.int8_activations)
-    for fmt in [f for f in formats if f.startswith("trt")]:
+    _ort([f for f in formats if f in convert.ORT_SOURCES], tmp, progress)
+    skipped.update(_executorch([f for f in formats if f.startswith("executorch")], model, meta, calibration, tmp,
+                               progress))
+    trt = [f for f in formats if f.startswith("trt")]
+    sources = {"trt-fp16": tmp / FORMATS["onnx"][0]}
+    if "trt-int8" in trt and convert.tensorrt_available()[0]:  # TensorRT: zero points of 0, its own QDQ file
+        sources["trt-int8"] = convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / "trt-source.int8.onnx",
+                                                    calibration, opts.calibration_method, activations="int8-symmetric")
+    skipped.update(_tensorrt(trt, sources, meta, tmp, progress))
+    (tmp / "trt-source.int8.onnx").unlink(missing_ok=True)
+    return skipped
+
+
+def _ort(formats: list[str], tmp: Path, progress) -> None:
+    """ORT-format files for ONNX Runtime Mobile, and the reduced-operator config of the bundle."""
+    if formats:
+        progress(f"converting to ORT format for ONNX Runtime Mobile: {', '.join(formats)}")
+        convert.convert_to_ort({tmp / FORMATS[convert.ORT_SOURCES[f]][0]: tmp / FORMATS[f][0] for f in formats},
+                               tmp / verify_core.ORT_OPERATORS_FILE)
+
+
+def _executorch_available() -> tuple[bool, str]:
+    from robustedge.export import executorch
+
+    return executorch.available()
+
+
+def _executorch(formats: list[str], model, meta, calibration, tmp: Path, progress) -> dict[str, str]:
+    """ExecuTorch programs (XNNPACK) where the ``mobile`` extra is installed; {format: why} otherwise."""
+    from robustedge.export import executorch
+
+    if not formats:
+        return {}
+    ok, why = executorch.available()
+    if not ok:
+        progress(f"skipping {', '.join(formats)}: {why}")
+        return {f: why for f in formats}
+    progress(f"lowering to ExecuTorch (XNNPACK): {', '.join(formats)}")
+    if "executorch" in formats:
+        executorch.export_program(model, meta.spec.input_shape, tmp / FORMATS["executorch"][0])
+    if "executorch-int8" in formats:
+        executorch.quantize_program(model, meta.spec.input_shape, calibration, tmp / FORMATS["executorch-int8"][0])
+    return {}
+
+
+def _tensorrt(formats: list[str], sources: dict[str, Path], meta, tmp: Path, progress) -> dict[str, str]:
+    """TensorRT engines from their ONNX sources where TensorRT and a GPU exist; {format: why} otherwise."""
+    skipped = {}
+    for fmt in formats:
         ok, why = convert.tensorrt_available()
         if not ok:
             skipped[fmt] = why
             progress(f"skipping {fmt}: {why}")
             continue
-        source = tmp / FORMATS["onnx"][0]
-        if fmt == "trt-int8":  # TensorRT takes zero points of 0 only: a symmetric QDQ file of its own
-            source = convert.quantize_int8(source, tmp / "trt-source.int8.onnx", calibration,
-                                           opts.calibration_method, activations="int8-symmetric")
-        convert.build_tensorrt(source, tmp / FORMATS[fmt][0], fmt.split("-")[1], meta.spec.input_shape)
-        if fmt == "trt-int8":
-            source.unlink()
+        convert.build_tensorrt(sources[fmt], tmp / FORMATS[fmt][0], fmt.split("-")[1], meta.spec.input_shape)
     return skipped
 
 
@@ -163,6 +269,7 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     opts.validate()
     check_output_folder(out, BUNDLE, replace=force, protect=[checkpoint])
     model, meta = load_model(checkpoint, "cpu")
+    formats, skipped = plan_formats(opts.formats, meta.extra.get("qat"))
     if meta.eps is None:
         raise RobustEdgeError(f"{checkpoint} records no eps; it is needed for the robustness checks")
     split = split_for_model(meta, None, opts.data_root, "test", opts.n)
@@ -172,12 +279,9 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     tmp = make_temp_dir(out)
     timings, t0 = {}, time.perf_counter()
     try:
-        progress(f"exporting {checkpoint.name} ({meta.spec.arch}) to ONNX opset {convert.OPSET}")
-        convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
-        diff = _parity(model, tmp / FORMATS["onnx"][0], x.numpy(), opts.seed)
-        if diff > opts.parity_tol:
-            raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {diff:.2e} (> {opts.parity_tol:.0e})")
-        skipped = _build_formats(model, meta, opts.formats, tmp, opts, progress)
+        progress(f"exporting {checkpoint.name} ({meta.spec.arch})")
+        built_skipped, parity = _convert(model, meta, formats, tmp, opts, x, progress)
+        skipped.update(built_skipped)
 
         timings["convert"] = time.perf_counter() - t0
         progress(f"crafting {', '.join(opts.transfer_attacks)} examples on the torch model ({len(y)} test images)")
@@ -189,18 +293,18 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         table, flags, checks = {}, {}, {}
         table["torch"], flags["torch"], checks["torch"] = torch_row(model, samples, checkpoint.stat().st_size,
                                                                     meta.eps, **common)
-        built = [f for f in opts.formats if (tmp / FORMATS[f][0]).exists()]
+        built = [f for f in FORMATS if f in formats and (tmp / FORMATS[f][0]).exists()]  # sources first
         for fmt in built:
             progress(f"verifying {fmt} through its runtime")
             table[fmt], flags[fmt], checks[fmt] = verify_artifact(
                 tmp / FORMATS[fmt][0], fmt, samples, meta.eps, float_model=model, whitebox=opts.whitebox_attacks,
                 progress=progress, **common)
-        table["onnx"]["max_abs_logit_diff"] = diff
+        table[parity["format"]]["max_abs_logit_diff"] = parity["max_abs_logit_diff"]
         failures = opts.gate.check(table, flags)
         np.savez_compressed(tmp / SAMPLES_FILE, **samples)
         shutil.copyfile(verify_core.__file__, tmp / VERIFIER_FILE)
         manifest = _manifest(checkpoint, out, meta, opts, tmp, built, samples, skipped, table, failures)
-        manifest |= {"flags": flags, "checks": checks, "seconds": timings}
+        manifest |= {"flags": flags, "checks": checks, "seconds": timings, "parity": parity}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
         atomic_write_text(tmp / "verify.md", format_table(table) + "\n" + format_flags(flags))
         replace_folder(tmp, out, BUNDLE, replace=force)
@@ -216,7 +320,7 @@ def _manifest(checkpoint: Path, out: Path, meta, opts: ExportOptions, tmp: Path,
         "format": BUNDLE_FORMAT, "robustedge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint), "arch": meta.spec.arch,
                    "relative_path": os.path.relpath(checkpoint.resolve(), out.resolve()),
-                   "method": meta.method, "dataset": meta.dataset},
+                   "method": meta.method, "dataset": meta.dataset, "qat": meta.extra.get("qat")},
         "input": {"name": convert.INPUT_NAME, "shape": list(meta.spec.input_shape), "dtype": "float32",
                   "range": [0.0, 1.0], "layout": "NCHW", "dynamic_batch": True},
         "output": {"name": convert.OUTPUT_NAME, "classes": meta.classes},
@@ -230,6 +334,9 @@ def _manifest(checkpoint: Path, out: Path, meta, opts: ExportOptions, tmp: Path,
                     "square": {r: int(len(samples[square_key(r)])) for r in ["torch"] + built
                                if square_key(r) in samples}},
         "verifier": {"file": VERIFIER_FILE, "sha256": sha256(tmp / VERIFIER_FILE)},
+        **({"ort_operators": {"file": verify_core.ORT_OPERATORS_FILE,
+                              "sha256": sha256(tmp / verify_core.ORT_OPERATORS_FILE)}}
+           if (tmp / verify_core.ORT_OPERATORS_FILE).exists() else {}),
         "skipped": skipped, "table": table, "gate": opts.gate.to_dict(), "gate_failures": failures,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("gate", "flags")} | {"flags": opts.flags.to_dict()},
     }
@@ -250,8 +357,10 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     table = {"torch": manifest["table"]["torch"]}
     flags = {"torch": manifest.get("flags", {}).get("torch", [])}
     for fmt, entry in manifest["files"].items():
-        if FORMATS[fmt][1] == "tensorrt":
-            ok, why = convert.tensorrt_available()
+        runtime_check = {"tensorrt": convert.tensorrt_available, "executorch": _executorch_available}.get(
+            FORMATS[fmt][1])
+        if runtime_check is not None:
+            ok, why = runtime_check()
             if not ok:
                 progress(f"skipping {fmt}: {why}")
                 continue

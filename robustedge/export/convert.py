@@ -1,4 +1,4 @@
-"""torch -> ONNX (fp32), ONNX fp16, ONNX INT8 (static QDQ) and TensorRT engines.
+"""torch -> ONNX (fp32), ONNX fp16, ONNX INT8 (static QDQ), ORT format for ONNX Runtime Mobile and TensorRT engines.
 
 Opset 18: the lowest the dynamo-based ``torch.onnx.export`` emits, supported by ONNX Runtime
 (including Mobile builds) and TensorRT 10. The exported graph is the conv+BN-folded model (the same
@@ -8,6 +8,7 @@ folds constants and removes dead nodes, which is the simplification that is alwa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
@@ -30,9 +31,9 @@ def export_onnx(model: torch.nn.Module, input_shape: tuple[int, int, int], path:
     """Export with a dynamic batch axis and check the file with ``onnx.checker``."""
     import onnx
 
-    from robustedge.models import fold_batchnorm
+    from robustedge.models import fold_if_possible
 
-    model = fold_batchnorm(model).eval() if hasattr(model, "features_to_logits") else model.eval()
+    model = fold_if_possible(model)
     example = torch.rand(2, *input_shape)
     batch = torch.export.Dim("batch", min=1, max=4096)
     try:
@@ -119,6 +120,54 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
     finally:
         prepared.unlink(missing_ok=True)
     return dst
+
+
+ORT_SOURCES = {"ort": "onnx", "ort-int8": "onnx-int8"}  # ORT-format file -> the ONNX file it is converted from
+
+
+def convert_to_ort(sources: dict[Path, Path], config: Path) -> Path:
+    """ONNX files to ORT format (``{onnx: .ort}``) with onnxruntime's own converter, as for a phone.
+
+    The converter's fixed optimisation style at level ``all`` for an ARM target (no x86-only NCHWc
+    layout; int8 QDQ fusions allowed), the mode ONNX Runtime Mobile documents for a minimal build; the
+    same file runs on this machine's onnxruntime, so what is verified is what ships. ``config`` gets
+    the reduced-operator configuration of every converted file together: the input of ONNX Runtime's
+    ``build.py --minimal_build --include_ops_by_config`` for an app holding only these models.
+    """
+    import shutil
+    import tempfile
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+    from onnxruntime.tools.ort_format_model import create_config_from_models
+
+    converted = []
+    with tempfile.TemporaryDirectory(dir=config.parent, prefix=".ort-") as work:
+        for index, (src, dst) in enumerate(sources.items()):
+            folder = Path(work) / str(index)
+            folder.mkdir()
+            shutil.copyfile(src, folder / "model.onnx")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    convert_onnx_models_to_ort(folder / "model.onnx", output_dir=folder / "out",
+                                               optimization_styles=[OptimizationStyle.Fixed], target_platform="arm")
+            except Exception as exc:  # onnxruntime raises its own types
+                first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+                raise RobustEdgeError(f"cannot convert {src.name} to ORT format: {first[:200]}") from None
+            shutil.move(str(folder / "out" / "model.ort"), dst)
+            converted.append(dst)
+        quiet = logging.getLogger("ort_format_model.utils")
+        level, quiet.level = quiet.level, logging.WARNING
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                create_config_from_models(converted, config, False)
+        finally:
+            quiet.setLevel(level)
+    # the header names the files it was made from: the bundle's names, not this machine's temporary paths
+    lines = [f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line
+             for line in config.read_text().splitlines()]
+    config.write_text("\n".join(lines) + "\n")
+    return config
 
 
 def tensorrt_available() -> tuple[bool, str]:

@@ -12,7 +12,7 @@ from typing import Callable
 from robustedge.errors import RobustEdgeError, unknown_name
 from robustedge.models.base import Classifier
 from robustedge.models.cifar_resnet import CifarResNet
-from robustedge.models.folding import fold_batchnorm
+from robustedge.models.folding import fold_batchnorm, fold_if_possible
 from robustedge.models.mobilenetv2 import MobileNetV2
 from robustedge.models.resnet import PreActResNet, ResNet
 from robustedge.models.wideresnet import WideResNet
@@ -83,4 +83,4 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
     return model
 
 
-__all__ = ["Classifier", "MODELS", "build_model", "check_arch", "fold_batchnorm", "model_names", "stem_stride"]
+__all__ = ["Classifier", "MODELS", "build_model", "check_arch", "fold_batchnorm", "fold_if_possible", "model_names", "stem_stride"]

@@ -19,7 +19,13 @@ def scaled(channels: int, width: float) -> int:
 
 
 class Classifier(nn.Module):
-    """Base for the zoo: subclasses implement ``features_to_logits`` on normalised inputs."""
+    """Base for the zoo: subclasses implement ``features_to_logits`` on normalised inputs.
+
+    Activations that follow a conv + BN are ``nn.ReLU`` modules, one per call site, not ``F.relu``:
+    the quantizers of the QAT / PT2E flow (robustedge/qat.py) recognise conv-bn-relu by module, and
+    only then quantise after the ReLU alone, as the INT8 runtimes fuse it (with ``F.relu`` the output
+    was quantised twice, before and after the ReLU, and ONNX Runtime's fused kernels then disagreed with
+    the simulated function on 3.5% of inputs)."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -14,16 +14,17 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu1 = nn.ReLU()  # one module per call site: quantizers match conv-bn-relu patterns by module
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu2 = nn.ReLU()
         self.downsample = downsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu2(out + identity)
 
 
 class CifarResNet(Classifier):
@@ -36,7 +37,7 @@ class CifarResNet(Classifier):
         self.inplanes = c[0]
         self.conv1 = nn.Conv2d(in_channels, c[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(c[0])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.layer1 = self._make_layer(c[0], n, 1)
         self.layer2 = self._make_layer(c[1], n, 2)
         self.layer3 = self._make_layer(c[2], n, 2)

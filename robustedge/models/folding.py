@@ -124,3 +124,9 @@ def fold_batchnorm(model: Classifier, *, linked: bool = False) -> FoldedClassifi
                 folded._copied.append((tensor, sources[_strip(name)]))
         folded._copied += [(folded.input_mean, model.input_mean), (folded.input_std, model.input_std)]
     return folded
+
+
+def fold_if_possible(model: nn.Module) -> nn.Module:
+    """The folded copy of a registry :class:`Classifier`; any other model (a QAT student, a foreign
+    module) as it is, in eval mode: folding is a speed-up, never a requirement."""
+    return fold_batchnorm(model) if isinstance(model, Classifier) else model.eval()

@@ -28,6 +28,7 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, out_planes, 1, 1, 0, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()  # modules, one per call site: see models/base.py
         self.shortcut = nn.Sequential()
         if stride == 1 and in_planes != out_planes:
             self.shortcut = nn.Sequential(
@@ -35,8 +36,8 @@ class Block(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.relu1(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return out + self.shortcut(x) if self.stride == 1 else out
 
@@ -58,9 +59,10 @@ class MobileNetV2(Classifier):
         self.conv2 = nn.Conv2d(in_planes, head, 1, 1, 0, bias=False)
         self.bn2 = nn.BatchNorm2d(head)
         self.linear = nn.Linear(head, num_classes)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
 
     def features_to_logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.layers(out)
-        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.relu2(self.bn2(self.conv2(out)))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))

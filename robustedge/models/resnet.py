@@ -24,6 +24,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()  # modules, one per call site: see models/base.py
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
@@ -31,9 +32,9 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu1(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return self.relu2(out + self.shortcut(x))
 
 
 class PreActBlock(nn.Module):
@@ -73,9 +74,10 @@ class ResNet(Classifier):
         self.layer3 = _make_stage(BasicBlock, c[1], c[2], num_blocks[2], 2)
         self.layer4 = _make_stage(BasicBlock, c[2], c[3], num_blocks[3], 2)
         self.linear = nn.Linear(c[3], num_classes)
+        self.relu = nn.ReLU()
 
     def features_to_logits(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         return self.linear(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 

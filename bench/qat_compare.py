@@ -1,0 +1,179 @@
+"""Float vs post-training INT8 vs quantization-aware INT8, measured on the INT8 artifacts themselves.
+
+    python bench/qat_compare.py digits --teachers runs/quickstart --seeds 0 1 2 --out runs/qat_digits
+    python bench/qat_compare.py run runs/mnv2_32 --qat-epochs 1 --n 50 --out runs/qat_mnv2_32
+
+``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
+``run``: an existing training run folder (its config.yaml and best.safetensors). Then, for each:
+1. the float student exported with post-training INT8 (``onnx-int8``, min-max calibration);
+2. a QAT fine-tune of the float student with the run's own method (ranges calibrated first, so it
+   starts from the PTQ model; ``--qat-epochs`` at ``--qat-lr``), exported straight to INT8;
+3. both INT8 files attacked white-box through their twins (PGD-20, CW-inf, AutoAttack, DIVA) and
+   black-box (Square) on ONNX Runtime; the headline is the per-example worst case over every attack.
+The float row is the torch model under AutoAttack (its white-box figure). Also compares the median
+training speed (img/s) of the float run and of the QAT fine-tune. Results go to ``<out>/qat_compare.json`` and a Markdown table.
+On a CPU, seeds run side by side in two processes with one thread each, as in the quickstart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from robustedge.config import QATConfig, TrainConfig, load_config
+from robustedge.export.bundle import ExportOptions, export_bundle
+from robustedge.files import atomic_write_json, atomic_write_text
+from robustedge.quickstart import QuickstartSettings, quickstart_configs
+from robustedge.runtime import parallel_plan, resolve_device, run_jobs
+from robustedge.train import train
+
+
+def _train_once(cfg: TrainConfig) -> tuple[Path, float]:
+    """Train (or reuse) a run; returns (best checkpoint, training images per second over the run)."""
+    folder = Path(cfg.out_dir) / cfg.name
+    if not (folder / "result.json").exists():
+        train(cfg)
+    return folder / "best.safetensors", _images_per_second(folder)
+
+
+def _images_per_second(folder: Path) -> float:
+    import csv
+
+    with open(folder / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    return statistics.median(float(r["img_per_s"]) for r in rows if r.get("img_per_s"))
+
+
+def _export(checkpoint: Path, out: Path, n: int, transfer: tuple[str, ...], square_n: int, seed: int,
+            whitebox: tuple[str, ...]) -> dict:
+    if not (out / "manifest.json").exists():
+        export_bundle(checkpoint, out, ExportOptions(formats=["onnx-int8"], n=n, transfer_attacks=transfer,
+                                                     whitebox_attacks=whitebox, square_n=square_n,
+                                                     square_queries=1000, seed=seed),
+                      progress=lambda m: None, force=out.exists())
+    return json.loads((out / "manifest.json").read_text())
+
+
+def compare(job: dict) -> dict:
+    """One float student: its PTQ INT8 and QAT INT8 artifacts, measured."""
+    base: TrainConfig = job["config"]
+    out = Path(job["out"])
+    t0 = time.perf_counter()
+    best, float_speed = _train_once(base)
+    float_seconds = time.perf_counter() - t0
+    n, seed, square_n = job["n"], base.seed, job["square_n"]
+    ptq = _export(best, out / f"{base.name}_ptq", n, ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
+
+    qat = copy.deepcopy(base)
+    qat.name, qat.out_dir = f"{base.name}_qat", str(out)
+    qat.epochs, qat.eval_every = job["qat_epochs"], job["qat_epochs"]
+    qat.optim.lr, qat.optim.milestones = job["qat_lr"], [max(1, job["qat_epochs"] - 1)]
+    qat.qat = QATConfig(enabled=True, from_checkpoint=str(best))
+    t0 = time.perf_counter()
+    qat_best, qat_speed = _train_once(qat)
+    qat_seconds = time.perf_counter() - t0
+    # the reference row (the fake-quantised torch model) gets the same transfer attacks as the float
+    # bundle's, so the two bundles' worst cases and gates compare like with like
+    qat_bundle = _export(Path(qat.out_dir) / qat.name / "last.safetensors", out / f"{qat.name}_export", n,
+                         job["qat_transfer"], square_n, seed, job["whitebox"])
+
+    def int8_row(manifest: dict) -> dict:
+        row = manifest["table"]["onnx-int8"]
+        # no white-box figure when the twin was refused (agreement with the runtime below the gate's)
+        return {"clean": row["clean"], "autoattack": row.get("whitebox_autoattack"), "worst": row["worst"],
+                "size_mb": row["size_mb"], "latency_b1_ms": row["latency_b1_ms"],
+                "latency_b64_ms": row["latency_b64_ms"], "twin_agreement": row.get("twin_agreement")}
+
+    torch_row = ptq["table"]["torch"]
+    return {"name": base.name, "seed": seed,
+            "float": {"clean": torch_row["clean"], "autoattack": torch_row["transfer_autoattack"],
+                      "worst": torch_row["worst"], "size_mb": torch_row["size_mb"],
+                      "latency_b1_ms": torch_row["latency_b1_ms"], "latency_b64_ms": torch_row["latency_b64_ms"]},
+            "ptq_int8": int8_row(ptq), "qat_int8": int8_row(qat_bundle),
+            "qat_parity": qat_bundle["parity"], "flags": {"ptq": ptq["flags"], "qat": qat_bundle["flags"]},
+            "train": {"float_img_per_s": float_speed, "qat_img_per_s": qat_speed,
+                      "float_seconds": float_seconds, "qat_seconds": qat_seconds, "qat_epochs": qat.epochs}}
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f}±{statistics.stdev(values):.1f}"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| model | clean (%) | white-box AA (%) | worst case (%) | size (MB) | latency b1 / b64 (ms) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("float", "float (torch)"), ("ptq_int8", "PTQ INT8 (ONNX Runtime)"),
+                       ("qat_int8", "QAT INT8 (ONNX Runtime)")):
+        rows = [r[key] for r in results]
+        attacked = [r["autoattack"] for r in rows if r["autoattack"] is not None]
+        lines.append(f"| {label} | {_mean_std([r['clean'] for r in rows])} | "
+                     f"{_mean_std(attacked) if len(attacked) == len(rows) else 'twin refused'} | {_mean_std([r['worst'] for r in rows])} | "
+                     f"{statistics.median(r['size_mb'] for r in rows):.3f} | "
+                     f"{statistics.median(r['latency_b1_ms'] for r in rows):.2f} / "
+                     f"{statistics.median(r['latency_b64_ms'] for r in rows):.2f} |")
+    speed = [r["train"]["qat_img_per_s"] / r["train"]["float_img_per_s"] for r in results]
+    lines.append("")
+    lines.append(f"QAT training speed relative to float training of the same method (median over runs, "
+                 f"{results[0]['threads']} thread(s) per run): {statistics.median(speed):.2f}x "
+                 f"({statistics.median(r['train']['qat_img_per_s'] for r in results):.0f} vs "
+                 f"{statistics.median(r['train']['float_img_per_s'] for r in results):.0f} img/s)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    digits = sub.add_parser("digits", help="the quickstart's B-MTARD student, several seeds")
+    digits.add_argument("--teachers", default="runs/quickstart", help="a quickstart folder with both teachers")
+    digits.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    run = sub.add_parser("run", help="an existing training run folder")
+    run.add_argument("folder")
+    for p in (digits, run):
+        p.add_argument("--out", required=True)
+        p.add_argument("--n", type=int, default=200, help="test images attacked")
+        p.add_argument("--square-n", type=int, default=100)
+        p.add_argument("--qat-epochs", type=int, default=3)
+        p.add_argument("--qat-lr", type=float, default=0.002)
+        p.add_argument("--whitebox", default="pgd20,cw,autoattack,diva", help="attacks on each INT8 file's twin")
+        p.add_argument("--qat-transfer", default="pgd20,autoattack",
+                       help="transfer attacks crafted on the fake-quantised model (AutoAttack on its eager graph "
+                            "is slow; without it the QAT bundle's reference row, and its gate, are weaker)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.mode == "digits":
+        base = quickstart_configs(QuickstartSettings(out=Path(args.teachers), progress=False))["student_bmtard"]
+        configs = []
+        for seed in args.seeds:
+            cfg = copy.deepcopy(base)
+            cfg.name, cfg.seed, cfg.out_dir = f"bmtard_s{seed}", seed, str(out)
+            configs.append(cfg)
+    else:
+        cfg = load_config(Path(args.folder) / "config.yaml")
+        cfg.name, cfg.out_dir, cfg.progress = Path(args.folder).name, str(Path(args.folder).parent), False
+        configs = [cfg]
+    jobs = [{"config": c, "out": str(out), "n": args.n, "square_n": args.square_n, "qat_epochs": args.qat_epochs,
+             "qat_lr": args.qat_lr, "whitebox": tuple(args.whitebox.split(",")),
+             "qat_transfer": tuple(args.qat_transfer.split(","))} for c in configs]
+    workers, threads = parallel_plan(resolve_device("cpu"), len(jobs))
+    results = run_jobs(compare, jobs, workers, threads)
+    for r in results:
+        r["threads"] = threads
+    atomic_write_json(out / "qat_compare.json", results)
+    text = table(results)
+    atomic_write_text(out / "qat_compare.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

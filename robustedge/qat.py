@@ -1,0 +1,290 @@
+"""Quantization-aware training: the student trained as the INT8 function it will be deployed as.
+
+Robust training makes a model robust as a float function; after quantisation it is a different
+function. Here the student is trained under fake quantisation that matches the export's INT8 scheme,
+and the training attack runs on the fake-quantised student, so it learns to be robust as the INT8
+model (docs/design.md, "Quantization-aware training").
+
+The library is torchao's PT2E flow (``prepare_qat_pt2e`` / ``convert_pt2e`` with the
+``X86InductorQuantizer``), chosen by measurement over NVIDIA ModelOpt (docs/design.md gives the
+comparison): per-channel symmetric int8 weights and per-tensor asymmetric uint8 activations, which is
+exactly the QDQ scheme ONNX Runtime's x86 kernels run (``onnx-int8``'s default), with conv+BN folded
+during training as it is at deployment; ``int8-symmetric`` activations (zero points 0) give files
+TensorRT accepts. A converted student exports through ``torch.onnx.export`` to a QDQ ONNX file with
+its learned scales: no post-training calibration.
+
+:class:`QATStudent` wraps the prepared graph so the rest of RobustEdge can treat it as any model:
+``train()``/``eval()`` switch batch norm the way PT2E requires and turn the observers on only in
+training, so attacks, validation and evaluation never move the learned ranges.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robustedge.errors import RobustEdgeError
+
+ACTIVATIONS = ("uint8", "int8-symmetric")
+MAX_BATCH = 4096
+
+
+def _quantizer(activations: str):
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    from dataclasses import replace
+
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
+    from torchao.quantization.pt2e.observer import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
+
+    if activations not in ACTIVATIONS:
+        raise RobustEdgeError(f"QAT activations must be one of {', '.join(ACTIVATIONS)}, got '{activations}'")
+    config = get_default_x86_inductor_quantization_config(is_qat=True)
+    # Every fake quantiser is the unfused FakeQuantize, which takes its scales from the observer's
+    # calculate_qparams, as convert_pt2e does. The default fused kernel computes per-channel symmetric
+    # weight scales with another divisor (about 0.4% apart), so training simulated weights the converted
+    # model does not have, and the two disagreed on 3.5% of digits (docs/design.md).
+    weight = replace(config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12))
+    act = replace(config.input_activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver, eps=2**-12))
+    config = replace(config, weight=weight, input_activation=act, output_activation=act)
+    if activations == "int8-symmetric":  # TensorRT's explicit quantisation takes zero points of 0 only
+        act = replace(config.input_activation, dtype=torch.int8, quant_min=-128, quant_max=127,
+                      qscheme=torch.per_tensor_symmetric)
+        config = replace(config, input_activation=act, output_activation=act)
+    return X86InductorQuantizer().set_global(config)
+
+
+def _set_observers(graph: nn.Module, enabled: bool) -> None:
+    from torchao.quantization.pt2e.fake_quantize import disable_observer, enable_observer
+
+    graph.apply(enable_observer if enabled else disable_observer)
+
+
+def _share_tensors(target: nn.Module, source: nn.Module) -> None:
+    """Point every parameter and buffer of ``target`` at ``source``'s tensor of the same name, except
+    the batch-norm step counters: the exported graph still increments them in eval mode, and an
+    evaluation must not change the training state."""
+    for kind in ("_parameters", "_buffers"):
+        for name, tensor in getattr(source, f"named_{kind[1:]}")():
+            parent, _, leaf = name.rpartition(".")
+            if leaf != "num_batches_tracked":
+                getattr(target.get_submodule(parent), kind)[leaf] = tensor
+
+
+class QATStudent(nn.Module):
+    """A fake-quantised student (a torch.export graph prepared for QAT) behaving like any module.
+
+    ``train(True)`` puts batch norm in training mode and lets the fake quantisers' observers follow
+    the activations; ``train(False)`` freezes both, so the attacks of a training step, validation
+    and every evaluation see the current INT8 function without changing it.
+
+    Switching an exported graph between train and eval rewrites it (``move_exported_model_to_eval``),
+    far too slow to do for every attack of every step; so the eval-mode graph is built once and shares
+    every parameter and buffer with the training graph (only the training graph is in the state dict).
+    """
+
+    def __init__(self, graph: nn.Module, activations: str) -> None:
+        super().__init__()
+        self.graph = graph
+        self.activations = activations
+        self._eval_graph: nn.Module | None = None  # plain attribute: not a submodule, not in the state dict
+        self.train(True)
+
+    def _evaluation_graph(self) -> nn.Module:
+        if self._eval_graph is None:
+            from torchao.quantization.pt2e import move_exported_model_to_eval
+
+            # the pattern rewrite traces with random example inputs: keep the caller's RNG untouched, or
+            # a graph built lazily inside an epoch would shift that epoch's attack starts (and resume
+            # would no longer be bitwise)
+            with torch.random.fork_rng(devices=[]):
+                graph = copy.deepcopy(self.graph)
+                move_exported_model_to_eval(graph)
+            _share_tensors(graph, self.graph)
+            object.__setattr__(self, "_eval_graph", graph)
+        return self._eval_graph
+
+    def _apply(self, fn, recurse=True):  # .to()/.float() may replace buffers: rebuild the shared view
+        object.__setattr__(self, "_eval_graph", None)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> "QATStudent":
+        _set_observers(self.graph, mode)  # the flags are shared buffers: both graphs follow
+        if not mode and self._eval_graph is not None:
+            # observers may have replaced a buffer (first per-channel observation) since the last switch
+            _share_tensors(self._eval_graph, self.graph)
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x) if self.training else self._evaluation_graph()(x)
+
+    def match_quantizer_shapes(self, state_dict) -> None:
+        """Resize the quantisers' buffers to a saved state's shapes: they take their per-channel shapes
+        only when they first see data. In place, so the eval view keeps sharing them."""
+        buffers = dict(self.named_buffers())
+        for name, value in state_dict.items():
+            if name in buffers and buffers[name].shape != value.shape and \
+                    name.rsplit(".", 1)[-1] in ("scale", "zero_point", "min_val", "max_val"):
+                buffers[name].resize_(value.shape)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As ``nn.Module.load_state_dict``, for a state read back from a file. The observers read the
+        module versions that ``state_dict()`` attaches as ``_metadata`` (a safetensors file cannot keep
+        them) and, finding none, would reset their ``eps`` as for a pre-v2 checkpoint; the versions of
+        this very graph are attached instead."""
+        from collections import OrderedDict
+
+        self.match_quantizer_shapes(state_dict)
+        if getattr(state_dict, "_metadata", None) is None:
+            state_dict = OrderedDict(state_dict)
+            state_dict._metadata = super().state_dict()._metadata
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], activations: str = "uint8") -> QATStudent:
+    """Export ``model`` (a registry Classifier) with a dynamic batch axis and insert fake quantisers."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    model = copy.deepcopy(model).train()
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    quantizer = _quantizer(activations)
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # tracing must not move the RNG
+            example = torch.rand(2, *input_shape, device=next(model.parameters()).device)
+            warnings.simplefilter("ignore")
+            graph = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}).module()
+            prepared = prepare_qat_pt2e(graph, quantizer)
+    except RobustEdgeError:
+        raise
+    except Exception as exc:  # torch.export / the quantizer's annotation raise many types
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise RobustEdgeError(f"cannot prepare this model for quantization-aware training (torchao PT2E): "
+                              f"{first[:200]}") from None
+    student = QATStudent(prepared, activations)
+    _initialise_quantizers(student, example)
+    return student
+
+
+@torch.no_grad()
+def _initialise_quantizers(student: QATStudent, example: torch.Tensor) -> None:
+    """Give every fake quantiser its shape and a provisional range, then forget the range.
+
+    A quantiser that has never observed data has a per-tensor placeholder scale, and the eval-mode
+    graph (the one attacks run on) fails on it for per-channel weights; a run that starts from scratch
+    attacks before its first training forward. One observed forward in eval mode (batch norm
+    untouched) fixes the shapes; the observers are then reset so that the first real observation
+    (calibration, or the first training batch) sets the range outright instead of being averaged with
+    this random batch."""
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+    with torch.random.fork_rng(devices=[]):
+        student.train(False)
+        _set_observers(student.graph, True)
+        student(example)
+        for module in student.graph.modules():
+            if isinstance(module, FakeQuantizeBase):
+                module.activation_post_process.reset_min_max_vals()
+        student.train(True)
+
+
+@torch.no_grad()
+def calibrate(student: QATStudent, images: torch.Tensor, batch_size: int = 128) -> None:
+    """Set the quantisation ranges from calibration images before training, as post-training
+    quantisation does (batch norm in eval mode, observers on): QAT then starts from the PTQ model."""
+    was_training = student.training
+    student.train(False)
+    _set_observers(student.graph, True)
+    for chunk in images.split(batch_size):
+        student(chunk)
+    student.train(was_training)
+
+
+def to_qdq_onnx(student: QATStudent, input_shape: tuple[int, int, int], path: Path) -> Path:
+    """The student's INT8 function as a QDQ ONNX file with its learned scales (``convert_pt2e``)."""
+    import onnx
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from robustedge.export.convert import INPUT_NAME, OPSET, OUTPUT_NAME
+
+    student = copy.deepcopy(student).train(False)
+    with torch.random.fork_rng(devices=[]):
+        converted = convert_pt2e(student.graph)
+        example = torch.rand(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(converted, (example,), dynamo=True, opset_version=OPSET, optimize=True,
+                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                        dynamic_shapes={"x": {0: batch}}, verbose=False)
+    except Exception as exc:  # the exporter raises many types
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise RobustEdgeError(f"cannot export this QAT student to ONNX: {first[:300]}") from None
+    proto = program.model_proto
+    for node in proto.graph.node:  # the exporter's per-node stack traces and names: a third of the file
+        del node.metadata_props[:]
+        node.doc_string = ""
+    quantize_biases(proto)
+    onnx.save(proto, str(path))
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    return path
+
+
+def quantize_biases(model) -> int:
+    """Store each Conv/Gemm float bias as int32 with scale input_scale x weight_scale behind a
+    DequantizeLinear, the QDQ convention integer runtimes execute (and what onnxruntime's own quantizer
+    writes). convert_pt2e leaves the folded biases in float; ONNX Runtime then fuses the convolutions
+    differently, and its output moved by up to 0.75 logits against the file's own reference semantics
+    (0.10 with int32 biases: docs/design.md). Returns how many biases it quantised."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def scale_of(name: str):
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[1] not in initializers:
+            return None
+        return numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+
+    done = 0
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in initializers:
+            continue
+        x_scale, w_scale = scale_of(node.input[0]), scale_of(node.input[1])
+        if x_scale is None or w_scale is None or x_scale.size != 1:
+            continue
+        bias = numpy_helper.to_array(initializers[node.input[2]]).astype(np.float64)
+        scale = (x_scale.reshape(()) * w_scale).astype(np.float32).reshape(-1)
+        if scale.size not in (1, bias.size):
+            continue
+        scale = np.broadcast_to(scale, bias.shape).copy()
+        quantized = np.clip(np.round(bias / scale.astype(np.float64)), -2**31, 2**31 - 1).astype(np.int32)
+        base = node.input[2]
+        names = [f"{base}_int32", f"{base}_scale", f"{base}_zero_point", f"{base}_dequantized"]
+        graph.initializer.extend([numpy_helper.from_array(quantized, names[0]), numpy_helper.from_array(scale, names[1]),
+                                  numpy_helper.from_array(np.zeros(bias.shape, np.int32), names[2])])
+        graph.node.insert(0, helper.make_node("DequantizeLinear", names[:3], [names[3]], axis=0))
+        node.input[2] = names[3]
+        done += 1
+    return done
+
+
+def library_version() -> str:
+    try:
+        import torchao
+    except ImportError:  # pragma: no cover - a core dependency
+        raise RobustEdgeError("quantization-aware training needs torchao (pip install torchao)") from None
+    return f"torchao {torchao.__version__}"

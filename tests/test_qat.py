@@ -1,0 +1,195 @@
+"""Quantization-aware robust training: the student trains, and is attacked, as its INT8 function."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustedge import RobustEdgeError
+from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, save_model
+from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, QATConfig, TeacherConfig,
+                               TrainConfig)
+from robustedge.qat import QATStudent, prepare_qat
+from robustedge.train import build_parts, state_digest, train
+
+SPEC = ModelSpec("mobilenetv2", 10, 1, 0.25, 8)
+
+
+def qat_config(tmp_path, name, method="pgd_at", epochs=2, **qat) -> TrainConfig:
+    return TrainConfig(
+        name=name, method=method,
+        data=DataConfig(name="digits", image_size=8, channels=1, padding=1, flip=False),
+        model=ModelConfig(arch="mobilenetv2", width=0.25),
+        attack=AttackConfig(eps=0.1, steps=2, step_size=0.05),
+        optim=OptimConfig(lr=0.002, milestones=[1]), qat=QATConfig(enabled=True, **qat), epochs=epochs,
+        batch_size=128, eval_every=1, eval_n=48, device="cpu", out_dir=str(tmp_path), log_every=3, progress=False)
+
+
+@pytest.fixture(scope="module")
+def float_student(tmp_path_factory, fit_natural):
+    from robustedge.data import load_dataset
+
+    data = load_dataset("digits", image_size=8, channels=1)
+    torch.manual_seed(0)
+    model = fit_natural(SPEC.build(), data.train, epochs=4)
+    path = tmp_path_factory.mktemp("float") / "student.safetensors"
+    return save_model(path, model, ModelMeta(SPEC, dataset="digits", eps=0.1, method="natural",
+                                             classes=[str(i) for i in range(10)],
+                                             extra={"data": {"seed": 0, "val_fraction": 0.1}}))
+
+
+def test_the_qat_step_is_the_methods_loss_on_the_fake_quantised_student(tmp_path):
+    torch.manual_seed(0)
+    teachers = {}
+    for role in ("robust", "clean"):
+        teacher_spec = ModelSpec("resnet20", 10, 1, 0.25, 8)
+        teachers[role] = str(save_model(tmp_path / f"{role}.safetensors", teacher_spec.build(),
+                                        ModelMeta(teacher_spec, dataset="digits")))
+    for method in ("pgd_at", "bmtard"):
+        cfg = qat_config(tmp_path, method, method=method)
+        cfg.teachers = {r: TeacherConfig(checkpoint=p, precision="fp32") for r, p in teachers.items()} \
+            if method == "bmtard" else {}
+        parts = build_parts(cfg, SPEC, torch.device("cpu"))
+        assert isinstance(parts.model, QATStudent) and parts.method.attack_twin is None
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        reference = copy.deepcopy(parts.model).eval()
+        torch.manual_seed(5)
+        from robustedge.attacks import pgd
+
+        x_adv = pgd(reference, x, y, eps=0.1, step_size=0.05, steps=2, start="gaussian", init_std=0.001)
+        reference.train()
+        if method == "pgd_at":
+            expected = F.cross_entropy(reference(x_adv), y)
+        else:
+            teacher = {r: parts.method.teachers[r] for r in ("robust", "clean")}
+            s_adv, s_nat = reference(x_adv), reference(x)
+            kl = lambda s, t: F.kl_div(F.log_softmax(s, 1), F.softmax(t, 1), reduction="batchmean")  # noqa: E731
+            expected = 0.5 * kl(s_adv, teacher["robust"](x_adv)) + 0.5 * kl(s_nat, teacher["clean"](x))
+        torch.manual_seed(5)
+        logs, _ = parts.step(parts.model, x, y)
+        # equal to float rounding: the step attacked the eval-mode fake-quantised student and took the
+        # method's loss on the training-mode one, exactly as computed here
+        assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5), method
+
+
+def test_eval_mode_never_moves_the_learned_ranges(float_student):
+    from robustedge.attacks import pgd
+
+    model, _ = load_model(float_student)
+    student = prepare_qat(model, SPEC.input_shape)
+    x, y = torch.rand(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    student(x)  # a training forward: the observers have seen data
+    student.eval()
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    pgd(student, x, y, eps=0.1, step_size=0.025, steps=5)
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in before.items())
+    student.train()
+    student(x + 0.05)
+    assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # training does
+
+
+def test_a_qat_checkpoint_resumes_bitwise(tmp_path, float_student):
+    class Stop(Exception):
+        pass
+
+    full = train(qat_config(tmp_path, "full", epochs=3, from_checkpoint=str(float_student), calibration_n=128))
+
+    def stop(epoch, row):
+        if epoch == 0:
+            raise Stop()
+
+    with pytest.raises(Stop):
+        train(qat_config(tmp_path, "cut", epochs=3, from_checkpoint=str(float_student), calibration_n=128),
+              callbacks=[stop])
+    resumed = train(qat_config(tmp_path, "cut", epochs=3, from_checkpoint=str(float_student), calibration_n=128),
+                    resume=True)
+    a, meta = load_model(full.last_path)
+    b, _ = load_model(resumed.last_path)
+    assert isinstance(a, QATStudent) and meta.extra["qat"]["activations"] == "uint8"
+    assert state_digest(a) == state_digest(b)
+    assert "torchao" in meta.extra["qat"]["library"]
+
+
+def test_qat_fine_tuning_starts_from_the_ptq_model(float_student, digits):
+    from robustedge.data import calibration_images, load_dataset
+    from robustedge.qat import calibrate
+
+    model, _ = load_model(float_student)
+    data = load_dataset("digits", image_size=8, channels=1)
+    x, y = data.test.float_images(), data.test.labels
+    student = prepare_qat(model, SPEC.input_shape)
+    calibrate(student, calibration_images(data.train, 256, 0))
+    student.eval()
+    with torch.no_grad():
+        float_acc = (model(x).argmax(1) == y).float().mean()
+        qat_acc = (student(x).argmax(1) == y).float().mean()
+    assert abs(float(float_acc - qat_acc)) < 0.03  # calibrated fake quantisation ~ the float model
+
+
+@pytest.fixture(scope="module")
+def qat_bundle(tmp_path_factory, float_student):
+    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.flags import FlagSettings
+
+    root = tmp_path_factory.mktemp("qat")
+    result = train(qat_config(root, "qat", epochs=1, from_checkpoint=str(float_student), calibration_n=256))
+    manifest, failures = export_bundle(result.last_path, root / "bundle", ExportOptions(
+        formats=["onnx", "onnx-int8", "trt-int8"], n=64, transfer_attacks=("pgd20",), square_n=16,
+        square_queries=100, flags=FlagSettings(n=32, square_queries=100)), progress=lambda m: None)
+    return root / "bundle", manifest
+
+
+def test_the_exported_qat_model_matches_its_fake_quantised_torch_model(qat_bundle):
+    out, manifest = qat_bundle
+    parity = manifest["parity"]
+    assert parity["format"] == "onnx-int8" and parity["reference"] == "the fake-quantised torch model"
+    assert parity["agreement"] >= 0.95 and parity["max_abs_logit_diff"] < 1.5, parity
+    print(f"QAT file vs fake-quantised torch: top-1 {100 * parity['agreement']:.1f}%, max |logit difference| "
+          f"{parity['max_abs_logit_diff']:.3f}")
+    assert set(manifest["files"]) == {"onnx-int8"}  # no float ONNX, no calibration
+    assert "QAT student is exported as INT8 only" in manifest["skipped"]["onnx"]
+    assert "int8-symmetric" in manifest["skipped"]["trt-int8"]
+    assert manifest["source"]["qat"]["activations"] == "uint8"
+    assert not (out / "model.onnx").exists()
+
+
+def test_the_twin_accepts_the_qat_artifact(qat_bundle):
+    _, manifest = qat_bundle
+    row = manifest["table"]["onnx-int8"]
+    assert row["twin_agreement"] >= 0.99
+    assert {"whitebox_pgd20", "whitebox_autoattack", "whitebox_diva", "worst"} <= set(row)
+    assert row["worst"] <= min(row[k] for k in row if k.startswith(("whitebox_", "transfer_")))
+
+
+def test_symmetric_qat_gives_zero_points_tensorrt_accepts(tmp_path, float_student):
+    import onnx
+    from onnx import numpy_helper
+
+    from robustedge.qat import to_qdq_onnx
+
+    model, _ = load_model(float_student)
+    student = prepare_qat(model, SPEC.input_shape, "int8-symmetric")
+    student(torch.rand(64, 1, 8, 8))
+    path = to_qdq_onnx(student, SPEC.input_shape, tmp_path / "s.onnx")
+    graph = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
+                   and n.input[2] in inits]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+def test_qat_refuses_what_it_cannot_do(tmp_path, float_student):
+    from robustedge.config import validate_config
+
+    cfg = qat_config(tmp_path, "x", from_checkpoint=str(tmp_path / "missing.safetensors"))
+    with pytest.raises(RobustEdgeError, match="qat.from_checkpoint': no such file"):
+        validate_config(cfg)
+    cfg = qat_config(tmp_path, "y", from_checkpoint=str(float_student))
+    cfg.model.width = 0.5
+    with pytest.raises(RobustEdgeError, match="width 0.25.*the config trains mobilenetv2 \\(width 0.5"):
+        train(cfg)
