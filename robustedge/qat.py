@@ -235,6 +235,7 @@ def to_qdq_onnx(student: QATStudent, input_shape: tuple[int, int, int], path: Pa
         del node.metadata_props[:]
         node.doc_string = ""
     quantize_biases(proto)
+    drop_relus_before_unsigned_quantize(proto)
     onnx.save(proto, str(path))
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
@@ -280,6 +281,42 @@ def quantize_biases(model) -> int:
         node.input[2] = names[3]
         done += 1
     return done
+
+
+def drop_relus_before_unsigned_quantize(model) -> int:
+    """Remove each Relu whose only consumers are uint8 QuantizeLinear nodes with zero point 0.
+
+    Exact (same logits, checked): such a QuantizeLinear already maps every negative input to 0, as the
+    Relu would. convert_pt2e keeps the Relu between the convolution and its output quantiser, where it
+    stands between ONNX Runtime and its DQ-Conv-Q fusion; onnxruntime's own quantiser writes these
+    groups without it. (The larger gap between QAT and PTQ files on ONNX Runtime has another cause:
+    docs/design.md, section 10.) Returns how many it removed."""
+    from onnx import TensorProto, numpy_helper
+
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def unsigned_zero_point(node) -> bool:
+        if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in initializers:
+            return False
+        zero = initializers[node.input[2]]
+        return zero.data_type == TensorProto.UINT8 and not numpy_helper.to_array(zero).any()
+
+    removed = []
+    for node in graph.node:
+        users = consumers.get(node.output[0], []) if node.op_type == "Relu" else []
+        if users and node.output[0] not in outputs and all(unsigned_zero_point(u) for u in users):
+            for user in users:
+                user.input[0] = node.input[0]
+            removed.append(node)
+    for node in removed:
+        graph.node.remove(node)
+    return len(removed)
 
 
 def library_version() -> str:
