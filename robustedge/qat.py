@@ -106,7 +106,9 @@ class QATStudent(nn.Module):
             # the pattern rewrite traces with random example inputs: keep the caller's RNG untouched, or
             # a graph built lazily inside an epoch would shift that epoch's attack starts (and resume
             # would no longer be bitwise)
-            with torch.random.fork_rng(devices=[]):
+            # and outside inference mode: a graph first needed under torch.inference_mode (an evaluation)
+            # would otherwise hold inference tensors that a later normal call cannot update in place
+            with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
                 graph = copy.deepcopy(self.graph)
                 move_exported_model_to_eval(graph)
             _share_tensors(graph, self.graph)

@@ -93,6 +93,20 @@ def test_eval_mode_never_moves_the_learned_ranges(float_student):
     assert any(not torch.equal(v, student.state_dict()[k]) for k, v in before.items())  # training does
 
 
+def test_an_evaluation_under_inference_mode_does_not_poison_later_calls(float_student):
+    # the quickstart's report hit this: the eval-mode graph, first built inside torch.inference_mode by an
+    # evaluation, held inference tensors that the next ordinary forward could not update in place
+    model, _ = load_model(float_student)
+    student = prepare_qat(model, SPEC.input_shape).eval()
+    object.__setattr__(student, "_eval_graph", None)  # built lazily, on the next call
+    x = torch.rand(8, 1, 8, 8)
+    with torch.inference_mode():
+        first = student(x)
+    with torch.no_grad():
+        assert torch.equal(student(x), first)
+    assert student(x).requires_grad or not any(p.requires_grad for p in student.parameters())
+
+
 def test_a_qat_checkpoint_resumes_bitwise(tmp_path, float_student):
     class Stop(Exception):
         pass
