@@ -134,13 +134,28 @@ def convert_to_ort(sources: dict[Path, Path], config: Path) -> Path:
     the reduced-operator configuration of every converted file together: the input of ONNX Runtime's
     ``build.py --minimal_build --include_ops_by_config`` for an app holding only these models.
     """
+    converted: list[Path] = []
+    quiet = logging.getLogger("ort_format_model.utils")  # the converter logs each step at INFO
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        _convert_each(sources, config, converted)
+    finally:
+        quiet.setLevel(level)
+    # the header names the files it was made from: the bundle's names, not this machine's temporary paths
+    lines = [f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line
+             for line in config.read_text().splitlines()]
+    config.write_text("\n".join(lines) + "\n")
+    return config
+
+
+def _convert_each(sources: dict[Path, Path], config: Path, converted: list[Path]) -> None:
     import shutil
     import tempfile
 
     from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
     from onnxruntime.tools.ort_format_model import create_config_from_models
 
-    converted = []
     with tempfile.TemporaryDirectory(dir=config.parent, prefix=".ort-") as work:
         for index, (src, dst) in enumerate(sources.items()):
             folder = Path(work) / str(index)
@@ -156,18 +171,8 @@ def convert_to_ort(sources: dict[Path, Path], config: Path) -> Path:
                 raise RobustEdgeError(f"cannot convert {src.name} to ORT format: {first[:200]}") from None
             shutil.move(str(folder / "out" / "model.ort"), dst)
             converted.append(dst)
-        quiet = logging.getLogger("ort_format_model.utils")
-        level, quiet.level = quiet.level, logging.WARNING
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                create_config_from_models(converted, config, False)
-        finally:
-            quiet.setLevel(level)
-    # the header names the files it was made from: the bundle's names, not this machine's temporary paths
-    lines = [f"# - {Path(line[4:]).name}" if line.startswith("# - ") else line
-             for line in config.read_text().splitlines()]
-    config.write_text("\n".join(lines) + "\n")
-    return config
+        with contextlib.redirect_stdout(io.StringIO()):
+            create_config_from_models(converted, config, False)
 
 
 def tensorrt_available() -> tuple[bool, str]:
