@@ -134,6 +134,8 @@ def convert_to_ort(sources: dict[Path, Path], config: Path) -> Path:
     the reduced-operator configuration of every converted file together: the input of ONNX Runtime's
     ``build.py --minimal_build --include_ops_by_config`` for an app holding only these models.
     """
+    import onnxruntime.tools.ort_format_model.utils  # noqa: F401  (sets its logger to DEBUG when imported)
+
     converted: list[Path] = []
     quiet = logging.getLogger("ort_format_model.utils")  # the converter logs each step at INFO
     level = quiet.level
