@@ -251,8 +251,9 @@ def _export_float(s: QuickstartSettings) -> dict:
 def _qat_job(job: tuple[QuickstartSettings, TrainConfig]) -> dict:
     """Fine-tune the B-MTARD student as its INT8 function, export it to INT8 with its learned scales and
     attack that file white-box through its twin. The bundle's reference row (the fake-quantised torch
-    model) gets the same transfer attacks as the float bundle's: the gate compares worst cases, and a
-    reference attacked more weakly would fail it for the wrong reason."""
+    model) gets the same transfer attacks as the float bundle's (those of the evaluation among PGD-20 and
+    AutoAttack): the gate compares worst cases, and a reference attacked more weakly would fail it for
+    the wrong reason."""
     s, cfg = job
     from robustedge.export.bundle import export_bundle
 
@@ -262,7 +263,8 @@ def _qat_job(job: tuple[QuickstartSettings, TrainConfig]) -> dict:
     seconds = {"train": time.perf_counter() - t0}
     t0 = time.perf_counter()
     manifest, failures = export_bundle(result.last_path, s.out / "student_bmtard_qat_export",
-                                       _export_options(s, ("pgd20", "autoattack"), formats=["onnx-int8"]),
+                                       _export_options(s, tuple(a for a in ("pgd20", "autoattack") if a in s.attacks),
+                                                       formats=["onnx-int8"]),
                                        progress=lambda m: print(f"[qat] {m}", flush=True))
     seconds["export"] = time.perf_counter() - t0
     return {"manifest": manifest, "failures": failures, "seconds": seconds}
