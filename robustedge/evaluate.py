@@ -287,14 +287,12 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
     original, was_training = model, model.training
     model.eval()
-    if fold_bn:  # registry models; others (QAT students, foreign modules) are attacked as they are
-        from robustedge.models import Classifier, fold_if_possible
+    from robustedge.models import Classifier, fold_batchnorm
 
-        folding = isinstance(model, Classifier)
-        model = fold_if_possible(model)
-        if folding:
-            model = model.to(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+    if fold_bn and isinstance(model, Classifier):  # others (QAT students, foreign modules) are attacked as given
+        model = fold_batchnorm(model).to(memory_format=torch.channels_last)
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
     if batch_size == "auto":
         batch_size = auto_batch_size(model, x[:1])
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size})

@@ -21,9 +21,7 @@ training, so attacks, validation and evaluation never move the learned ranges.
 from __future__ import annotations
 
 import copy
-import io
 import warnings
-from contextlib import redirect_stdout
 from pathlib import Path
 
 import torch
@@ -213,34 +211,17 @@ def calibrate(student: QATStudent, images: torch.Tensor, batch_size: int = 128) 
 
 def to_qdq_onnx(student: QATStudent, input_shape: tuple[int, int, int], path: Path) -> Path:
     """The student's INT8 function as a QDQ ONNX file with its learned scales (``convert_pt2e``)."""
-    import onnx
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    from robustedge.export.convert import INPUT_NAME, OPSET, OUTPUT_NAME
+    from robustedge.export.convert import onnx_proto, save_checked
 
     student = copy.deepcopy(student).train(False)
     with torch.random.fork_rng(devices=[]):
         converted = convert_pt2e(student.graph)
-        example = torch.rand(2, *input_shape)
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(converted, (example,), dynamo=True, opset_version=OPSET, optimize=True,
-                                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes={"x": {0: batch}}, verbose=False)
-    except Exception as exc:  # the exporter raises many types
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        raise RobustEdgeError(f"cannot export this QAT student to ONNX: {first[:300]}") from None
-    proto = program.model_proto
-    for node in proto.graph.node:  # the exporter's per-node stack traces and names: a third of the file
-        del node.metadata_props[:]
-        node.doc_string = ""
+    proto = onnx_proto(converted, input_shape, "this QAT student")
     quantize_biases(proto)
     drop_relus_before_unsigned_quantize(proto)
-    onnx.save(proto, str(path))
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
-    return path
+    return save_checked(proto, path)
 
 
 def quantize_biases(model) -> int:

@@ -440,7 +440,7 @@ def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int
             raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is {meta.spec.arch} (width {meta.spec.width}, "
                                   f"{meta.spec.image_size}px, {meta.spec.in_channels} channels); the config trains "
                                   f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
-        load_state_strict(model, source.state_dict(), source=cfg.qat.from_checkpoint, arch=spec.arch)
+        model = source  # the same architecture, with the trained weights (load_model checked them strictly)
     return prepare_qat(model, spec.input_shape, cfg.qat.activations)
 
 

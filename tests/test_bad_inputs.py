@@ -160,6 +160,14 @@ CASES = [
     (TRAIN + ["--method", "bmtard"], "argument --method: invalid choice: 'bmtard'"),
     (DISTILL + ["--set", "teachers.robsut.checkpoint=x"], "unknown teacher role 'robsut'; valid roles: robust, clean"),
     (DISTILL + ["--set", "method=trades"], "not a `robustedge distill` method"),
+    # --- quantization-aware training ---------------------------------------------------------
+    (TRAIN + ["--qat-from", "{missing}"], "config key 'qat.from_checkpoint': no such file"),
+    (TRAIN + ["--qat-activations", "int4"], "argument --qat-activations: invalid choice: 'int4'"),
+    (TRAIN + ["--qat", "--compile"], "quantization-aware training does not support compile: true"),
+    (TRAIN + ["--set", "qat.from_checkpoint={ckpt}"], "config key 'qat.from_checkpoint' needs qat.enabled: true"),
+    (TRAIN + ["--qat", "--set", "qat.calibration_n=-1"], "qat.calibration_n"),
+    (TRAIN + ["--qat", "--set", "qat.activations=fp8"], "qat.activations"),
+    (TRAIN + ["--qat-from", "{ckpt}"], "the config trains resnet20"),  # a float student of another architecture
     # --- quickstart: nothing of the previous results is deleted before the settings are checked ---
     (QUICKSTART + ["--device", "foo"], "unknown device 'foo'"),
     pytest.param(QUICKSTART + ["--device", "cuda"], "CUDA is not available", marks=NO_CUDA),

@@ -152,41 +152,39 @@ def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -
             "n_agreement": int(len(refs[0]))}
 
 
-
-
 def _convert(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, x: torch.Tensor,
              progress) -> tuple[dict[str, str], dict]:
-    """Write the model files; return ({format: why skipped}, the parity check of the first file)."""
-    qat = meta.extra.get("qat")
-    if qat:
+    """Write the model files; return ({format: why skipped}, the parity check of the first file).
+
+    The first file is the float student's fp32 ONNX, or a QAT student's INT8 QDQ file with its learned
+    scales; the ORT-format and TensorRT files derive from either the same way."""
+    if meta.extra.get("qat"):
         from robustedge.qat import to_qdq_onnx
 
-        progress(f"QAT student: its INT8 function to QDQ ONNX with the learned scales (no calibration)")
-        path = to_qdq_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
-        parity = _parity(model, path, x.numpy(), opts.seed) | {"format": "onnx-int8",
-                                                                  "reference": "the fake-quantised torch model"}
-        # no hard bound here: the file stores the folded biases as int32 (what integer runtimes execute),
-        # a rounding PT2E cannot simulate, so it is checked like any artifact, by the table's agreement
-        # with the fake-quantised model and the gate's min_agreement (measured 99.5-100% on digits)
-        skipped = {}
-        if "ort-int8" in formats:
-            _ort(["ort-int8"], tmp, progress)
-        if "trt-int8" in formats:
-            skipped = _tensorrt(["trt-int8"], {"trt-int8": path}, meta, tmp, progress)
-        return skipped, parity
-    progress(f"exporting to ONNX opset {convert.OPSET}")
-    convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
-    parity = _parity(model, tmp / FORMATS["onnx"][0], x.numpy(), opts.seed) | {"format": "onnx",
-                                                                              "reference": "the torch model"}
-    if parity["max_abs_logit_diff"] > opts.parity_tol:
-        raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {parity['max_abs_logit_diff']:.2e} "
-                              f"(> {opts.parity_tol:.0e})")
-    return _build_formats(model, meta, formats, tmp, opts, progress), parity
+        progress("QAT student: its INT8 function to QDQ ONNX with the learned scales (no calibration)")
+        first = to_qdq_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
+        # checked like any artifact (the table's agreement with the fake-quantised model, the gate), not by a
+        # bound here: the file's int32 biases are a rounding PT2E cannot simulate (measured 99.5-100% top-1)
+        parity = _parity(model, first, x.numpy(), opts.seed) | {"format": "onnx-int8",
+                                                                   "reference": "the fake-quantised torch model"}
+        trt_sources, skipped = {"trt-int8": first}, {}
+    else:
+        progress(f"exporting to ONNX opset {convert.OPSET}")
+        first = convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
+        parity = _parity(model, first, x.numpy(), opts.seed) | {"format": "onnx", "reference": "the torch model"}
+        if parity["max_abs_logit_diff"] > opts.parity_tol:
+            raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {parity['max_abs_logit_diff']:.2e} "
+                                  f"(> {opts.parity_tol:.0e})")
+        trt_sources, skipped = _float_formats(model, meta, formats, tmp, opts, progress)
+    _ort([f for f in formats if f in convert.ORT_SOURCES], tmp, progress)
+    skipped.update(_tensorrt([f for f in formats if f.startswith("trt")], trt_sources, meta, tmp, progress))
+    (tmp / "trt-source.int8.onnx").unlink(missing_ok=True)
+    return skipped, parity
 
 
-def _build_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, progress) -> dict[str, str]:
-    """Write every requested model file into ``tmp``; return {format: why} for those skipped."""
-    skipped: dict[str, str] = {}
+def _float_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptions,
+                   progress) -> tuple[dict[str, Path], dict[str, str]]:
+    """The float student's fp16, INT8 and ExecuTorch files; returns (TensorRT sources, {format: why skipped})."""
     if "onnx-fp16" in formats:
         convert.convert_fp16(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-fp16"][0])
     calibration = None
@@ -197,17 +195,12 @@ def _build_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptio
     if "onnx-int8" in formats:
         convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-int8"][0], calibration,
                               opts.calibration_method, activations=opts.int8_activations)
-    _ort([f for f in formats if f in convert.ORT_SOURCES], tmp, progress)
-    skipped.update(_executorch([f for f in formats if f.startswith("executorch")], model, meta, calibration, tmp,
-                               progress))
-    trt = [f for f in formats if f.startswith("trt")]
+    skipped = _executorch([f for f in formats if f.startswith("executorch")], model, meta, calibration, tmp, progress)
     sources = {"trt-fp16": tmp / FORMATS["onnx"][0]}
-    if "trt-int8" in trt and convert.tensorrt_available()[0]:  # TensorRT: zero points of 0, its own QDQ file
+    if "trt-int8" in formats and convert.tensorrt_available()[0]:  # TensorRT: zero points of 0, its own QDQ file
         sources["trt-int8"] = convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / "trt-source.int8.onnx",
                                                     calibration, opts.calibration_method, activations="int8-symmetric")
-    skipped.update(_tensorrt(trt, sources, meta, tmp, progress))
-    (tmp / "trt-source.int8.onnx").unlink(missing_ok=True)
-    return skipped
+    return sources, skipped
 
 
 def _ort(formats: list[str], tmp: Path, progress) -> None:
