@@ -74,10 +74,12 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float, step_size: float,
         steps: int, loss: AttackLoss = "ce", target_probs: torch.Tensor | None = None, start: Start = "uniform",
-        init_std: float = 0.001, kappa: float = 50.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        init_std: float = 0.001, kappa: float = 50.0, generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient ascent in the L-inf ball.
 
-    ``start='uniform'`` draws U(-eps, eps) (Madry et al.; the evaluation protocol);
+    ``start='uniform'`` draws U(-eps, eps) (Madry et al.; the evaluation protocol); ``noise``, U[0, 1)
+    draws shaped like ``x``, replaces the draw (the evaluation's per-example seeds, robustedge/sharding.py);
     ``start='gaussian'`` is x + init_std * N(0, I), the start of the distillation codes (ARD, RSLAD,
     MTARD); as there, the Gaussian start itself is not projected, every step is.
     ``loss='kl'`` needs ``target_probs``; ``'ce'`` and ``'cw'`` need ``y``.
@@ -88,8 +90,9 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         raise ValueError(f"loss='{loss}' needs labels y")
     x = x.detach()
     if start == "uniform":
-        noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (2 * eps) - eps
-        x_adv = (x + noise).clamp_(0.0, 1.0)
+        if noise is None:
+            noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x_adv = (x + (noise.to(x) * (2 * eps) - eps)).clamp_(0.0, 1.0)
     elif start == "gaussian":
         x_adv = x + init_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     elif start == "none":
@@ -106,10 +109,11 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
 
 
 def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, step_size: float,
-           steps: int = 30, kappa: float = 50.0, generator: torch.Generator | None = None) -> torch.Tensor:
+           steps: int = 30, kappa: float = 50.0, generator: torch.Generator | None = None,
+           noise: torch.Tensor | None = None) -> torch.Tensor:
     """CW-inf: the CW margin loss optimised by PGD from a uniform start (as in TRADES/RSLAD eval)."""
     return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss="cw", kappa=kappa,
-               start="uniform", generator=generator)
+               start="uniform", generator=generator, noise=noise)
 
 
 def disagreement(reference: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,

@@ -53,6 +53,42 @@ def _count(minimum: int, name: str) -> Callable[[str], object]:
 
 SEED = _typed(options.parse_seed, "--seed")
 EPS = _typed(options.parse_eps, "--eps")
+SOURCE_HELP = ("a RobustEdge checkpoint, a .pt/.pth/.safetensors state dict (with --arch) or robustbench:<name> "
+               "(the zoo extra)")
+
+
+def _floats(name: str) -> Callable[[str], object]:
+    def convert(text: str):
+        try:
+            return [options.parse_number(v, name) for v in text.split(",")]
+        except RobustEdgeError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
+
+
+def _add_model_facts(p: argparse.ArgumentParser, dataset_and_eps: bool = False) -> None:
+    """What a foreign model file does not say (robustedge/loading.py); RobustEdge checkpoints ignore these."""
+    g = p.add_argument_group("foreign models (state dicts, RobustBench): what the file does not say")
+    g.add_argument("--arch", help="registry architecture of a state dict file (robustedge models lists them)")
+    g.add_argument("--num-classes", type=_count(2, "--num-classes"), help="default: the dataset's")
+    g.add_argument("--in-channels", type=_count(1, "--in-channels"), help="default: the dataset's")
+    g.add_argument("--image-size", type=_count(8, "--image-size"), help="default: the dataset's")
+    g.add_argument("--width", type=_typed(options.parse_positive, "--width"), default=1.0, help="width multiplier")
+    g.add_argument("--mean", type=_floats("--mean"), help="input normalisation the weights expect, e.g. "
+                                                          "0.4914,0.4822,0.4465 (kuangliu's CIFAR-10)")
+    g.add_argument("--std", type=_floats("--std"), help="with --mean, e.g. 0.2023,0.1994,0.2010")
+    if dataset_and_eps:
+        g.add_argument("--dataset", default=None, help="dataset the model is for (default: the checkpoint's; "
+                                                       "cifar10 for foreign models)")
+        g.add_argument("--eps", type=EPS, default=None,
+                       help="L-inf radius in [0, 1], e.g. 8/255 (default: the checkpoint's or the dataset's)")
+
+
+def _facts(args: argparse.Namespace):
+    from robustedge.loading import ModelFacts
+
+    return ModelFacts(args.arch, args.num_classes, args.in_channels, args.image_size, args.width, args.mean,
+                      args.std, args.dataset, args.eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -68,14 +104,16 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                     "and write JSON + Markdown. Attacks: " + "; ".join(f"{a.name}: {a.description}"
                                                                      for a in SUITE.values()),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="a .safetensors model written by RobustEdge")
+    p.add_argument("checkpoint", help=SOURCE_HELP)
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help="comma-separated attack names, or 'all' (clean is always included)")
     p.add_argument("--dataset", default=None, help="dataset name (default: the one the checkpoint was trained on)")
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (not needed for digits)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to attack")
-    p.add_argument("--n", type=_count(0, "--n"), default=1000, help="evaluate the first N examples of the split (0: all)")
+    p.add_argument("--n", "--num-examples", dest="n", type=_count(0, "--n"), default=1000,
+                   help="evaluate the first N examples of the split (0: all); under torchrun write --num-examples "
+                        "(torchrun's own parser takes --n for a prefix of its options)")
     p.add_argument("--eps", type=EPS, default=None,
                    help="L-inf radius in [0, 1], e.g. 0.031 or 8/255 (default: the checkpoint's eps)")
     p.add_argument("--batch-size", type=_typed(options.parse_batch_size, "--batch-size"), default="auto",
@@ -95,43 +133,72 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-flags", action="store_true",
                    help="exit 0 even when an attack-failure flag fires (default: exit 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_model_facts(p)
+    p.epilog = ("many processes: torchrun --standalone --nproc_per_node N -m robustedge.cli eval CKPT "
+                "--num-examples 10000 ... shards the examples over "
+                "the ranks (gloo on CPUs, NCCL on GPUs) with per-example seeds: the same numbers as one process "
+                "(docs/design.md, \"Evaluation over many processes\")")
     p.set_defaults(func=cmd_eval)
 
 
+def _eval_out(args: argparse.Namespace) -> Path:
+    from robustedge.loading import ROBUSTBENCH_PREFIX
+
+    if args.out:
+        return Path(args.out)
+    if args.checkpoint.startswith(ROBUSTBENCH_PREFIX):
+        return Path("runs") / "eval" / args.checkpoint[len(ROBUSTBENCH_PREFIX):]
+    ckpt = Path(args.checkpoint)
+    return ckpt.with_name(ckpt.stem + "-eval")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    from robustedge.checkpoint import load_model
-    from robustedge.data import split_for_model
-    from robustedge.evaluate import EVAL_OUTPUTS, evaluate, parse_attacks
+    from robustedge.evaluate import EVAL_OUTPUTS, parse_attacks
     from robustedge.files import check_output_files
-    from robustedge.flags import FlagSettings
     from robustedge.runtime import resolve_device
+    from robustedge.sharding import init_from_env, leave
 
     attacks = parse_attacks(args.attacks)
-    device = resolve_device(args.device)
-    ckpt = Path(args.checkpoint)
-    out = Path(args.out) if args.out else ckpt.with_name(ckpt.stem + "-eval")
+    out = _eval_out(args)
     check_output_files(out, EVAL_OUTPUTS)
-    model, meta = load_model(ckpt, device)
+    world, device = init_from_env(resolve_device(args.device))
+    try:
+        status = _eval(args, attacks, out, world, device)
+    except BaseException:
+        leave(wait=False)
+        raise
+    leave()
+    return status
+
+
+def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device) -> int:
+    from robustedge import api
+    from robustedge.data import split_for_model
+    from robustedge.flags import FlagSettings
+
+    say = print if world.main else (lambda *a, **k: None)
+    model, meta = api.load(args.checkpoint, facts=_facts(args), device=device)
     eps = args.eps if args.eps is not None else meta.eps
     if eps is None:
         raise RobustEdgeError("the checkpoint records no eps; pass --eps")
     split = split_for_model(meta, args.dataset, args.data_root, args.split, args.n or None, args.download)
     x, y = split.float_images(device), split.labels.to(device)
-    print(f"evaluating {ckpt} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
-          f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}",
-          flush=True)
-    report = evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
-                      aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn,
-                      flags=None if args.no_flags else FlagSettings(n=args.flags_n))
-    print(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""))
-    report.info |= {"checkpoint": str(ckpt), "dataset": args.dataset or meta.dataset, "split": args.split,
+    say(f"evaluating {args.checkpoint} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
+        f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}"
+        + (f", {world.size} processes" if world.size > 1 else ""), flush=True)
+    report = api.evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
+                          aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn,
+                          flags=False if args.no_flags else FlagSettings(n=args.flags_n), device=device)
+    say(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""))
+    report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
                     "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
-    report.save(out / "eval.json", out / "eval.md")
-    print(report.to_text())
-    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+    if world.main:
+        report.save(out / "eval.json", out / "eval.md")
+    say(report.to_text())
+    say(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     if report.flags and not args.allow_flags:
-        print(f"robustedge: {len(report.flags)} attack-failure flag(s) fired: these robustness numbers are not "
-              f"trustworthy (docs/design.md, \"Attack-failure flags\"); --allow-flags to exit 0", file=sys.stderr)
+        say(f"robustedge: {len(report.flags)} attack-failure flag(s) fired: these robustness numbers are not "
+            f"trustworthy (docs/design.md, \"Attack-failure flags\"); --allow-flags to exit 0", file=sys.stderr)
         return 1
     return 0
 
@@ -186,8 +253,9 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                        help="QAT fine-tuning: start from this trained float student (implies --qat; its ranges "
                             "are first calibrated on qat.calibration_n training images, as post-training "
                             "quantisation does); use a small --lr")
-        p.add_argument("--qat-activations", choices=["uint8", "int8-symmetric"],
-                       help="QAT activation scheme: uint8 (ONNX Runtime's x86 kernels) or int8-symmetric (TensorRT)")
+        p.add_argument("--qat-activations", choices=["uint8", "int8-symmetric", "int8"],
+                       help="QAT scheme: uint8 (ONNX Runtime's x86 kernels), int8-symmetric (TensorRT) or int8 "
+                            "(ExecuTorch's XNNPACK quantizer, for executorch-int8; needs the mobile extra)")
         p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
         p.add_argument("--seed", type=SEED, help="seed of initialisation, data order and attacks")
         p.add_argument("--name", help="run name (folder under --out-dir)")
@@ -322,7 +390,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "accuracy, agreement with torch, transfer robustness (PGD-20, AutoAttack crafted on torch), "
                     "black-box Square on the runtime, size, latency. Exits 1 when the gate fails.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="a RobustEdge .safetensors model")
+    p.add_argument("checkpoint", help=SOURCE_HELP)
     p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FORMATS)} (ort/ort-int8: ORT format for ONNX Runtime Mobile, "
                         "with the reduced-operator config of a minimal build; ort-int8 also builds onnx-int8, its "
                         "source and its twin's graph)")
@@ -351,6 +419,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of calibration sampling and the attacks")
     _add_gate(p)
+    _add_model_facts(p, dataset_and_eps=True)
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("verify", help="re-verify an export bundle (hashes, accuracy, robustness, latency)",
                        description="Check the manifest and every file against its sha256, then re-run the "
@@ -362,6 +431,41 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                         "Square examples; 0: leave Square out)")
     _add_gate(p)
     p.set_defaults(func=cmd_verify)
+
+
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="turn a foreign state dict into a RobustEdge checkpoint with its metadata",
+                       description="Load a .pt/.pth/.safetensors state dict into a registry architecture (strictly, "
+                                   "weights-only) and write it as a self-describing RobustEdge checkpoint, so eval, "
+                                   "export, app and teachers need no --arch again.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("file", help="the foreign state dict (.pt, .pth, .safetensors)")
+    p.add_argument("--out", required=True, help="the .safetensors checkpoint to write (never overwritten)")
+    _add_model_facts(p, dataset_and_eps=True)
+    p.set_defaults(func=cmd_import)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from robustedge.checkpoint import save_model
+    from robustedge.loading import ROBUSTBENCH_PREFIX, load
+
+    out = Path(args.out)
+    if out.suffix != ".safetensors":
+        raise RobustEdgeError(f"--out must end in .safetensors, got {out.name}")
+    if out.exists():
+        raise RobustEdgeError(f"{out} exists; choose another --out (import never overwrites)")
+    if not out.parent.is_dir():
+        raise RobustEdgeError(f"folder {out.parent} does not exist")
+    if args.file.startswith(ROBUSTBENCH_PREFIX) or args.arch is None:
+        raise RobustEdgeError("import needs a state dict file and --arch (RobustBench models are loaded by name "
+                              "wherever a model is taken)")
+    model, meta = load(args.file, facts=_facts(args))
+    if meta.extra.get("source", {}).get("kind") != "state dict":
+        raise RobustEdgeError(f"{args.file} is already a RobustEdge checkpoint")
+    save_model(out, model, meta)
+    print(f"wrote {out} ({meta.spec.arch}, {meta.spec.num_classes} classes, {meta.spec.in_channels}x"
+          f"{meta.spec.image_size}x{meta.spec.image_size}, dataset {meta.dataset}, eps {meta.eps})")
+    return 0
 
 
 def _report_gate(failures: list[str], where: Path) -> int:
@@ -389,7 +493,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                          seed=args.seed, gate=_gate(args), flags=FlagSettings(n=args.flags_n))
     out = Path(args.out)
     manifest, failures = export_bundle(args.checkpoint, out, opts, progress=lambda m: print(m, file=sys.stderr),
-                                       force=args.force)
+                                       force=args.force, facts=_facts(args))
     print(format_table(manifest["table"]))
     print(format_flags(manifest["flags"]), end="")
     parity = manifest["parity"]
@@ -516,6 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training(sub)
     _add_eval(sub)
     _add_export(sub)
+    _add_import(sub)
     _add_report(sub)
     _add_app(sub)
     _add_listing(sub)

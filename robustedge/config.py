@@ -77,7 +77,7 @@ class QATConfig:
     fake-quantised INT8 function it will be exported as."""
 
     enabled: bool = False
-    activations: str = "uint8"  # uint8 (ONNX Runtime's x86 scheme, onnx-int8's default) | int8-symmetric (TensorRT)
+    activations: str = "uint8"  # uint8 (ONNX Runtime's x86 scheme) | int8-symmetric (TensorRT) | int8 (XNNPACK)
     from_checkpoint: str | None = None  # fine-tune a trained float student (a RobustEdge model file)
     calibration_n: int = 512  # with from_checkpoint: training images that set the ranges first (PTQ start); 0: none
 

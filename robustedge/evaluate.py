@@ -22,7 +22,6 @@ from torch import nn
 from robustedge.attacks import autoattack, check_eps, cw_inf, fgsm, pgd
 from robustedge.errors import RobustEdgeError, unknown_name
 from robustedge.files import atomic_write_json, atomic_write_text, json_has_format
-from robustedge.runtime import progress
 from robustedge.verify_core import check_finite
 
 CIFAR_EPS = 8 / 255
@@ -49,7 +48,7 @@ def _is_eval_md(path: Path) -> bool:
 
 
 EVAL_OUTPUTS = {"eval.json": _is_eval_json, "eval.md": _is_eval_md}  # what `robustedge eval` may overwrite
-WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, torch.Generator], torch.Tensor]
+WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]  # last: U[0,1) starts
 
 
 @dataclass(frozen=True)
@@ -61,13 +60,13 @@ class SuiteAttack:
 
 SUITE: dict[str, SuiteAttack] = {a.name: a for a in [
     SuiteAttack("clean", "no attack", None),
-    SuiteAttack("fgsm", "FGSM, one step of eps", lambda m, x, y, e, g: fgsm(m, x, y, e)),
+    SuiteAttack("fgsm", "FGSM, one step of eps", lambda m, x, y, e, u: fgsm(m, x, y, e)),
     SuiteAttack("pgd20", "PGD-20 CE, uniform start, step eps/4 (2/255 at 8/255; PGD_SAT)",
-                lambda m, x, y, e, g: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, generator=g)),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, noise=u)),
     SuiteAttack("pgd20_trades", "PGD-20 CE, uniform start, step 0.003 at 8/255 (PGD_TRADES)",
-                lambda m, x, y, e, g: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, generator=g)),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, noise=u)),
     SuiteAttack("cw", "CW-inf: CW margin (kappa 50) by PGD, 30 steps of eps/4",
-                lambda m, x, y, e, g: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, generator=g)),
+                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, noise=u)),
     SuiteAttack("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000), pyautoattack", None),
 ]}
 DEFAULT_ATTACKS = list(SUITE)
@@ -97,6 +96,7 @@ class EvalReport:
     worst: float | None = None  # per example, correct under every attack run (with at least two attacks)
     flags: list[dict] | None = None  # attack-failure flags that fired (None: the checks did not run)
     checks: dict = field(default_factory=dict)  # what the checks measured
+    correct: dict[str, str] = field(default_factory=dict)  # attack -> '1'/'0' per example, in index order
 
     def w_robust(self, attack: str) -> float:
         """Weighted Robust Accuracy = (clean + robust) / 2."""
@@ -119,8 +119,8 @@ class EvalReport:
     @classmethod
     def from_dict(cls, raw: dict) -> "EvalReport":
         """The inverse of :meth:`to_dict` (derived keys dropped)."""
-        return cls(**{k: raw[k] for k in ("n", "eps", "accuracy", "seconds", "info", "worst", "flags", "checks")
-                      if k in raw})
+        return cls(**{k: raw[k] for k in ("n", "eps", "accuracy", "seconds", "info", "worst", "flags", "checks",
+                                          "correct") if k in raw})
 
     def to_dict(self) -> dict:
         out = {"format": EVAL_FORMAT} | asdict(self)
@@ -224,18 +224,27 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 def _run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
                 seed: int, aa_batch_size: int | None, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-example correctness, adversarial examples) of one suite attack."""
-    if name == "autoattack":
-        x_adv, y_adv = autoattack(model, x, y, eps=eps, seed=seed, batch_size=aa_batch_size or batch_size)
-        _logits(model, x_adv, batch_size, "AutoAttack's examples")
-        return y_adv.to(y.device) == y, x_adv
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    chunks, advs = [], []
-    for xb, yb in progress(list(zip(x.split(batch_size), y.split(batch_size))), desc=name, enabled=show_progress):
-        x_adv = SUITE[name].run(model, xb, yb, eps, gen)
-        chunks.append(_accuracy(model, x_adv, yb, batch_size, f"{name} examples"))
-        advs.append(x_adv)
-    return torch.cat(chunks), torch.cat(advs)
+    """(per-example correctness, adversarial examples) of one suite attack, over the ranks of an initialised
+    process group if there is one (robustedge/sharding.py): the same numbers for any number of processes.
+
+    White-box attacks start example ``i`` from its own seeded draw, so their results do not depend on the
+    batch size either; AutoAttack runs on fixed blocks of ``aa_batch_size`` examples (pyautoattack reseeds
+    each call and draws per batch, so its results depend on that block size, as the package's own do)."""
+    from robustedge.sharding import example_uniform, run_sharded
+
+    def block(start: int, stop: int) -> dict[str, torch.Tensor]:
+        xb, yb = x[start:stop], y[start:stop]
+        if name == "autoattack":
+            x_adv, y_adv = autoattack(model, xb, yb, eps=eps, seed=seed, batch_size=stop - start)
+            _logits(model, x_adv, batch_size, "AutoAttack's examples")
+            return {"correct": y_adv.to(yb.device) == yb, "adv": x_adv}
+        x_adv = SUITE[name].run(model, xb, yb, eps, example_uniform(tuple(x.shape[1:]), seed, start, stop, x.device,
+                                                                    x.dtype))
+        return {"correct": _accuracy(model, x_adv, yb, batch_size, f"{name} examples"), "adv": x_adv}
+
+    size = (aa_batch_size or batch_size) if name == "autoattack" else batch_size
+    out = run_sharded(block, len(y), size, desc=name, show_progress=show_progress, device=x.device)
+    return out["correct"], out["adv"]
 
 
 def _flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, results: dict, pgd20: torch.Tensor | None,
@@ -294,8 +303,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
     if batch_size == "auto":
-        batch_size = auto_batch_size(model, x[:1])
-    report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size})
+        from robustedge.sharding import agree_min
+
+        batch_size = agree_min(auto_batch_size(model, x[:1]))  # the same blocks on every rank
+    from robustedge.sharding import World
+
+    report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size,
+                                                      "processes": World.current().size})
     results, examples = {}, {}
     try:
         results["clean"] = _accuracy(model, x, y, batch_size, "clean inputs")  # also refuses NaN/Inf logits
@@ -305,6 +319,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
                 results[name], examples[name] = _run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size,
                                                             show_progress)
             report.accuracy[name] = float(results[name].float().mean())
+            report.correct[name] = "".join("1" if c else "0" for c in results[name].tolist())
             report.seconds[name] = time.perf_counter() - start
         if adversarial_out is not None:
             adversarial_out.update(examples)

@@ -153,7 +153,7 @@ def qat_bundle(tmp_path_factory, float_student):
     root = tmp_path_factory.mktemp("qat")
     result = train(qat_config(root, "qat", epochs=1, from_checkpoint=str(float_student), calibration_n=256))
     manifest, failures = export_bundle(result.last_path, root / "bundle", ExportOptions(
-        formats=["onnx", "onnx-int8", "trt-int8"], n=64, transfer_attacks=("pgd20",), square_n=16,
+        formats=["onnx", "onnx-int8", "trt-int8", "executorch-int8"], n=64, transfer_attacks=("pgd20",), square_n=16,
         square_queries=100, flags=FlagSettings(n=32, square_queries=100)), progress=lambda m: None)
     return root / "bundle", manifest
 
@@ -168,6 +168,7 @@ def test_the_exported_qat_model_matches_its_fake_quantised_torch_model(qat_bundl
     assert set(manifest["files"]) == {"onnx-int8"}  # no float ONNX, no calibration
     assert "QAT student is exported as INT8 only" in manifest["skipped"]["onnx"]
     assert "int8-symmetric" in manifest["skipped"]["trt-int8"]
+    assert "--qat-activations int8" in manifest["skipped"]["executorch-int8"]
     assert manifest["source"]["qat"]["activations"] == "uint8"
     assert not (out / "model.onnx").exists()
 
@@ -184,17 +185,51 @@ def test_symmetric_qat_gives_zero_points_tensorrt_accepts(tmp_path, float_studen
     import onnx
     from onnx import numpy_helper
 
-    from robustedge.qat import to_qdq_onnx
+    from robustedge.qat import convert, to_qdq_onnx
 
     model, _ = load_model(float_student)
     student = prepare_qat(model, SPEC.input_shape, "int8-symmetric")
     student(torch.rand(64, 1, 8, 8))
-    path = to_qdq_onnx(student, SPEC.input_shape, tmp_path / "s.onnx")
+    path = to_qdq_onnx(convert(student), SPEC.input_shape, tmp_path / "s.onnx")
     graph = onnx.load(str(path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     zero_points = [inits[n.input[2]] for n in graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2
                    and n.input[2] in inits]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+def test_a_student_under_the_xnnpack_scheme_ships_as_a_pte_attacked_through_its_twin(tmp_path, float_student):
+    """``--qat-activations int8``: the ExecuTorch program is the student's INT8 function (its own scales,
+    no calibration at export), runs wholly in the XNNPACK delegate (the runtime refuses anything else
+    without the quantized kernels), and is attacked white-box through its ONNX file's twin.
+    (A QAT checkpoint made the way `train` makes one, from the PTQ start, to keep the test short.)"""
+    pytest.importorskip("executorch", reason="the mobile extra (executorch) is not installed")
+    from robustedge.data import calibration_images, load_dataset
+    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.flags import FlagSettings
+    from robustedge.qat import calibrate, library_version
+    from robustedge.verify_core import open_runner, predict
+
+    digits = load_dataset("digits", image_size=8, channels=1)
+    model, meta = load_model(float_student)
+    student = prepare_qat(model, SPEC.input_shape, "int8")
+    calibrate(student, calibration_images(digits.train, 256, 0, "cpu"))
+    meta.extra["qat"] = {"activations": "int8", "library": library_version(), "from_checkpoint": str(float_student)}
+    checkpoint = save_model(tmp_path / "phone.safetensors", student.eval(), meta)
+    out = tmp_path / "bundle"
+    manifest, _ = export_bundle(checkpoint, out, ExportOptions(
+        formats=["executorch-int8"], n=64, transfer_attacks=("pgd20",), whitebox_attacks=("pgd20",), square_n=0,
+        flags=FlagSettings(n=16, square_queries=50)), progress=lambda m: None)
+    assert set(manifest["files"]) == {"onnx-int8", "executorch-int8"}  # the ONNX file: the source and the twin
+    row = manifest["table"]["executorch-int8"]
+    assert row["agreement"] >= 0.95 and row["twin_agreement"] >= 0.99, row
+    assert "whitebox_pgd20" in row and row["worst"] <= row["whitebox_pgd20"]
+    x = digits.test.float_images()[:64].numpy()
+    pte = predict(open_runner(out / "model.int8.pte", "executorch-int8"), x, what="pte")
+    onnx = predict(open_runner(out / "model.int8.onnx", "onnx-int8"), x, what="onnx")
+    print(f"QAT .pte vs QAT .onnx: top-1 {100 * (pte.argmax(1) == onnx.argmax(1)).mean():.1f}%, "
+          f"max |logit difference| {np.abs(pte - onnx).max():.3f}")
+    assert (pte.argmax(1) == onnx.argmax(1)).mean() >= 0.98  # one function, two integer runtimes
 
 
 def test_qat_refuses_what_it_cannot_do(tmp_path, float_student):

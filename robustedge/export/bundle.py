@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from robustedge import __version__, verify_core
-from robustedge.checkpoint import load_model
 from robustedge.errors import RobustEdgeError
 from robustedge.export import convert
 from robustedge.export.verify import (TRANSFER_ATTACKS, WHITEBOX_ATTACKS, check_transfer_attacks,
@@ -79,7 +78,11 @@ class ExportOptions:
         return self
 
 
-QAT_FORMATS = ("onnx-int8", "ort-int8", "trt-int8")  # what a QAT student exports to: its own INT8 function
+QAT_FORMATS = ("onnx-int8", "ort-int8", "trt-int8", "executorch-int8")  # a QAT student's own INT8 function
+QAT_SCHEME = {  # QAT formats whose runtime needs one activation scheme: (--qat-activations, why)
+    "trt-int8": ("int8-symmetric", "TensorRT takes zero points of 0 only"),
+    "executorch-int8": ("int8", "the XNNPACK delegate runs its own int8 scheme end to end (an x86-scheme "
+                                "student leaves convolutions outside it)")}
 
 
 def parse_formats(text: str | list[str]) -> list[str]:
@@ -100,19 +103,18 @@ def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dic
         return ["onnx"] + [f for f in requested if f != "onnx"], {}
     why = "a QAT student is exported as INT8 only: its float weights are not the function it was trained as"
     skipped = {f: why for f in requested if f not in QAT_FORMATS}
-    if "executorch-int8" in skipped:
-        skipped["executorch-int8"] = ("not for a QAT student yet: its uint8-activation scheme leaves quantize/"
-                                      "dequantize ops outside the XNNPACK delegate, which ExecuTorch's portable "
-                                      "runtime cannot run (docs/design.md, section 10)")
     formats = [f for f in requested if f in QAT_FORMATS]
+    if formats and "onnx-int8" not in formats:  # always written first: the source of the rest, and their twin
+        formats.insert(0, "onnx-int8")
     if not formats:
         raise RobustEdgeError(f"a QAT student exports to {', '.join(QAT_FORMATS)}; --formats asked for none of them")
-    if "trt-int8" in formats and qat.get("activations") != "int8-symmetric":
-        formats.remove("trt-int8")
-        skipped["trt-int8"] = ("TensorRT takes zero points of 0 only: train the QAT student with "
-                               "--qat-activations int8-symmetric")
+    for fmt in [f for f in formats if f in QAT_SCHEME and QAT_SCHEME[f][0] != qat.get("activations")]:
+        formats.remove(fmt)
+        skipped[fmt] = f"{QAT_SCHEME[fmt][1]}: train the QAT student with --qat-activations {QAT_SCHEME[fmt][0]}"
         if not formats:
-            raise RobustEdgeError(skipped["trt-int8"])
+            raise RobustEdgeError(skipped[fmt] if len(requested) == 1 else
+                                  f"none of {', '.join(requested)} can be built from this QAT student "
+                                  f"(activations {qat.get('activations')}): {skipped[fmt]}")
     return formats, skipped
 
 
@@ -159,15 +161,17 @@ def _convert(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, x:
     The first file is the float student's fp32 ONNX, or a QAT student's INT8 QDQ file with its learned
     scales; the ORT-format and TensorRT files derive from either the same way."""
     if meta.extra.get("qat"):
-        from robustedge.qat import to_qdq_onnx
+        from robustedge import qat
 
         progress("QAT student: its INT8 function to QDQ ONNX with the learned scales (no calibration)")
-        first = to_qdq_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
+        converted = qat.convert(model)
+        first = qat.to_qdq_onnx(converted, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
         # checked like any artifact (the table's agreement with the fake-quantised model, the gate), not by a
         # bound here: the file's int32 biases are a rounding PT2E cannot simulate (measured 99.5-100% top-1)
         parity = _parity(model, first, x.numpy(), opts.seed) | {"format": "onnx-int8",
                                                                    "reference": "the fake-quantised torch model"}
-        trt_sources, skipped = {"trt-int8": first}, {}
+        trt_sources = {"trt-int8": first}
+        skipped = _executorch([f for f in formats if f == "executorch-int8"], converted, meta, None, tmp, progress)
     else:
         progress(f"exporting to ONNX opset {convert.OPSET}")
         first = convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
@@ -218,7 +222,8 @@ def _executorch_available() -> tuple[bool, str]:
 
 
 def _executorch(formats: list[str], model, meta, calibration, tmp: Path, progress) -> dict[str, str]:
-    """ExecuTorch programs (XNNPACK) where the ``mobile`` extra is installed; {format: why} otherwise."""
+    """ExecuTorch programs (XNNPACK) where the ``mobile`` extra is installed; {format: why} otherwise.
+    ``model``: the float student, or a QAT student's converted INT8 graph."""
     from robustedge.export import executorch
 
     if not formats:
@@ -230,7 +235,9 @@ def _executorch(formats: list[str], model, meta, calibration, tmp: Path, progres
     progress(f"lowering to ExecuTorch (XNNPACK): {', '.join(formats)}")
     if "executorch" in formats:
         executorch.export_program(model, meta.spec.input_shape, tmp / FORMATS["executorch"][0])
-    if "executorch-int8" in formats:
+    if "executorch-int8" in formats and meta.extra.get("qat"):
+        executorch.qat_program(model, meta.spec.input_shape, tmp / FORMATS["executorch-int8"][0])
+    elif "executorch-int8" in formats:
         executorch.quantize_program(model, meta.spec.input_shape, calibration, tmp / FORMATS["executorch-int8"][0])
     return {}
 
@@ -248,31 +255,35 @@ def _tensorrt(formats: list[str], sources: dict[str, Path], meta, tmp: Path, pro
     return skipped
 
 
-def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, progress=print,
-                  precomputed_adv: dict[str, torch.Tensor] | None = None, force: bool = False
-                  ) -> tuple[dict, list[str]]:
+def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=print,
+                  precomputed_adv: dict[str, torch.Tensor] | None = None, force: bool = False,
+                  facts=None) -> tuple[dict, list[str]]:
     """Build the bundle at ``out``; returns (manifest, gate failures).
 
-    ``force`` replaces an existing bundle at ``out`` (never anything else, and never a folder that
-    holds ``checkpoint``).
+    ``checkpoint``: any source :func:`robustedge.loading.load` takes (a RobustEdge checkpoint, a state
+    dict with ``facts.arch``, ``robustbench:<name>``, an ``nn.Module``). ``force`` replaces an existing
+    bundle at ``out`` (never anything else, and never a folder that holds the source file).
     """
     from robustedge.data import split_for_model
+    from robustedge.loading import load
 
-    out, checkpoint = Path(out), Path(checkpoint)
+    out = Path(out)
     opts.validate()
-    check_output_folder(out, BUNDLE, replace=force, protect=[checkpoint])
-    model, meta = load_model(checkpoint, "cpu")
+    source = Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).is_file() else None
+    check_output_folder(out, BUNDLE, replace=force, protect=[source] if source else [])
+    model, meta = load(checkpoint, facts=facts, device="cpu")
+    name = source.name if source else meta.spec.arch
     formats, skipped = plan_formats(opts.formats, meta.extra.get("qat"))
     if meta.eps is None:
-        raise RobustEdgeError(f"{checkpoint} records no eps; it is needed for the robustness checks")
+        raise RobustEdgeError(f"{name} records no eps; it is needed for the robustness checks (pass --eps)")
     split = split_for_model(meta, None, opts.data_root, "test", opts.n)
     x, y = split.float_images(), split.labels
     with torch.no_grad():
-        check_finite(model(x[:256]).numpy(), f"{checkpoint.name}")
+        check_finite(model(x[:256]).numpy(), name)
     tmp = make_temp_dir(out)
     timings, t0 = {}, time.perf_counter()
     try:
-        progress(f"exporting {checkpoint.name} ({meta.spec.arch})")
+        progress(f"exporting {name} ({meta.spec.arch})")
         built_skipped, parity = _convert(model, meta, formats, tmp, opts, x, progress)
         skipped.update(built_skipped)
 
@@ -284,19 +295,19 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
         common = dict(square_n=min(opts.square_n, len(y)), square_queries=opts.square_queries, seed=opts.seed,
                       flag_settings=opts.flags, gate=opts.gate)
         table, flags, checks = {}, {}, {}
-        table["torch"], flags["torch"], checks["torch"] = torch_row(model, samples, checkpoint.stat().st_size,
-                                                                    meta.eps, **common)
+        size = source.stat().st_size if source else sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        table["torch"], flags["torch"], checks["torch"] = torch_row(model, samples, size, meta.eps, **common)
         built = [f for f in FORMATS if f in formats and (tmp / FORMATS[f][0]).exists()]  # sources first
         for fmt in built:
             progress(f"verifying {fmt} through its runtime")
             table[fmt], flags[fmt], checks[fmt] = verify_artifact(
                 tmp / FORMATS[fmt][0], fmt, samples, meta.eps, float_model=model, whitebox=opts.whitebox_attacks,
-                progress=progress, **common)
+                qat=bool(meta.extra.get("qat")), progress=progress, **common)
         table[parity["format"]]["max_abs_logit_diff"] = parity["max_abs_logit_diff"]
         failures = opts.gate.check(table, flags)
         np.savez_compressed(tmp / SAMPLES_FILE, **samples)
         shutil.copyfile(verify_core.__file__, tmp / VERIFIER_FILE)
-        manifest = _manifest(checkpoint, out, meta, opts, tmp, built, samples, skipped, table, failures)
+        manifest = _manifest(source, out, meta, opts, tmp, built, samples, skipped, table, failures)
         manifest |= {"flags": flags, "checks": checks, "seconds": timings, "parity": parity}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
         atomic_write_text(tmp / "verify.md", format_table(table) + "\n" + format_flags(flags))
@@ -307,13 +318,15 @@ def export_bundle(checkpoint: str | Path, out: str | Path, opts: ExportOptions, 
     return manifest, failures
 
 
-def _manifest(checkpoint: Path, out: Path, meta, opts: ExportOptions, tmp: Path, built: list[str],
+def _manifest(checkpoint: Path | None, out: Path, meta, opts: ExportOptions, tmp: Path, built: list[str],
               samples: dict, skipped: dict, table: dict, failures: list[str]) -> dict:
     return {
         "format": BUNDLE_FORMAT, "robustedge_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "source": {"checkpoint": checkpoint.name, "sha256": sha256(checkpoint), "arch": meta.spec.arch,
-                   "relative_path": os.path.relpath(checkpoint.resolve(), out.resolve()),
-                   "method": meta.method, "dataset": meta.dataset, "qat": meta.extra.get("qat")},
+        "source": {"checkpoint": checkpoint.name if checkpoint else None,
+                   "sha256": sha256(checkpoint) if checkpoint else None, "arch": meta.spec.arch,
+                   "relative_path": os.path.relpath(checkpoint.resolve(), out.resolve()) if checkpoint else None,
+                   "method": meta.method, "dataset": meta.dataset, "qat": meta.extra.get("qat"),
+                   "origin": meta.extra.get("source")},
         "input": {"name": convert.INPUT_NAME, "shape": list(meta.spec.input_shape), "dtype": "float32",
                   "range": [0.0, 1.0], "layout": "NCHW", "dynamic_batch": True},
         "output": {"name": convert.OUTPUT_NAME, "classes": meta.classes},

@@ -7,10 +7,12 @@ for batch 1, the phone's case (a bounded dynamic batch made the runtime refuse b
 example's size in executorch 1.5.1).
 
 ExecuTorch is the optional ``mobile`` extra (``pip install "robustedge[mobile]"``); without it these
-formats are skipped with that instruction. A QAT student is not lowered: its scheme (uint8
-activations, matching ONNX Runtime's x86 kernels) leaves quantize/dequantize ops outside the XNNPACK
-delegate, and the portable runtime has no kernels for them (measured with executorch 1.5.1;
-docs/design.md, section 5).
+formats are skipped with that instruction. A QAT student trained with ``--qat-activations int8``
+(XNNPACK's own scheme) is lowered from its learned scales (:func:`qat_program`). The x86 schemes are
+not: XNNPACK's compiler refuses uint8 convolutions with per-channel weights, and the x86 quantizer
+leaves each convolution before a residual add without an output quantiser, so those run outside the
+delegate in float, which the portable runtime cannot (measured with executorch 1.5.1; docs/design.md,
+section 5).
 """
 
 from __future__ import annotations
@@ -82,4 +84,11 @@ def quantize_program(model: torch.nn.Module, input_shape: tuple[int, int, int], 
             for batch in torch.from_numpy(calibration).split(64):
                 prepared(batch)
         converted = convert_pt2e(prepared)
+    return _lower(converted, input_shape, path)
+
+
+def qat_program(converted: torch.nn.Module, input_shape: tuple[int, int, int], path: Path) -> Path:
+    """A QAT student's INT8 function (:func:`robustedge.qat.convert`: its learned scales, no calibration)
+    lowered to XNNPACK: the same function as its ONNX INT8 file, on the phone runtime. Only a student
+    trained under XNNPACK's own scheme lowers completely; export's plan refuses the others before this."""
     return _lower(converted, input_shape, path)

@@ -124,20 +124,24 @@ def torch_row(model: torch.nn.Module, samples: dict[str, np.ndarray], size_bytes
                                                                               "seconds": seconds}
 
 
-def twin_source(fmt: str) -> str:
-    """The format whose ONNX graph is ``fmt``'s function: itself, or the file an ORT-format one came from."""
+def twin_source(fmt: str, qat: bool = False) -> str:
+    """The format whose ONNX graph is ``fmt``'s function: itself, the file an ORT-format one came from,
+    or, for a QAT student's ExecuTorch program, its QDQ ONNX file (both are ``convert_pt2e`` of the same
+    fake-quantised graph; the twin must still agree with the ``.pte`` runtime to be used)."""
     from robustedge.export.convert import ORT_SOURCES
 
+    if qat and fmt == "executorch-int8":
+        return "onnx-int8"
     return ORT_SOURCES.get(fmt, fmt)
 
 
-def quantized_twin(path: Path, fmt: str):
-    """The differentiable twin of an INT8 artifact read from its QDQ ONNX graph (for an ``.ort`` file, the
-    ONNX file beside it that it was converted from), or None for formats without one."""
+def quantized_twin(path: Path, fmt: str, qat: bool = False):
+    """The differentiable twin of an INT8 artifact read from the QDQ ONNX graph of its function
+    (:func:`twin_source`), or None for formats without one."""
     from robustedge.export.twin import OnnxTwin
 
-    source = path.with_name(FORMATS[twin_source(fmt)][0])
-    if FORMATS[fmt][1] != "onnxruntime" or not source.name.endswith(".onnx") or not source.is_file():
+    source = path.with_name(FORMATS[twin_source(fmt, qat)][0])
+    if not source.name.endswith(".onnx") or not source.is_file():
         return None
     twin = OnnxTwin(source).eval()
     return twin if twin.is_quantized else None
@@ -145,21 +149,24 @@ def quantized_twin(path: Path, fmt: str):
 
 def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: float, *,
                     float_model: torch.nn.Module, whitebox: tuple[str, ...], square_n: int, square_queries: int,
-                    seed: int, flag_settings: FlagSettings, gate: Gate, progress=print) -> tuple[dict, list[dict], dict]:
-    """One artifact's row, flags and diagnostics; adds its adversarial examples to ``samples``."""
+                    seed: int, flag_settings: FlagSettings, gate: Gate, qat: bool = False,
+                    progress=print) -> tuple[dict, list[dict], dict]:
+    """One artifact's row, flags and diagnostics; adds its adversarial examples to ``samples``.
+    ``qat``: the artifact is a QAT student's, whose ExecuTorch program shares its ONNX file's twin."""
     from robustedge.export.twin import agreement
     from robustedge.verify_core import open_runner
 
     runner = open_runner(path, fmt)
-    twin = quantized_twin(path, fmt) if whitebox else None
+    twin = quantized_twin(path, fmt, qat) if whitebox else None
+    source = twin_source(fmt, qat)
     info, twin_stats, accepted, seconds = {}, {}, False, {}
     if twin is not None:
         progress(f"white-box attacks on the twin of {fmt}: {', '.join(whitebox)}")
         x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
         crafted = {}
         for name in whitebox:
-            reused = whitebox_key(twin_source(fmt), name)
-            if twin_source(fmt) != fmt and reused in samples:  # the same twin was attacked already
+            reused = whitebox_key(source, name)
+            if source != fmt and reused in samples:  # the same twin was attacked already
                 crafted[name] = samples[reused]
                 continue
             start = time.perf_counter()

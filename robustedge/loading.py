@@ -1,0 +1,150 @@
+"""Any model in: one loader for ``eval``, ``export``, ``app``, ``import`` and the Python API.
+
+A source is a RobustEdge checkpoint (self-describing); a ``.pt``/``.pth``/``.safetensors`` state dict with
+an ``arch`` from the registry (read weights-only, see :mod:`robustedge.weights`); ``robustbench:<name>``
+(the ``zoo`` extra; weights cached under ``ROBUSTEDGE_CACHE`` or ``~/.cache/robustedge``); or, from
+Python, any ``nn.Module`` that maps [0, 1] images to logits. What a foreign file does not say (classes,
+channels, input size, normalisation, dataset, eps) comes from the keyword arguments, then from the
+dataset's standard shape (:data:`DATASET_DEFAULTS`). Every source comes back as ``(model, meta)`` in
+eval mode, so the rest of RobustEdge never asks where a model came from.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, read_meta
+from robustedge.errors import RobustEdgeError
+
+# (classes, channels, image size, the field's L-inf eps) of each registry dataset's standard setting
+DATASET_DEFAULTS = {
+    "cifar10": (10, 3, 32, 8 / 255),
+    "cifar100": (100, 3, 32, 8 / 255),
+    "svhn": (10, 3, 32, 8 / 255),
+    "digits": (10, 1, 16, 0.1),
+}
+ROBUSTBENCH_PREFIX = "robustbench:"
+
+
+@dataclass
+class ModelFacts:
+    """What a foreign source does not record; ``None`` falls back to the dataset's standard setting."""
+    arch: str | None = None
+    num_classes: int | None = None
+    in_channels: int | None = None
+    image_size: int | None = None
+    width: float = 1.0
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    dataset: str | None = None
+    eps: float | None = None
+
+    def resolved(self, what: str) -> tuple[str, int, int, int, float | None]:
+        """(dataset, classes, channels, image size, eps), refusing what neither the caller nor the dataset says."""
+        dataset = self.dataset or "cifar10"
+        classes, channels, size, eps = DATASET_DEFAULTS.get(dataset, (None, None, None, None))
+        classes, channels = self.num_classes or classes, self.in_channels or channels
+        size, eps = self.image_size or size, self.eps if self.eps is not None else eps
+        if classes is None or channels is None or size is None:
+            raise RobustEdgeError(f"{what}: dataset '{dataset}' has no standard shape; pass --num-classes, "
+                                  f"--in-channels and --image-size")
+        if (self.mean is None) != (self.std is None):
+            raise RobustEdgeError("--mean and --std must be given together")
+        return dataset, int(classes), int(channels), int(size), eps
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("ROBUSTEDGE_CACHE") or Path.home() / ".cache" / "robustedge")
+
+
+def is_robustedge_file(path: Path) -> bool:
+    try:
+        read_meta(path)
+    except RobustEdgeError:
+        return False
+    return True
+
+
+def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = None,
+         device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """``(model, meta)`` from any supported source (see the module docstring), in eval mode on ``device``."""
+    facts = facts or ModelFacts()
+    if isinstance(source, nn.Module):
+        return _from_module(source, facts, device)
+    if not isinstance(source, (str, os.PathLike)):
+        raise RobustEdgeError(f"a model source is a file, 'robustbench:<name>' or an nn.Module, got {type(source).__name__}")
+    text = str(source)
+    if text.startswith(ROBUSTBENCH_PREFIX):
+        return _from_robustbench(text[len(ROBUSTBENCH_PREFIX):], facts, device)
+    path = Path(text)
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise RobustEdgeError(f"{path}: not a model file (.safetensors, .pt, .pth) nor robustbench:<name>")
+    if path.suffix == ".safetensors" and path.is_file() and is_robustedge_file(path):
+        model, meta = load_model(path, device)
+        if facts.eps is not None:
+            meta.eps = facts.eps
+        return model, meta
+    if facts.arch is None:
+        from robustedge.models import model_names
+
+        raise RobustEdgeError(f"{path} is not a RobustEdge checkpoint: pass --arch ({', '.join(model_names())}) "
+                              f"to load it as a state dict")
+    return _from_state_dict(path, facts, device)
+
+
+def _meta(spec: ModelSpec, dataset: str, eps: float | None, source: dict) -> ModelMeta:
+    from robustedge.data import DATASETS
+
+    meta = ModelMeta(spec, dataset=dataset if dataset in DATASETS else "unknown", eps=eps, extra={"source": source})
+    try:
+        meta.check()
+    except ValueError as exc:
+        raise RobustEdgeError(str(exc)) from None
+    return meta
+
+
+def _from_state_dict(path: Path, facts: ModelFacts, device) -> tuple[nn.Module, ModelMeta]:
+    from robustedge.models import check_arch
+    from robustedge.verify_core import sha256
+    from robustedge.weights import load_weights
+
+    dataset, classes, channels, size, eps = facts.resolved(str(path))
+    spec = ModelSpec(check_arch(facts.arch), classes, channels, facts.width, size, facts.mean, facts.std)
+    model = load_weights(spec, path, device)
+    return model, _meta(spec, dataset, eps, {"kind": "state dict", "file": path.name, "sha256": sha256(path)})
+
+
+def _from_robustbench(name: str, facts: ModelFacts, device) -> tuple[nn.Module, ModelMeta]:
+    from robustedge.teachers import load_robustbench
+
+    dataset, classes, channels, size, eps = facts.resolved(ROBUSTBENCH_PREFIX + name)
+    model = load_robustbench(name, dataset, device, model_dir=str(cache_dir() / "robustbench"))
+    return _checked_module(model, ModelSpec(ROBUSTBENCH_PREFIX + name, classes, channels, 1.0, size),
+                           dataset, eps, {"kind": "robustbench", "name": name}, device)
+
+
+def _from_module(model: nn.Module, facts: ModelFacts, device) -> tuple[nn.Module, ModelMeta]:
+    dataset, classes, channels, size, eps = facts.resolved(type(model).__name__)
+    spec = ModelSpec(f"module:{type(model).__name__}", classes, channels, 1.0, size)
+    return _checked_module(model.to(device), spec, dataset, eps, {"kind": "nn.Module"}, device)
+
+
+def _checked_module(model: nn.Module, spec: ModelSpec, dataset: str, eps, source: dict,
+                    device) -> tuple[nn.Module, ModelMeta]:
+    """A module of unknown architecture, checked to map one (C, H, W) image in [0, 1] to ``num_classes`` logits."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.rand(1, *spec.input_shape, device=device))
+    except Exception as exc:  # an arbitrary module raises anything on a wrong input shape
+        raise RobustEdgeError(f"the model does not take {spec.input_shape} images: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise RobustEdgeError(f"the model returns {shape} for one image; expected logits of shape (1, {spec.num_classes})")
+    return model, _meta(spec, dataset, eps, source)
