@@ -103,3 +103,21 @@ def test_a_foreign_model_that_cannot_load_says_why_in_one_line(tmp_path, resnet1
 def test_a_module_that_is_not_a_classifier_of_the_data_is_refused():
     with pytest.raises(robustedge.RobustEdgeError, match=r"expected logits of shape \(1, 10\)"):
         robustedge.load(torch.nn.Flatten(), dataset="digits")
+
+
+def test_the_readme_api_example_runs(tmp_path, monkeypatch):
+    """The README's Python block, run as written, against a quickstart-shaped checkpoint."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"### Python API.*?```python\n(.*?)```", readme, re.S).group(1)
+    spec = ModelSpec("mobilenetv2", 10, 1, 0.25, 8)
+    torch.manual_seed(0)
+    (tmp_path / "runs/quickstart/student_bmtard").mkdir(parents=True)
+    save_model(tmp_path / "runs/quickstart/student_bmtard/best.safetensors", spec.build().eval(),
+               ModelMeta(spec, dataset="digits", eps=0.1, extra={"data": {"seed": 0, "val_fraction": 0.1}}))
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)
+    assert set(scope["report"].accuracy) == {"clean", "pgd20"} and scope["report"].n == 100
