@@ -48,7 +48,14 @@ def _is_eval_md(path: Path) -> bool:
 
 
 EVAL_OUTPUTS = {"eval.json": _is_eval_json, "eval.md": _is_eval_md}  # what `robustedge eval` may overwrite
-WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]  # last: U[0,1) starts
+# the last argument: a torch.Generator, or U[0, 1) draws shaped like x (the evaluation's per-example starts)
+WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, "torch.Generator | torch.Tensor"], torch.Tensor]
+
+
+def _start(randomness: "torch.Generator | torch.Tensor | None") -> dict:
+    if randomness is None or isinstance(randomness, torch.Generator):
+        return {"generator": randomness}
+    return {"noise": randomness}
 
 
 @dataclass(frozen=True)
@@ -62,11 +69,11 @@ SUITE: dict[str, SuiteAttack] = {a.name: a for a in [
     SuiteAttack("clean", "no attack", None),
     SuiteAttack("fgsm", "FGSM, one step of eps", lambda m, x, y, e, u: fgsm(m, x, y, e)),
     SuiteAttack("pgd20", "PGD-20 CE, uniform start, step eps/4 (2/255 at 8/255; PGD_SAT)",
-                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, noise=u)),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, **_start(u))),
     SuiteAttack("pgd20_trades", "PGD-20 CE, uniform start, step 0.003 at 8/255 (PGD_TRADES)",
-                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, noise=u)),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, **_start(u))),
     SuiteAttack("cw", "CW-inf: CW margin (kappa 50) by PGD, 30 steps of eps/4",
-                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, noise=u)),
+                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, **_start(u))),
     SuiteAttack("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000), pyautoattack", None),
 ]}
 DEFAULT_ATTACKS = list(SUITE)

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, read_meta
+from robustedge.checkpoint import FORMAT, ModelMeta, ModelSpec, _read_header, check_file, load_model
 from robustedge.errors import RobustEdgeError
 
 # (classes, channels, image size, the field's L-inf eps) of each registry dataset's standard setting
@@ -63,11 +63,9 @@ def cache_dir() -> Path:
 
 
 def is_robustedge_file(path: Path) -> bool:
-    try:
-        read_meta(path)
-    except RobustEdgeError:
-        return False
-    return True
+    """Whether a readable safetensors file carries RobustEdge metadata (an unreadable one raises)."""
+    header = _read_header(path)
+    return header.get("format") == FORMAT and "robustedge" in header
 
 
 def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = None,
@@ -82,9 +80,10 @@ def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = No
     if text.startswith(ROBUSTBENCH_PREFIX):
         return _from_robustbench(text[len(ROBUSTBENCH_PREFIX):], facts, device)
     path = Path(text)
+    check_file(path)
     if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise RobustEdgeError(f"{path}: not a model file (.safetensors, .pt, .pth) nor robustbench:<name>")
-    if path.suffix == ".safetensors" and path.is_file() and is_robustedge_file(path):
+    if path.suffix == ".safetensors" and is_robustedge_file(path):  # a corrupt file fails here, in one line
         model, meta = load_model(path, device)
         if facts.eps is not None:
             meta.eps = facts.eps

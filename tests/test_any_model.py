@@ -86,7 +86,7 @@ def test_a_robustbench_model_and_a_live_module_give_the_checkpoints_numbers(monk
 
 @pytest.mark.parametrize("source, facts, message", [
     ("missing.pth", {"arch": "resnet18"}, "checkpoint not found"),
-    ("weights.txt", {}, "not a model file"),
+    ("{txt}", {}, "not a model file"),
     ("{pth}", {}, "pass --arch"),
     ("{pth}", {"arch": "resnet34"}, "does not fit architecture 'resnet34'"),
     ("{pth}", {"arch": "resnet18", "dataset": "imagefolder"}, "no standard shape"),
@@ -94,7 +94,9 @@ def test_a_robustbench_model_and_a_live_module_give_the_checkpoints_numbers(monk
     ("{pth}", {"arch": "nosuchnet"}, "unknown model"),
 ])
 def test_a_foreign_model_that_cannot_load_says_why_in_one_line(tmp_path, resnet18_files, source, facts, message):
-    source = source.format(pth=resnet18_files[1]) if "{" in source else str(tmp_path / source)
+    (tmp_path / "weights.txt").write_text("not weights")
+    source = source.format(pth=resnet18_files[1], txt=tmp_path / "weights.txt") if "{" in source else \
+        str(tmp_path / source)
     with pytest.raises(robustedge.RobustEdgeError, match=message) as info:
         robustedge.load(source, **facts)
     assert "\n" not in str(info.value)
