@@ -24,8 +24,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from robustedge.config import QATConfig, TrainConfig, load_config
 from robustedge.export.bundle import ExportOptions, export_bundle
 from robustedge.files import atomic_write_json, atomic_write_text

@@ -73,8 +73,8 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     attacks = parse_attacks(attacks)
     device = torch.device(device) if device is not None else _device_of(model)
     meta = None
-    if not isinstance(model, nn.Module) or x is None:
-        model, meta = load(model, device=device) if not isinstance(model, nn.Module) else (model, None)
+    if not isinstance(model, nn.Module):
+        model, meta = load(model, device=device)
     if x is None:
         if meta is None:
             raise RobustEdgeError("pass images x and labels y with an nn.Module (or load it with robustedge.load)")

@@ -151,6 +151,12 @@ def _meta_from_header(path: Path, header: dict[str, str]) -> ModelMeta:
         raise RobustEdgeError(f"{path}: malformed RobustEdge metadata ({exc})") from None
 
 
+def is_robustedge_file(path: str | os.PathLike) -> bool:
+    """Whether a readable safetensors file carries RobustEdge metadata (an unreadable one raises)."""
+    header = _read_header(Path(path))
+    return header.get("format") == FORMAT and "robustedge" in header
+
+
 def read_meta(path: str | os.PathLike) -> ModelMeta:
     """The metadata of a RobustEdge model file, without loading its weights."""
     path = Path(path)

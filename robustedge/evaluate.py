@@ -48,14 +48,8 @@ def _is_eval_md(path: Path) -> bool:
 
 
 EVAL_OUTPUTS = {"eval.json": _is_eval_json, "eval.md": _is_eval_md}  # what `robustedge eval` may overwrite
-# the last argument: a torch.Generator, or U[0, 1) draws shaped like x (the evaluation's per-example starts)
-WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, "torch.Generator | torch.Tensor"], torch.Tensor]
-
-
-def _start(randomness: "torch.Generator | torch.Tensor | None") -> dict:
-    if randomness is None or isinstance(randomness, torch.Generator):
-        return {"generator": randomness}
-    return {"noise": randomness}
+# the last argument: U[0, 1) draws shaped like x, each example's own (robustedge/sharding.py, example_uniform)
+WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -69,11 +63,11 @@ SUITE: dict[str, SuiteAttack] = {a.name: a for a in [
     SuiteAttack("clean", "no attack", None),
     SuiteAttack("fgsm", "FGSM, one step of eps", lambda m, x, y, e, u: fgsm(m, x, y, e)),
     SuiteAttack("pgd20", "PGD-20 CE, uniform start, step eps/4 (2/255 at 8/255; PGD_SAT)",
-                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, **_start(u))),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, noise=u)),
     SuiteAttack("pgd20_trades", "PGD-20 CE, uniform start, step 0.003 at 8/255 (PGD_TRADES)",
-                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, **_start(u))),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, noise=u)),
     SuiteAttack("cw", "CW-inf: CW margin (kappa 50) by PGD, 30 steps of eps/4",
-                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, **_start(u))),
+                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, noise=u)),
     SuiteAttack("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000), pyautoattack", None),
 ]}
 DEFAULT_ATTACKS = list(SUITE)
@@ -229,8 +223,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return _logits(model, x, batch_size, what).argmax(1) == y
 
 
-def _run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
-                seed: int, aa_batch_size: int | None, show_progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
+               seed: int, aa_batch_size: int | None = None,
+               show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-example correctness, adversarial examples) of one suite attack, over the ranks of an initialised
     process group if there is one (robustedge/sharding.py): the same numbers for any number of processes.
 
@@ -323,8 +318,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         for name in attacks:
             start = time.perf_counter()
             if name != "clean":
-                results[name], examples[name] = _run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size,
-                                                            show_progress)
+                results[name], examples[name] = run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size,
+                                                           show_progress)
             report.accuracy[name] = float(results[name].float().mean())
             report.correct[name] = "".join("1" if c else "0" for c in results[name].tolist())
             report.seconds[name] = time.perf_counter() - start

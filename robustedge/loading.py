@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robustedge.checkpoint import FORMAT, ModelMeta, ModelSpec, _read_header, check_file, load_model
+from robustedge.checkpoint import ModelMeta, ModelSpec, check_file, is_robustedge_file, load_model
 from robustedge.errors import RobustEdgeError
+from robustedge.teachers import ROBUSTBENCH_PREFIX
 
 # (classes, channels, image size, the field's L-inf eps) of each registry dataset's standard setting
 DATASET_DEFAULTS = {
@@ -28,7 +29,6 @@ DATASET_DEFAULTS = {
     "svhn": (10, 3, 32, 8 / 255),
     "digits": (10, 1, 16, 0.1),
 }
-ROBUSTBENCH_PREFIX = "robustbench:"
 
 
 @dataclass
@@ -62,12 +62,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ROBUSTEDGE_CACHE") or Path.home() / ".cache" / "robustedge")
 
 
-def is_robustedge_file(path: Path) -> bool:
-    """Whether a readable safetensors file carries RobustEdge metadata (an unreadable one raises)."""
-    header = _read_header(path)
-    return header.get("format") == FORMAT and "robustedge" in header
-
-
 def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = None,
          device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
     """``(model, meta)`` from any supported source (see the module docstring), in eval mode on ``device``."""
@@ -81,8 +75,6 @@ def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = No
         return _from_robustbench(text[len(ROBUSTBENCH_PREFIX):], facts, device)
     path = Path(text)
     check_file(path)
-    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
-        raise RobustEdgeError(f"{path}: not a model file (.safetensors, .pt, .pth) nor robustbench:<name>")
     if path.suffix == ".safetensors" and is_robustedge_file(path):  # a corrupt file fails here, in one line
         model, meta = load_model(path, device)
         if facts.eps is not None:
@@ -122,7 +114,7 @@ def _from_robustbench(name: str, facts: ModelFacts, device) -> tuple[nn.Module, 
     from robustedge.teachers import load_robustbench
 
     dataset, classes, channels, size, eps = facts.resolved(ROBUSTBENCH_PREFIX + name)
-    model = load_robustbench(name, dataset, device, model_dir=str(cache_dir() / "robustbench"))
+    model = load_robustbench(name, dataset, str(cache_dir() / "robustbench"), device)
     return _checked_module(model, ModelSpec(ROBUSTBENCH_PREFIX + name, classes, channels, 1.0, size),
                            dataset, eps, {"kind": "robustbench", "name": name}, device)
 
@@ -135,15 +127,18 @@ def _from_module(model: nn.Module, facts: ModelFacts, device) -> tuple[nn.Module
 
 def _checked_module(model: nn.Module, spec: ModelSpec, dataset: str, eps, source: dict,
                     device) -> tuple[nn.Module, ModelMeta]:
-    """A module of unknown architecture, checked to map one (C, H, W) image in [0, 1] to ``num_classes`` logits."""
+    """A module of unknown architecture, checked to map one (C, H, W) image to ``num_classes`` logits (on
+    a zero image: loading must not move the global random stream a training run depends on)."""
     model.eval()
     try:
         with torch.no_grad():
-            out = model(torch.rand(1, *spec.input_shape, device=device))
+            out = model(torch.zeros(1, *spec.input_shape, device=device))
     except Exception as exc:  # an arbitrary module raises anything on a wrong input shape
         raise RobustEdgeError(f"the model does not take {spec.input_shape} images: "
                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise RobustEdgeError(f"the model returns {shape} for one image; expected logits of shape (1, {spec.num_classes})")
+        predicts = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else "no"
+        raise RobustEdgeError(f"{spec.arch} predicts {predicts} classes; the data has {spec.num_classes} "
+                              f"(expected logits of shape (1, {spec.num_classes}), got {shape})")
     return model, _meta(spec, dataset, eps, source)

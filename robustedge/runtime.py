@@ -40,8 +40,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def progress(iterable: Iterable[T], desc: str, total: int | None = None, enabled: bool = True, **kw) -> Iterable[T]:
-    """A tqdm bar on stderr, off when asked or when ROBUSTEDGE_NO_PROGRESS is set (CI logs)."""
+def progress(iterable: Iterable[T] | None, desc: str, total: int | None = None, enabled: bool = True,
+             **kw) -> Iterable[T]:
+    """A tqdm bar on stderr, off when asked or when ROBUSTEDGE_NO_PROGRESS is set (CI logs). With
+    ``iterable=None`` it is a bar to ``update()`` by hand, or None when off."""
     if not enabled or os.environ.get("ROBUSTEDGE_NO_PROGRESS"):
         return iterable
     from tqdm.auto import tqdm

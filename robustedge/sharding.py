@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -112,13 +111,11 @@ def run_sharded(fn: Callable[[int, int], dict[str, torch.Tensor]], n: int, block
     """``fn(start, stop)`` on this rank's blocks; returns every block's outputs concatenated in index
     order, on every rank (on ``device``). ``fn`` must return tensors whose first axis is the block."""
     world, spans = World.current(), blocks(n, block)
-    mine: dict[int, dict[str, torch.Tensor]] = {}
-    bar = None
-    if show_progress and world.main and not os.environ.get("ROBUSTEDGE_NO_PROGRESS"):
-        from tqdm.auto import tqdm
+    from robustedge.runtime import progress
 
-        bar = tqdm(total=n, desc=desc + (f" ({world.size} processes)" if world.size > 1 else ""), file=sys.stderr,
-                   leave=False, dynamic_ncols=True)
+    mine: dict[int, dict[str, torch.Tensor]] = {}
+    bar = progress(None, desc + (f" ({world.size} processes)" if world.size > 1 else ""), total=n,
+                   enabled=show_progress and world.main)
     try:
         for round_ in range(math.ceil(len(spans) / world.size)):
             index = round_ * world.size + world.rank

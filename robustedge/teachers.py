@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from robustedge.checkpoint import ModelSpec, load_model
 from robustedge.errors import RobustEdgeError
-from robustedge.weights import load_weights
 
 
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,11 +57,9 @@ class FrozenTeacher(nn.Module):
 
 
 ROBUSTBENCH_PREFIX = "robustbench:"
-ROBUSTBENCH_DIR = "teachers/robustbench"  # where robustbench caches the weights it downloads
 
 
-def load_robustbench(name: str, dataset: str | None, device: torch.device | str = "cpu",
-                     model_dir: str = ROBUSTBENCH_DIR) -> nn.Module:
+def load_robustbench(name: str, dataset: str | None, model_dir: str, device: torch.device | str = "cpu") -> nn.Module:
     """A RobustBench L-inf model by its leaderboard name, through ``robustbench.utils.load_model``.
 
     RobustBench models take [0, 1] pixels and normalise inside, as ours do, so they can be
@@ -73,7 +68,7 @@ def load_robustbench(name: str, dataset: str | None, device: torch.device | str 
     try:
         from robustbench.utils import load_model as robustbench_load
     except ImportError:
-        raise RobustEdgeError(f"teacher '{ROBUSTBENCH_PREFIX}{name}' needs the RobustBench package: "
+        raise RobustEdgeError(f"'{ROBUSTBENCH_PREFIX}{name}' needs the RobustBench package: "
                               f"pip install 'robustedge[zoo]'") from None
     if dataset not in ("cifar10", "cifar100", "imagenet"):
         raise RobustEdgeError(f"RobustBench has no L-inf models for dataset '{dataset}' (cifar10, cifar100, imagenet)")
@@ -87,28 +82,18 @@ def load_robustbench(name: str, dataset: str | None, device: torch.device | str 
 
 def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
                  device: torch.device | str = "cpu", dataset: str | None = None) -> FrozenTeacher:
-    """A teacher from a RobustEdge model file, from foreign weights plus a registry ``arch``, or
-    ``robustbench:<name>`` (the ``zoo`` extra) for any RobustBench L-inf model of ``dataset``."""
+    """A teacher from any source :func:`robustedge.loading.load` takes: a RobustEdge model file, foreign
+    weights plus a registry ``arch``, or ``robustbench:<name>`` (the ``zoo`` extra) of ``dataset``."""
+    from robustedge.loading import ModelFacts, load
+    from robustedge.models import fold_if_possible
+
     if not cfg.checkpoint:
         raise RobustEdgeError("a teacher needs 'checkpoint' (a model file or robustbench:<name>)")
-    if str(cfg.checkpoint).startswith(ROBUSTBENCH_PREFIX):
-        model = load_robustbench(str(cfg.checkpoint)[len(ROBUSTBENCH_PREFIX):], dataset, device)
-        with torch.no_grad():
-            out = model(torch.zeros(1, in_channels, image_size, image_size, device=device))
-        if out.shape[-1] != num_classes:
-            raise RobustEdgeError(f"teacher {cfg.checkpoint} predicts {out.shape[-1]} classes; the data has {num_classes}")
-        return FrozenTeacher(model, cfg.precision, device)
-    path = Path(cfg.checkpoint)
-    if cfg.arch is None:
-        model, meta = load_model(path, device)
-        spec = meta.spec
-    else:
-        spec = ModelSpec(cfg.arch, num_classes, in_channels, cfg.width, image_size, cfg.mean, cfg.std)
-        model = load_weights(spec, path, device)
+    facts = ModelFacts(cfg.arch, num_classes, in_channels, image_size, cfg.width, cfg.mean, cfg.std, dataset)
+    model, meta = load(cfg.checkpoint, facts=facts, device=device)
+    spec = meta.spec
     if spec.num_classes != num_classes or spec.in_channels != in_channels:
-        raise RobustEdgeError(f"teacher {path} is {spec.arch} with {spec.num_classes} classes and "
+        raise RobustEdgeError(f"teacher {cfg.checkpoint} is {spec.arch} with {spec.num_classes} classes and "
                               f"{spec.in_channels} input channels; the data has {num_classes} and {in_channels}")
-    from robustedge.models import fold_batchnorm
-
-    # a teacher only infers, so its BNs are folded into its convs once, here (see models/folding.py)
-    return FrozenTeacher(fold_batchnorm(model), cfg.precision, device)
+    # a teacher only infers: a registry model's BNs are folded once, here (models/folding.py)
+    return FrozenTeacher(fold_if_possible(model), cfg.precision, device)

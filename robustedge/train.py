@@ -21,7 +21,6 @@ import csv
 import hashlib
 import io
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -142,17 +141,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _setup_distributed(self) -> tuple[int, int, torch.device]:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        device = resolve_device(self.cfg.device)
-        if world == 1:
-            return 0, 1, device
-        if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        rank = dist.get_rank()
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        return rank, world, device
+        from robustedge.sharding import init_from_env
+
+        world, device = init_from_env(resolve_device(self.cfg.device))
+        return world.rank, world.size, device
 
     def _check_run_dir(self) -> None:
         """Before anything is written: the run folder is new, or this is a resume of it."""

@@ -86,7 +86,7 @@ def test_a_robustbench_model_and_a_live_module_give_the_checkpoints_numbers(monk
 
 @pytest.mark.parametrize("source, facts, message", [
     ("missing.pth", {"arch": "resnet18"}, "checkpoint not found"),
-    ("{txt}", {}, "not a model file"),
+    ("{txt}", {"arch": "resnet18"}, "not a weights-only torch checkpoint"),
     ("{pth}", {}, "pass --arch"),
     ("{pth}", {"arch": "resnet34"}, "does not fit architecture 'resnet34'"),
     ("{pth}", {"arch": "resnet18", "dataset": "imagefolder"}, "no standard shape"),

@@ -126,11 +126,11 @@ def _calibration(meta, opts: ExportOptions, model: torch.nn.Module) -> np.ndarra
         raise RobustEdgeError("no training images to calibrate INT8 with")
     x = calibration_images(train, opts.calibration_n, opts.seed)
     if opts.calibrate_adversarial:  # half clean, half PGD-20 examples of the float model
-        from robustedge.evaluate import SUITE
+        from robustedge.evaluate import run_attack
 
         half = len(x) // 2
         y = train.labels[calibration_indices(train, opts.calibration_n, opts.seed)][half:]
-        x[half:] = SUITE["pgd20"].run(model, x[half:], y, meta.eps, torch.Generator().manual_seed(opts.seed))
+        x[half:] = run_attack("pgd20", model, x[half:], y, meta.eps, 256, opts.seed)[1]
     return x.numpy().astype(np.float32)
 
 

@@ -53,17 +53,15 @@ def check_whitebox_attacks(attacks: tuple[str, ...]) -> tuple[str, ...]:
 
 def _attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
             reference: torch.nn.Module | None = None) -> torch.Tensor:
-    """One suite attack (or DIVA against ``reference``) on ``model``, batched."""
-    from robustedge.attacks import autoattack, disagreement
-    from robustedge.evaluate import SUITE
+    """One suite attack, exactly as `robustedge eval` runs it, or DIVA against ``reference``, on ``model``."""
+    from robustedge.attacks import disagreement
+    from robustedge.evaluate import run_attack
 
-    if name == "autoattack":
-        return autoattack(model, x, y, eps=eps, seed=seed, batch_size=256)[0]
-    gen = torch.Generator(device=x.device).manual_seed(seed)
     if name == "diva":
+        gen = torch.Generator(device=x.device).manual_seed(seed)
         return torch.cat([disagreement(reference, model, xb, yb, eps=eps, step_size=eps / 4, steps=20, generator=gen)
                           for xb, yb in zip(x.split(256), y.split(256))])
-    return torch.cat([SUITE[name].run(model, xb, yb, eps, gen) for xb, yb in zip(x.split(256), y.split(256))])
+    return run_attack(name, model, x, y, eps, 256, seed)[1]
 
 
 def craft_samples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
