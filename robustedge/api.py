@@ -57,15 +57,16 @@ def _as_images(x, device) -> torch.Tensor:
 def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: float | None = None,
              n: int | None = 1000, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
              aa_batch_size: int | None = None, seed: int = 0, fold_bn: bool = False, flags: Any = True,
-             show_progress: bool = True, device: torch.device | str | None = None):
+             show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = True):
     """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.evaluate.EvalReport`
     (``.accuracy``, ``.w_robust(attack)``, ``.worst``, ``.flags``, ``.correct`` per example, ``.to_text()``).
 
     ``model``: a model or any source :func:`load` takes. ``x``/``y``: images in [0, 1] (or uint8) and labels;
     when omitted, the first ``n`` examples of ``split`` of the model's dataset. ``eps``: the checkpoint's when
     it records one. ``flags``: True for the default attack-failure checks, a ``FlagSettings``, or False.
-    Under ``torchrun`` (an initialised process group) the examples are sharded over the ranks and every
-    rank returns the same report, identical to a one-process run with the same seed."""
+    Under ``torchrun`` (an initialised process group; ``distributed=False`` to evaluate alone) every rank
+    calls this, the examples are sharded over the ranks and every rank returns the same report, identical
+    to a one-process run with the same seed."""
     from robustedge.evaluate import evaluate as _evaluate
     from robustedge.evaluate import parse_attacks
     from robustedge.flags import FlagSettings
@@ -93,7 +94,8 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
             raise RobustEdgeError("pass eps (the model records none)")
     settings = FlagSettings() if flags is True else (flags or None)
     return _evaluate(model.to(device), x, y, attacks=attacks, eps=eps, batch_size=batch_size, seed=seed,
-                     aa_batch_size=aa_batch_size, show_progress=show_progress, fold_bn=fold_bn, flags=settings)
+                     aa_batch_size=aa_batch_size, show_progress=show_progress, fold_bn=fold_bn, flags=settings,
+                     distributed=distributed)
 
 
 def _device_of(model) -> torch.device:

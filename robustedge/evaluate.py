@@ -224,15 +224,15 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
 
 
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
-               seed: int, aa_batch_size: int | None = None,
-               show_progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-example correctness, adversarial examples) of one suite attack, over the ranks of an initialised
-    process group if there is one (robustedge/sharding.py): the same numbers for any number of processes.
+               seed: int, aa_batch_size: int | None = None, show_progress: bool = False,
+               world=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example correctness, adversarial examples) of one suite attack, over the ranks of ``world``
+    (robustedge/sharding.py; default: this process alone): the same numbers for any number of processes.
 
     White-box attacks start example ``i`` from its own seeded draw, so their results do not depend on the
     batch size either; AutoAttack runs on fixed blocks of ``aa_batch_size`` examples (pyautoattack reseeds
     each call and draws per batch, so its results depend on that block size, as the package's own do)."""
-    from robustedge.sharding import example_uniform, run_sharded
+    from robustedge.sharding import World, example_uniform, run_sharded
 
     def block(start: int, stop: int) -> dict[str, torch.Tensor]:
         xb, yb = x[start:stop], y[start:stop]
@@ -245,7 +245,8 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
         return {"correct": _accuracy(model, x_adv, yb, batch_size, f"{name} examples"), "adv": x_adv}
 
     size = (aa_batch_size or batch_size) if name == "autoattack" else batch_size
-    out = run_sharded(block, len(y), size, desc=name, show_progress=show_progress, device=x.device)
+    out = run_sharded(block, len(y), size, world=world or World(), desc=name, show_progress=show_progress,
+                      device=x.device)
     return out["correct"], out["adv"]
 
 
@@ -275,7 +276,8 @@ def _flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, resul
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
              batch_size: int | str = 256, seed: int = 0, aa_batch_size: int | None = None,
              show_progress: bool = True, fold_bn: bool = False,
-             adversarial_out: dict[str, torch.Tensor] | None = None, flags=None) -> EvalReport:
+             adversarial_out: dict[str, torch.Tensor] | None = None, flags=None,
+             distributed: bool = False) -> EvalReport:
     """Run the suite on (x, y) already on the model's device; the model is put in eval mode.
 
     ``fold_bn`` attacks a conv+BN-folded copy in channels_last layout (the same function to ~1e-6;
@@ -288,6 +290,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     as transfer examples when verifying an export).
     ``flags`` (a :class:`robustedge.flags.FlagSettings`) runs the attack-failure checks; the report's
     ``flags`` then lists those that fired and ``worst`` is the per-example worst case over the attacks.
+    ``distributed`` shards the examples over the ranks of the initialised process group (every rank must
+    call this, with the same inputs; robustedge/sharding.py); off, this process evaluates alone.
     """
     eps = check_eps(eps)
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
@@ -304,14 +308,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         model = fold_batchnorm(model).to(memory_format=torch.channels_last)
         if x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+    from robustedge.sharding import World, agree_min
+
+    world = World.current() if distributed else World()
     if batch_size == "auto":
-        from robustedge.sharding import agree_min
-
-        batch_size = agree_min(auto_batch_size(model, x[:1]))  # the same blocks on every rank
-    from robustedge.sharding import World
-
+        batch_size = agree_min(auto_batch_size(model, x[:1]), world)  # the same blocks on every rank
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size,
-                                                      "processes": World.current().size})
+                                                      "processes": world.size})
     results, examples = {}, {}
     try:
         results["clean"] = _accuracy(model, x, y, batch_size, "clean inputs")  # also refuses NaN/Inf logits
@@ -319,7 +322,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             start = time.perf_counter()
             if name != "clean":
                 results[name], examples[name] = run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size,
-                                                           show_progress)
+                                                           show_progress, world)
             report.accuracy[name] = float(results[name].float().mean())
             report.correct[name] = "".join("1" if c else "0" for c in results[name].tolist())
             report.seconds[name] = time.perf_counter() - start

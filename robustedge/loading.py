@@ -83,8 +83,9 @@ def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = No
     if facts.arch is None:
         from robustedge.models import model_names
 
-        raise RobustEdgeError(f"{path} is not a RobustEdge checkpoint: pass --arch ({', '.join(model_names())}) "
-                              f"to load it as a state dict")
+        what = ("is a safetensors file but not a RobustEdge model (no model metadata)" if path.suffix == ".safetensors"
+                else "is not a RobustEdge checkpoint")
+        raise RobustEdgeError(f"{path} {what}: pass --arch ({', '.join(model_names())}) to load it as a state dict")
     return _from_state_dict(path, facts, device)
 
 

@@ -7,7 +7,8 @@ process or batch an example landed in: the random start of example ``i`` comes f
 implementation reseeds per call and draws per batch, runs on the same fixed blocks of the example index
 whatever the world size. One process runs the same blocks in the same order.
 
-Ranks advance in lock-step rounds (one block each), and the examples finished in a round are summed over
+Sharding is asked for, never implied by an initialised process group: a DDP training run validates on
+rank 0 alone, and a collective there would wait for ranks that never come. Ranks advance in lock-step rounds (one block each), and the examples finished in a round are summed over
 ranks, so rank 0's progress bar shows the total. Works with gloo (CPUs) and NCCL (GPUs); multi-node
 through torchrun's rendezvous (docs/design.md, "Evaluation over many processes").
 """
@@ -76,10 +77,9 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def agree_min(value: int) -> int:
-    """The smallest ``value`` over ranks (e.g. an automatic batch size measured on each rank's free
-    memory, which must be the same everywhere for the blocks to be the same)."""
-    world = World.current()
+def agree_min(value: int, world: World) -> int:
+    """The smallest ``value`` over the ranks of ``world`` (e.g. an automatic batch size measured on each
+    rank's free memory, which must be the same everywhere for the blocks to be the same)."""
     if world.size == 1:
         return value
     t = torch.tensor([value], dtype=torch.int64, device=_comm_device())
@@ -106,11 +106,12 @@ def example_uniform(shape: tuple[int, ...], seed: int, start: int, stop: int, de
     return out.to(device)
 
 
-def run_sharded(fn: Callable[[int, int], dict[str, torch.Tensor]], n: int, block: int, *, desc: str,
-                show_progress: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """``fn(start, stop)`` on this rank's blocks; returns every block's outputs concatenated in index
-    order, on every rank (on ``device``). ``fn`` must return tensors whose first axis is the block."""
-    world, spans = World.current(), blocks(n, block)
+def run_sharded(fn: Callable[[int, int], dict[str, torch.Tensor]], n: int, block: int, *, world: World,
+                desc: str, show_progress: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """``fn(start, stop)`` on this rank's blocks of ``world`` (every rank of it must call this; ``World()``:
+    this process alone); returns every block's outputs concatenated in index order, on every rank (on
+    ``device``). ``fn`` must return tensors whose first axis is the block."""
+    spans = blocks(n, block)
     from robustedge.runtime import progress
 
     mine: dict[int, dict[str, torch.Tensor]] = {}

@@ -65,6 +65,37 @@ CASES = [
     ([a if a != "{ckpt}" else "{nan_ckpt}" for a in EVAL], "non-finite logits (NaN/Inf)"),
     ([a if a != "{ckpt}" else "{inf_ckpt}" for a in EVAL], "non-finite logits (NaN/Inf)"),
     (["eval"], "the following arguments are required: checkpoint"),
+    # --- foreign models (state dicts with --arch, RobustBench) and `robustedge import` -----------
+    (["eval", "{state_pth}"], "is not a RobustEdge checkpoint: pass --arch"),
+    (["eval", "{state_pth}", "--arch", "resnet99"], "unknown model 'resnet99'"),
+    (["eval", "{state_pth}", "--arch", "resnet20", "--dataset", "digits"], "does not fit architecture 'resnet20'"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--dataset", "imagefolder"], "has no standard shape"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--mean", "0.5"], "--mean and --std must be given together"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--mean", "x", "--std", "1"], "--mean must be a number"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--num-classes", "1"], "--num-classes must be an integer >= 2"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--image-size", "4"], "--image-size must be an integer >= 8"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--width", "0"], "--width must be > 0, got 0"),
+    (["eval", "{file}", "--arch", "resnet20"], "not a weights-only torch checkpoint"),
+    pytest.param(["eval", "robustbench:Carmon2019Unlabeled"], "needs the RobustBench package",
+                 marks=pytest.mark.skipif(bool(__import__("importlib").util.find_spec("robustbench")),
+                                          reason="RobustBench is installed: the row would download")),
+    (EVAL + ["--num-examples", "-1"], "--n must be an integer >= 0, got -1"),
+    (["import", "{state_pth}", "--out", "{world}/imported.safetensors"], "import needs a state dict file and --arch"),
+    (["import", "{state_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits", "--out", "{ckpt}"],
+     "exists; choose another --out"),
+    (["import", "{state_pth}", "--arch", "wideresnet-10-1", "--out", "{world}/imported.pt"],
+     "--out must end in .safetensors"),
+    (["import", "{state_pth}", "--arch", "wideresnet-10-1", "--out", "{docs}/sub/imported.safetensors"],
+     "folder {docs}/sub does not exist"),
+    (["import", "{ckpt}", "--arch", "wideresnet-10-1", "--out", "{world}/imported.safetensors"],
+     "is already a RobustEdge checkpoint"),
+    (["import", "{missing}", "--arch", "wideresnet-10-1", "--out", "{world}/imported.safetensors"],
+     "checkpoint not found"),
+    (["import", "{state_pth}", "--arch", "resnet20", "--dataset", "digits", "--out", "{world}/imported.safetensors"],
+     "does not fit architecture 'resnet20'"),
+    (["import", "{state_pth}"], "the following arguments are required: --out"),
+    (["export", "{state_pth}", "--out", "{new}"],
+     "is not a RobustEdge checkpoint: pass --arch"),
     # --- export: output folders that are not ours, numbers, names -------------------------------
     (EXPORT + ["--out", "{new}", "--formats", "onnx,tflite"], "unknown export format 'tflite'"),
     (EXPORT + ["--out", "{new}", "--formats", ","], "unknown export format ''"),
@@ -90,6 +121,11 @@ CASES = [
     (EXPORT + ["--out", "{new}", "--seed", "x"], "--seed must be an integer, got 'x'"),
     (["export", "{nan_ckpt}", "--out", "{new}"], "non-finite logits (NaN/Inf)"),
     (["export", "{ckpt}"], "the following arguments are required: --out"),
+    # a QAT student exports only the INT8 formats whose runtime runs its scheme
+    (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "executorch-int8"],
+     "train the QAT student with --qat-activations int8"),
+    (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "trt-int8"], "TensorRT takes zero points of 0 only"),
+    (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "onnx,onnx-fp16"], "a QAT student exports to"),
     # --- verify: bundles that are not what their manifest says ----------------------------------
     (["verify", "{world}"], "is not an export bundle (no manifest.json)"),
     (["verify", "{file}"], "is not an export bundle (not a folder)"),
@@ -285,6 +321,13 @@ def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
     torch.save({"not": "a model"}, paths["pickle"])
     paths["foreign_safetensors"] = root / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(paths["foreign_safetensors"]))
+    paths["state_pth"] = root / "kuangliu.pth"  # a foreign checkpoint the way kuangliu's pytorch-cifar saves one
+    torch.save({"net": {f"module.{k}": v for k, v in model.state_dict().items()}, "acc": 90.0, "epoch": 9},
+               paths["state_pth"])
+    from robustedge.qat import prepare_qat
+
+    meta.extra["qat"] = {"activations": "uint8", "library": "torchao", "from_checkpoint": None}
+    paths["qat_ckpt"] = save_model(root / "qat.safetensors", prepare_qat(model, meta.spec.input_shape).eval(), meta)
     paths["bad_meta"] = root / "bad_meta.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["bad_meta"]),
               metadata={"format": "robustedge/1", "robustedge": json.dumps({"spec": {"arch": "resnet20"},
@@ -379,7 +422,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, argv, message, 
 def test_there_are_enough_cases_and_every_command_has_some():
     commands = {case.values[0][0] if hasattr(case, "values") else case[0][0] for case in CASES}
     assert len(CASES) >= 60
-    assert {"eval", "export", "verify", "train", "distill", "quickstart", "report", "app"} <= commands
+    assert {"eval", "export", "import", "verify", "train", "distill", "quickstart", "report", "app"} <= commands
 
 
 BUNDLE_ROWS = [c for c in CASES if isinstance(c, tuple) and c[0][0] == "verify" and c[0][1].startswith("{b_")]

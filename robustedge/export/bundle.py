@@ -104,8 +104,6 @@ def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dic
     why = "a QAT student is exported as INT8 only: its float weights are not the function it was trained as"
     skipped = {f: why for f in requested if f not in QAT_FORMATS}
     formats = [f for f in requested if f in QAT_FORMATS]
-    if formats and "onnx-int8" not in formats:  # always written first: the source of the rest, and their twin
-        formats.insert(0, "onnx-int8")
     if not formats:
         raise RobustEdgeError(f"a QAT student exports to {', '.join(QAT_FORMATS)}; --formats asked for none of them")
     for fmt in [f for f in formats if f in QAT_SCHEME and QAT_SCHEME[f][0] != qat.get("activations")]:
@@ -115,6 +113,8 @@ def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dic
             raise RobustEdgeError(skipped[fmt] if len(requested) == 1 else
                                   f"none of {', '.join(requested)} can be built from this QAT student "
                                   f"(activations {qat.get('activations')}): {skipped[fmt]}")
+    if "onnx-int8" not in formats:  # always written first: the source of the rest, and their twin
+        formats.insert(0, "onnx-int8")
     return formats, skipped
 
 
