@@ -125,7 +125,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>-eval/ beside the checkpoint)")
     p.add_argument("--fold-bn", action="store_true",
                    help="attack a conv+BN-folded channels_last copy: the same function to ~1e-6; PGD-20 "
-                        "2.9x, AutoAttack 2.6x faster on the quickstart student (CPU)")
+                        "2.6x, AutoAttack 2.6x faster on the quickstart student (CPU, bench/RESULTS.md)")
     p.add_argument("--flags-n", type=_count(1, "--flags-n"), default=100,
                    help="examples the attack-failure checks run on (Square 1000 queries, zero gradients, flat loss, "
                         "4 x eps, PGD-100 x 2 restarts)")

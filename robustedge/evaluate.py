@@ -281,7 +281,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     """Run the suite on (x, y) already on the model's device; the model is put in eval mode.
 
     ``fold_bn`` attacks a conv+BN-folded copy in channels_last layout (the same function to ~1e-6;
-    on a 2-core CPU AutoAttack on the quickstart student takes 56 s instead of 83 s unfolded, and
+    on a 2-core CPU AutoAttack on 200 digits of the quickstart student takes 43 s instead of 111 s
+    unfolded (bench/RESULTS.md), and
     MobileNetV2's depthwise convolutions gain most); off by default so results are bit-for-bit
     those of the model as given.
     ``batch_size='auto'`` picks the largest that fits memory (:func:`auto_batch_size`); attacks are
