@@ -37,6 +37,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in --help, but not "(default: None)" after a help text that already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 def _typed(parse: Callable, *args) -> Callable[[str], object]:
     """An argparse ``type`` from one of :mod:`robustedge.options`' parsers (their message, one line)."""
     def convert(text: str):
@@ -103,7 +113,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
         description="Evaluate a RobustEdge checkpoint with the suite of docs/design.md (\"Evaluation protocol\") "
                     "and write JSON + Markdown. Attacks: " + "; ".join(f"{a.name}: {a.description}"
                                                                      for a in SUITE.values()),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Defaults)
     p.add_argument("checkpoint", help=SOURCE_HELP)
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS),
                    help="comma-separated attack names, or 'all' (clean is always included)")
@@ -330,7 +340,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
                                    "digits data, distil a MobileNetV2 student with B-MTARD, train the same student "
                                    "with PGD-AT as the baseline, evaluate both with the full suite and print a table. "
                                    "Re-running replaces the previous quickstart folder (and nothing else).",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("--out", default="runs/quickstart", help="output folder")
     p.add_argument("--epochs", type=_count(1, "--epochs"), default=20, help="epochs of each student")
     p.add_argument("--teacher-epochs", type=_count(1, "--teacher-epochs"), default=10, help="epochs of each teacher")
@@ -389,7 +399,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                     "the bundle's own torch-free verifier) and verify every artifact through its own runtime: clean "
                     "accuracy, agreement with torch, transfer robustness (PGD-20, AutoAttack crafted on torch), "
                     "black-box Square on the runtime, size, latency. Exits 1 when the gate fails.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_Defaults)
     p.add_argument("checkpoint", help=SOURCE_HELP)
     p.add_argument("--formats", default="onnx,onnx-fp16,onnx-int8", help=f"comma-separated: {', '.join(FORMATS)} (ort/ort-int8: ORT format for ONNX Runtime Mobile, "
                         "with the reduced-operator config of a minimal build; ort-int8 also builds onnx-int8, its "
@@ -438,7 +448,7 @@ def _add_import(sub: argparse._SubParsersAction) -> None:
                        description="Load a .pt/.pth/.safetensors state dict into a registry architecture (strictly, "
                                    "weights-only) and write it as a self-describing RobustEdge checkpoint, so eval, "
                                    "export, app and teachers need no --arch again.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_Defaults)
     p.add_argument("file", help="the foreign state dict (.pt, .pth, .safetensors)")
     p.add_argument("--out", required=True, help="the .safetensors checkpoint to write (never overwritten)")
     _add_model_facts(p, dataset_and_eps=True)
@@ -528,26 +538,62 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _add_app(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("app", help="the Streamlit attack demo in the browser",
                        description="Start the Streamlit demo: pick a checkpoint or exported ONNX model from the models "
-                                   "folder, an image and an attack, and see clean vs adversarial predictions.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default="runs/quickstart", help="folder with checkpoints / export bundles")
+                                   "folder, or a foreign model named with --model, an image and an attack, and see "
+                                   "clean vs adversarial predictions.",
+                       formatter_class=_Defaults)
+    p.add_argument("--models", default=None,
+                   help="folder with checkpoints / export bundles (default: runs/quickstart; with --model, only "
+                        "when that folder exists)")
+    p.add_argument("--model", dest="sources", action="append", default=[], metavar="SRC",
+                   help=SOURCE_HELP + "; repeat for several (the facts below apply to each)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset folder for test images of models that do not record one (not needed for digits)")
     p.add_argument("--port", type=_typed(options.parse_port, "--port"), default=8501, help="port to serve on (1-65535)")
     p.add_argument("--host", default="localhost", help="address to bind (localhost keeps it private)")
+    _add_model_facts(p, dataset_and_eps=True)
     p.set_defaults(func=cmd_app)
+
+
+def _app_sources(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(name shown, loader source) of each --model, each loaded once here so that a bad one is refused in one
+    line before the server starts; files are passed on as absolute paths (the page runs in another process)."""
+    from robustedge.loading import ROBUSTBENCH_PREFIX, load
+
+    sources = []
+    for source in args.sources:
+        load(source, facts=_facts(args))
+        origin = source if source.startswith(ROBUSTBENCH_PREFIX) else str(Path(source).resolve())
+        sources.append((source, origin))
+    return sources
 
 
 def cmd_app(args: argparse.Namespace) -> int:
     import subprocess
 
     from robustedge.app import PAGE_SCRIPT
+    from robustedge.app.logic import SOURCES_ENV, foreign_sources
 
-    folder = Path(args.models)
-    if not folder.is_dir():
+    given = [name for name in ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "dataset", "eps")
+             if getattr(args, name) is not None]
+    if given and not args.sources:
+        raise RobustEdgeError(f"--{given[0].replace('_', '-')} describes a foreign model: name it with --model SRC")
+    if len(set(args.sources)) != len(args.sources):
+        raise RobustEdgeError("a --model source is given twice")
+    folder = Path(args.models or "runs/quickstart")
+    if args.models is None and args.sources and not folder.is_dir():
+        folder = None  # only the named models
+    elif not folder.is_dir():
         raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` first or pass --models")
-    env = {**os.environ, "ROBUSTEDGE_MODELS": str(folder.resolve())}
+    if args.data_root is not None and not Path(args.data_root).is_dir():
+        raise RobustEdgeError(f"--data-root {args.data_root} is not a folder")
+    sources = _app_sources(args)
+    env = {**os.environ, "ROBUSTEDGE_MODELS": str(folder.resolve()) if folder else "",
+           SOURCES_ENV: foreign_sources(sources, _facts(args)) if sources else "",
+           "ROBUSTEDGE_DATA_ROOT": str(Path(args.data_root).resolve()) if args.data_root else ""}
     cmd = [sys.executable, "-m", "streamlit", "run", str(PAGE_SCRIPT), "--server.port", str(args.port),
            "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-    print(f"RobustEdge demo on http://{args.host}:{args.port}  (models: {folder.resolve()}; Ctrl+C to stop)")
+    shown = ([f"models: {folder.resolve()}"] if folder else []) + [f"--model {name}" for name, _ in sources]
+    print(f"RobustEdge demo on http://{args.host}:{args.port}  ({'; '.join(shown)}; Ctrl+C to stop)")
     return subprocess.call(cmd, env=env)
 
 

@@ -13,10 +13,11 @@ from robustedge.app import logic as demo
 PAGE = str(PAGE_SCRIPT)
 
 
-def app(folder, **params):
+def app(folder, sources: str = "", **params):
     from streamlit.testing.v1 import AppTest
 
-    os.environ["ROBUSTEDGE_MODELS"] = str(folder)
+    os.environ["ROBUSTEDGE_MODELS"] = str(folder or "")
+    os.environ[demo.SOURCES_ENV] = sources
     at = AppTest.from_file(PAGE, default_timeout=120)
     for key, value in params.items():
         at.query_params[key] = value
@@ -156,3 +157,74 @@ def test_a_model_with_nan_logits_is_an_error_not_a_prediction(digits_checkpoint,
     at = app(tmp_path, model="nan/best.safetensors", attack="PGD")
     assert not at.exception
     assert "non-finite logits" in messages(at) and "Prediction" not in messages(at)
+
+
+@pytest.fixture(scope="module")
+def foreign_sources(digits_checkpoint, tmp_path_factory):
+    """The digits checkpoint's weights as a bare state dict, named the way `robustedge app --model` names it."""
+    from robustedge.checkpoint import load_model
+    from robustedge.loading import ModelFacts
+
+    model, _ = load_model(digits_checkpoint)
+    path = tmp_path_factory.mktemp("foreign") / "weights.pt"
+    torch.save(model.state_dict(), path)
+    facts = ModelFacts(arch="wideresnet-10-1", dataset="digits", image_size=16, in_channels=1, eps=0.1)
+    return demo.foreign_sources([("weights.pt", str(path))], facts)
+
+
+def test_a_foreign_state_dict_named_with_model_is_attacked_like_its_checkpoint(models_folder, foreign_sources):
+    foreign = demo.Predictor(demo.resolve_entry(None, "weights.pt", foreign_sources))
+    ours = demo.Predictor(demo.resolve_entry(models_folder, "natural/best.safetensors"))
+    x, y = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(4)
+    assert torch.equal(foreign.logits(x), ours.logits(x))
+    for name in demo.ATTACKS:
+        assert torch.equal(demo.attack(foreign, x, y, name, 0.2, 3), demo.attack(ours, x, y, name, 0.2, 3)), name
+    # on the page, beside the folder's models and alone (no folder at all)
+    at = app(models_folder, foreign_sources, model="weights.pt", attack="PGD", eps="0.3")
+    assert not at.exception
+    assert any(o.startswith("weights.pt (wideresnet-10-1, foreign, digits") for o in at.sidebar.selectbox[0].options)
+    assert at.subheader[0].value.startswith("weights.pt: PGD")
+    assert "Prediction flipped" in messages(at)
+    alone = app(None, foreign_sources)
+    assert not alone.exception and alone.sidebar.selectbox[0].options == ["weights.pt (wideresnet-10-1, foreign, digits)"]
+    assert "attack took" in messages(alone)
+
+
+def test_a_foreign_safetensors_in_the_folder_is_skipped_with_a_hint(models_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "models"
+    shutil.copytree(models_folder, folder)
+    save_file({"w": torch.zeros(2)}, str(folder / "theirs.safetensors"))
+    entries, warnings = demo.scan_models(folder)
+    assert "theirs.safetensors" not in [e.name for e in entries]
+    assert any(w.startswith("skipped theirs.safetensors: a safetensors file without RobustEdge metadata") and
+               "--model FILE --arch ARCH" in w for w in warnings)
+    with pytest.raises(RobustEdgeError, match="ROBUSTEDGE_SOURCES is not a list of model sources"):
+        demo.scan_models(folder, "[{\"name\": 1}]")
+
+
+def test_the_app_command_hands_its_named_models_to_the_page(models_folder, digits_checkpoint, tmp_path, monkeypatch):
+    """`robustedge app --model ... --arch ...` checks the source, then starts Streamlit with the page's environment;
+    the page, run with that environment, offers the model (the server itself: tests/test_browser.py)."""
+    import subprocess
+
+    from robustedge.checkpoint import load_model
+    from robustedge.cli import main
+
+    model, _ = load_model(digits_checkpoint)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "theirs.pth")
+    started = {}
+    monkeypatch.setattr(subprocess, "call", lambda cmd, env: started.update(cmd=cmd, env=env) or 0)
+    monkeypatch.chdir(tmp_path)  # no runs/quickstart here: only the named model is served
+    assert main(["app", "--model", "theirs.pth", "--arch", "wideresnet-10-1", "--dataset", "digits",
+                 "--image-size", "16", "--in-channels", "1", "--port", "8765"]) == 0
+    env = started["env"]
+    assert "streamlit" in started["cmd"] and "8765" in started["cmd"] and env["ROBUSTEDGE_MODELS"] == ""
+    at = app(None, env[demo.SOURCES_ENV], model="theirs.pth", attack="FGSM", eps="0.3")
+    assert not at.exception and at.subheader[0].value.startswith("theirs.pth: FGSM") and "attack took" in messages(at)
+    # with --models as well, both are offered
+    assert main(["app", "--models", str(models_folder), "--model", "theirs.pth", "--arch", "wideresnet-10-1",
+                 "--dataset", "digits", "--image-size", "16", "--in-channels", "1"]) == 0
+    names = [e.name for e in demo.list_models(started["env"]["ROBUSTEDGE_MODELS"], started["env"][demo.SOURCES_ENV])]
+    assert "natural/best.safetensors" in names and names[-1] == "theirs.pth"

@@ -229,6 +229,16 @@ CASES = [
     (["app", "--port", "70000"], "--port must be an integer in [1, 65535], got 70000"),
     (["app", "--port", "abc"], "--port must be an integer, got 'abc'"),
     (["app", "--models", "{missing}"], "models folder {missing} does not exist"),
+    (["app", "--arch", "resnet18"], "--arch describes a foreign model: name it with --model SRC"),
+    (["app", "--dataset", "digits"], "--dataset describes a foreign model: name it with --model SRC"),
+    (["app", "--model", "{state_pth}"], "is not a RobustEdge checkpoint: pass --arch"),
+    (["app", "--model", "{missing}", "--arch", "resnet18"], "checkpoint not found"),
+    (["app", "--model", "{state_pth}", "--arch", "resnet20", "--dataset", "digits"],
+     "does not fit architecture 'resnet20'"),
+    (["app", "--model", "{foreign_safetensors}"], "is a safetensors file but not a RobustEdge model"),
+    (["app", "--model", "{ckpt}", "--model", "{ckpt}"], "a --model source is given twice"),
+    (["app", "--model", "{ckpt}", "--data-root", "{missing}"], "--data-root {missing} is not a folder"),
+    (["app", "--model", "{ckpt}", "--eps", "2"], "--eps must be in [0, 1], got 2"),
     (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
 ]
 

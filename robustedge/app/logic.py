@@ -1,9 +1,11 @@
 """The logic behind the Streamlit demo (``robustedge/app/page.py``), kept free of Streamlit so it is testable.
 
-Security: the app only ever opens files found by scanning its models folder; names shown to the user
-are paths relative to that folder, and every path is resolved and checked to stay inside it (no
-``..`` or symlink escapes). Uploads are size-limited and decoded by PIL with its decompression-bomb
-guard.
+Security: the app only ever opens files found by scanning its models folder, and the foreign sources
+its operator named on the command line (``robustedge app --model SRC``, passed to the page as
+``ROBUSTEDGE_SOURCES``); names shown to the user are paths relative to that folder or those sources as
+given, and every folder path is resolved and checked to stay inside it (no ``..`` or symlink escapes).
+A page visitor can only pick from that list. Uploads are size-limited and decoded by PIL with its
+decompression-bomb guard.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 ATTACKS = ("FGSM", "PGD", "CW-inf", "APGD-CE")
 ONNX_ATTACKS = ("Transfer PGD (from source checkpoint)", "Square (query-only)")
 SQUARE_QUERIES = 500  # an interactive budget; `robustedge export` uses AutoAttack's 5000
+SOURCES_ENV = "ROBUSTEDGE_SOURCES"  # JSON list written by `robustedge app --model ...` (see foreign_sources)
 
 
 @dataclass
@@ -33,6 +36,9 @@ class ModelEntry:
     kind: str  # "torch" or "onnx"
     info: dict = field(default_factory=dict)
     source: Path | None = None  # for ONNX: the checkpoint it was exported from, when inside the folder
+    # for a foreign model named with --model: what robustedge.loading.load takes (origin = file or robustbench:)
+    origin: str | None = None
+    facts: dict | None = None
 
     @property
     def label(self) -> str:
@@ -88,17 +94,54 @@ def _robustness_label(path: Path, meta, warnings: list[str], info: dict) -> str 
     return None
 
 
-def scan_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
-    """Every RobustEdge checkpoint and exported ONNX model under ``folder``, and warnings about the
-    files that were skipped (a malformed eval.json or manifest.json never breaks the page)."""
-    from robustedge.checkpoint import read_meta
+def foreign_sources(sources: list[tuple[str, str]], facts) -> str:
+    """The ``ROBUSTEDGE_SOURCES`` value for foreign models: (name shown, loader source) pairs sharing one
+    :class:`~robustedge.loading.ModelFacts` (the command line gives one set of facts, as for ``eval``)."""
+    return json.dumps([{"name": name, "origin": origin, "facts": asdict(facts)} for name, origin in sources])
 
-    folder = Path(folder)
+
+def _foreign_entries(text: str | None) -> list[ModelEntry]:
+    """The entries of a ``ROBUSTEDGE_SOURCES`` value; facts are checked again by the loader when one is picked."""
+    if not text:
+        return []
+    try:
+        items = json.loads(text)
+        entries = [ModelEntry(str(i["name"]), Path(i["origin"]), "torch", origin=str(i["origin"]),
+                              facts=dict(i["facts"])) for i in items]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RobustEdgeError(f"{SOURCES_ENV} is not a list of model sources ({type(exc).__name__}); "
+                              f"start the page with `robustedge app --model ...`") from None
+    for entry in entries:
+        facts = entry.facts
+        arch = facts.get("arch") or (entry.origin if entry.origin.startswith("robustbench:") else None)
+        entry.info = {"arch": arch, "method": "foreign", "dataset": facts.get("dataset") or "cifar10",
+                      "eps": facts.get("eps")}
+    return entries
+
+
+def scan_models(folder: str | Path | None, sources: str | None = None) -> tuple[list[ModelEntry], list[str]]:
+    """Every RobustEdge checkpoint and exported ONNX model under ``folder`` (``None``: no folder), then the
+    foreign models of ``sources`` (a ``ROBUSTEDGE_SOURCES`` value), and warnings about the files that were
+    skipped (a malformed eval.json or manifest.json never breaks the page)."""
+    foreign = _foreign_entries(sources)
+    if folder is None:
+        return foreign, []
+    entries, warnings = _scan_folder(Path(folder))
+    return entries + foreign, warnings
+
+
+def _scan_folder(folder: Path) -> tuple[list[ModelEntry], list[str]]:
+    from robustedge.checkpoint import is_robustedge_file, read_meta
+
     if not folder.is_dir():
         raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` or pass --models")
     entries, warnings = [], []
     for path in sorted(folder.rglob("*.safetensors")):
         if not _inside(folder, path) or path.name.startswith("."):
+            continue
+        if not is_robustedge_file(path):
+            warnings.append(f"skipped {path.relative_to(folder)}: a safetensors file without RobustEdge metadata; "
+                            f"name it with `robustedge app --model FILE --arch ARCH`")
             continue
         try:
             meta = read_meta(path)
@@ -133,9 +176,9 @@ def scan_models(folder: str | Path) -> tuple[list[ModelEntry], list[str]]:
     return entries, warnings
 
 
-def list_models(folder: str | Path) -> list[ModelEntry]:
+def list_models(folder: str | Path | None, sources: str | None = None) -> list[ModelEntry]:
     """:func:`scan_models` without the warnings."""
-    return scan_models(folder)[0]
+    return scan_models(folder, sources)[0]
 
 
 def query_value(params, key: str, parse, default, low=None, high=None) -> tuple[object, str | None]:
@@ -153,9 +196,9 @@ def query_value(params, key: str, parse, default, low=None, high=None) -> tuple[
     return value, None
 
 
-def resolve_entry(folder: str | Path, name: str) -> ModelEntry:
-    """The entry called ``name``; anything not found by the folder scan is refused."""
-    for entry in list_models(folder):
+def resolve_entry(folder: str | Path | None, name: str, sources: str | None = None) -> ModelEntry:
+    """The entry called ``name``; anything not found by the scan (folder + named sources) is refused."""
+    for entry in list_models(folder, sources):
         if entry.name == name:
             return entry
     raise RobustEdgeError(f"no model named {name!r} in the models folder")
@@ -171,7 +214,12 @@ class Predictor:
         self.torch_model = None
         self.runner = None
         if entry.kind == "torch":
-            self.torch_model, meta = load_model(entry.path)
+            if entry.origin is not None:
+                from robustedge.loading import ModelFacts, load
+
+                self.torch_model, meta = load(entry.origin, facts=ModelFacts(**entry.facts))
+            else:
+                self.torch_model, meta = load_model(entry.path)
             self.input_shape = meta.spec.input_shape
             self.classes = meta.classes or [str(i) for i in range(meta.spec.num_classes)]
             self.meta = meta

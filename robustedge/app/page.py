@@ -1,7 +1,9 @@
 """The Streamlit page of ``robustedge app`` (Streamlit runs ``robustedge/app/streamlit_app.py``).
 
 Settings come from the environment (Streamlit passes no arguments to a page): ROBUSTEDGE_MODELS is the
-models folder (default runs/quickstart). Query parameters preselect widgets, e.g.
+models folder (default runs/quickstart; empty: none), ROBUSTEDGE_SOURCES the foreign models named with
+``robustedge app --model`` and ROBUSTEDGE_DATA_ROOT where test images of datasets other than digits live
+when a model does not record it. Query parameters preselect widgets, e.g.
 ``?model=student_bmtard/best.safetensors&attack=PGD&eps=0.1&index=3`` (used by the browser test); one
 that does not parse or is out of range falls back to its default with a warning.
 """
@@ -46,18 +48,19 @@ def _cached():
     import streamlit as st
 
     @st.cache_resource(show_spinner=False)
-    def models(path: str):
-        return demo.scan_models(path)
+    def models(path: str | None, sources: str | None):
+        return demo.scan_models(path, sources)
 
     @st.cache_resource(show_spinner="loading model")
-    def predictor(path: str, name: str) -> demo.Predictor:
-        return demo.Predictor(demo.resolve_entry(path, name))
+    def predictor(path: str | None, sources: str | None, name: str) -> demo.Predictor:
+        return demo.Predictor(demo.resolve_entry(path, name, sources))
 
     @st.cache_resource(show_spinner="loading data")
-    def test_split(name: str, shape: tuple, seed: int, val_fraction: float):
+    def test_split(name: str, root: str | None, shape: tuple, seed: int, val_fraction: float):
         from robustedge.data import load_dataset
 
-        return load_dataset(name, image_size=shape[1], channels=shape[0], seed=seed, val_fraction=val_fraction).test
+        return load_dataset(name, root, image_size=shape[1], channels=shape[0], seed=seed,
+                            val_fraction=val_fraction).test
 
     return models, predictor, test_split
 
@@ -69,7 +72,7 @@ def _param(params, warnings: list[str], key: str, parse, default, low=None, high
     return value
 
 
-def _sidebar(folder: Path, entries, params, predictor, warnings: list[str]) -> Choice | None:
+def _sidebar(where: tuple, entries, params, predictor, warnings: list[str]) -> Choice | None:
     import streamlit as st
 
     names = [e.name for e in entries]
@@ -89,14 +92,14 @@ def _sidebar(folder: Path, entries, params, predictor, warnings: list[str]) -> C
         second = st.selectbox("Compare with (same perturbed input)", others, format_func=lambda n: labels.get(n, n),
                               index=others.index(second_default) if second_default in others else 0)
     try:
-        model = predictor(str(folder), choice)
+        model = predictor(*where, choice)
     except Exception as exc:  # a corrupt file must not crash the page
         st.error(f"Cannot load {choice}: {exc if isinstance(exc, RobustEdgeError) else type(exc).__name__}")
         return None
     source = None
     if model.entry.kind == "onnx" and model.entry.source is not None:
         try:
-            source = predictor(str(folder), str(model.entry.source.relative_to(folder.resolve())))
+            source = predictor(*where, str(model.entry.source.relative_to(Path(where[0]).resolve())))
         except (RobustEdgeError, ValueError):
             source = None
     meta = model.meta or (source.meta if source else None)
@@ -126,9 +129,10 @@ def _input(c: Choice, params, test_split, warnings: list[str]):
         mode = st.radio("Image", ["Test sample", "Random test sample", "Upload"],
                         index=2 if params.get("input") == "upload" else 0)
     split = None
-    if dataset == "digits" or data_cfg.get("root"):
+    root = data_cfg.get("root") or os.environ.get("ROBUSTEDGE_DATA_ROOT") or None
+    if dataset == "digits" or root:
         try:
-            split = test_split(dataset, tuple(c.model.input_shape), int(data_cfg.get("seed", 0)),
+            split = test_split(dataset, root, tuple(c.model.input_shape), int(data_cfg.get("seed", 0)),
                                float(data_cfg.get("val_fraction", 0.1)))
         except RobustEdgeError as exc:
             st.info(f"Test data not available ({exc}); upload an image instead.")
@@ -191,13 +195,13 @@ def _show_result(c: Choice, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tenso
         column.bar_chart(top_k(probs), x="class", y="probability")
 
 
-def _show_second(c: Choice, folder: Path, predictor, x: torch.Tensor, x_adv: torch.Tensor) -> None:
+def _show_second(c: Choice, where: tuple, predictor, x: torch.Tensor, x_adv: torch.Tensor) -> None:
     import streamlit as st
 
     if c.second == "(none)":
         return
     try:
-        other = predictor(str(folder), c.second)
+        other = predictor(*where, c.second)
         if tuple(other.input_shape) != tuple(c.model.input_shape):
             raise RobustEdgeError(f"{c.second} takes {tuple(other.input_shape)} inputs, not {tuple(c.model.input_shape)}")
         q_clean, q_adv = other.probs(x)[0], other.probs(x_adv)[0]
@@ -228,21 +232,24 @@ def render() -> None:
 
     st.set_page_config(page_title="RobustEdge attack demo", layout="wide")
     st.title("RobustEdge: clean vs adversarial")
-    folder = Path(os.environ.get("ROBUSTEDGE_MODELS", "runs/quickstart"))
+    folder = os.environ.get("ROBUSTEDGE_MODELS", "runs/quickstart") or None
+    where = (folder, os.environ.get(demo.SOURCES_ENV) or None)  # what the scan and the loader are keyed on
     params = st.query_params
     models, predictor, test_split = _cached()
     try:
-        entries, scan_warnings = models(str(folder))
+        entries, scan_warnings = models(*where)
     except RobustEdgeError as exc:
         st.error(str(exc))
         return
     warnings = list(scan_warnings)
+    for warning in warnings if not entries else []:
+        st.warning(warning)
     if not entries:
         st.warning(f"The models folder {folder} holds no RobustEdge checkpoints or ONNX models. "
-                   f"Run `robustedge quickstart` or start the app with `--models DIR`.")
+                   f"Run `robustedge quickstart` or start the app with `--models DIR` or `--model SRC --arch ARCH`.")
         return
     try:
-        choice = _sidebar(folder, entries, params, predictor, warnings)
+        choice = _sidebar(where, entries, params, predictor, warnings)
         picked = _input(choice, params, test_split, warnings) if choice else None
         for warning in warnings:
             st.warning(warning)
@@ -255,5 +262,5 @@ def render() -> None:
     except RobustEdgeError as exc:
         st.error(str(exc))
         return
-    _show_second(choice, folder, predictor, x, x_adv)
+    _show_second(choice, where, predictor, x, x_adv)
     _show_curve(choice, split)
