@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +142,30 @@ def keep_screenshot():
             Path(folder).mkdir(parents=True, exist_ok=True)
             shutil.copy(shot, Path(folder) / name)
     return keep
+
+
+def _write_cifar10(root, n_train=20, n_test=10):
+    """A tiny copy in the real on-disk format (bytes keys, uint8 rows of 3072); md5s won't match."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    expected = {}
+    for i in range(1, 6):
+        data = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, n_train)]
+        with open(folder / f"data_batch_{i}", "wb") as fh:
+            pickle.dump({b"batch_label": b"training batch", b"labels": labels, b"data": data}, fh, protocol=2)
+        expected[f"train{i}"] = (data, labels)
+    test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump({b"labels": list(range(n_test)), b"data": test}, fh, protocol=2)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [n.encode() for n in names], b"num_cases_per_batch": n_train}, fh, protocol=2)
+    return expected, test
+
+
+@pytest.fixture
+def write_cifar10():
+    """Writes a tiny CIFAR-10 copy in the real on-disk format: ``write_cifar10(root, n_train, n_test)``."""
+    return _write_cifar10

@@ -228,3 +228,21 @@ def test_the_app_command_hands_its_named_models_to_the_page(models_folder, digit
                  "--dataset", "digits", "--image-size", "16", "--in-channels", "1"]) == 0
     names = [e.name for e in demo.list_models(started["env"]["ROBUSTEDGE_MODELS"], started["env"][demo.SOURCES_ENV])]
     assert "natural/best.safetensors" in names and names[-1] == "theirs.pth"
+
+
+def test_a_foreign_cifar_model_gets_its_test_images_from_data_root(tmp_path, write_cifar10, monkeypatch):
+    from robustedge.checkpoint import ModelSpec
+    from robustedge.loading import ModelFacts
+
+    write_cifar10(tmp_path / "data")
+    torch.manual_seed(0)
+    torch.save(ModelSpec("resnet20", 10, 3, 1.0, 32).build().state_dict(), tmp_path / "resnet20.pt")
+    sources = demo.foreign_sources([("resnet20.pt", str(tmp_path / "resnet20.pt"))],
+                                   ModelFacts(arch="resnet20", dataset="cifar10"))
+    monkeypatch.setenv("ROBUSTEDGE_DATA_ROOT", "")
+    assert "No test data for this model; use Upload." in messages(app(None, sources, attack="FGSM"))
+    monkeypatch.setenv("ROBUSTEDGE_DATA_ROOT", str(tmp_path / "data"))
+    at = app(None, sources, attack="FGSM", index="9")
+    assert not at.exception and "attack took" in messages(at)
+    assert at.number_input[0].value == 9 and at.number_input[0].max == 9  # the copy's 10 test images
+    assert at.get("image")[0].captions[0].endswith("(true 9)")  # the copy's test labels are 0..9 in order

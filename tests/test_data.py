@@ -29,29 +29,8 @@ def test_digits_size_and_channels_are_configurable():
     assert torch.equal(ds.train.images[:, 0], ds.train.images[:, 2])
 
 
-def _write_cifar10(root, n_train=20, n_test=10):
-    """A tiny copy in the real on-disk format (bytes keys, uint8 rows of 3072); md5s won't match."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    expected = {}
-    for i in range(1, 6):
-        data = rng.integers(0, 256, (n_train, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, 10, n_train)]
-        with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump({b"batch_label": b"training batch", b"labels": labels, b"data": data}, fh, protocol=2)
-        expected[f"train{i}"] = (data, labels)
-    test = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
-    with open(folder / "test_batch", "wb") as fh:
-        pickle.dump({b"labels": list(range(n_test)), b"data": test}, fh, protocol=2)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": [n.encode() for n in names], b"num_cases_per_batch": n_train}, fh, protocol=2)
-    return expected, test
-
-
-def test_cifar10_reader_reads_the_on_disk_format_without_download(tmp_path):
-    expected, test = _write_cifar10(tmp_path)
+def test_cifar10_reader_reads_the_on_disk_format_without_download(tmp_path, write_cifar10):
+    expected, test = write_cifar10(tmp_path)
     ds = load_dataset("cifar10", str(tmp_path), val_fraction=0.2)
     assert ds.classes[0] == "airplane" and ds.num_classes == 10
     assert len(ds.train) + len(ds.val) == 100 and len(ds.val) == 20
@@ -61,8 +40,8 @@ def test_cifar10_reader_reads_the_on_disk_format_without_download(tmp_path):
     assert len(load_dataset("cifar10", str(tmp_path / "cifar-10-batches-py")).test) == 10
 
 
-def test_cifar_reader_refuses_a_pickle_that_runs_code(tmp_path):
-    _write_cifar10(tmp_path)
+def test_cifar_reader_refuses_a_pickle_that_runs_code(tmp_path, write_cifar10):
+    write_cifar10(tmp_path)
 
     class Exploit:
         def __reduce__(self):
