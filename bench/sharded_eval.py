@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 times[count].append(seconds)
                 print(f"{count} process(es): {seconds:.1f} s", flush=True)
     reference = reports[1]
+    columns = [a for a in ["clean", *args.attacks.split(",")] if a in reference["accuracy"]]
+    columns = list(dict.fromkeys(columns))
     for count in args.processes:
         if reports[count]["correct"] != reference["correct"]:
             raise SystemExit(f"{count} processes gave different per-example results than one process")
@@ -83,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{os.cpu_count()} cores; {args.n} examples; attacks {args.attacks}; batch {args.batch_size}, "
           f"AutoAttack blocks of {args.aa_batch_size}; median of {args.repeats}")
     print("| processes | threads each | wall (s) | speed-up | " +
-          " | ".join(f"{a} (%)" for a in reference["accuracy"]) + " |")
-    print("|---:|---:|---:|---:|" + "---:|" * len(reference["accuracy"]))
+          " | ".join(f"{a} (%)" for a in columns) + " |")
+    print("|---:|---:|---:|---:|" + "---:|" * len(columns))
     for count in counts:
         median = statistics.median(times[count])
-        accuracy = " | ".join(f"{100 * v:.1f}" for v in reports[count]["accuracy"].values())
+        accuracy = " | ".join(f"{100 * reports[count]['accuracy'][a]:.1f}" for a in columns)
         print(f"| {count} | {max(1, (os.cpu_count() or 1) // count)} | {median:.1f} | {base / median:.2f}x | "
               f"{accuracy} |")
     print("per-example results identical across process counts")
