@@ -302,6 +302,16 @@ def read_bundle(bundle: Path) -> tuple[dict, dict[str, np.ndarray]]:
 # The gate
 # --------------------------------------------------------------------------------------------
 
+def distinct_percents(value: float, limit: float) -> tuple[str, str]:
+    """Two fractions as percentages with as many decimals (1 to 4) as it takes for them to differ, so that
+    a failed threshold never reads "99.0% < 99.0%"."""
+    for decimals in range(1, 5):
+        a, b = f"{100 * value:.{decimals}f}", f"{100 * limit:.{decimals}f}"
+        if a != b:
+            return a, b
+    return a, b
+
+
 @dataclass
 class Gate:
     """Thresholds that turn a regression of an artifact against the torch model, or an attack that
@@ -346,17 +356,19 @@ class Gate:
         for fmt, row in table.items():
             if fmt != "torch":
                 if row["agreement"] < self.min_agreement:
-                    failures.append(f"{fmt}: agreement {100 * row['agreement']:.1f}% < {100 * self.min_agreement:.1f}%")
+                    value, limit = distinct_percents(row["agreement"], self.min_agreement)
+                    failures.append(f"{fmt}: agreement {value}% < {limit}%")
                 if row.get("twin_agreement") is not None and row["twin_agreement"] < self.min_twin_agreement:
-                    failures.append(f"{fmt}: its twin agrees with the runtime on {100 * row['twin_agreement']:.1f}% "
-                                    f"(< {100 * self.min_twin_agreement:.1f}%); white-box numbers refused")
+                    value, limit = distinct_percents(row["twin_agreement"], self.min_twin_agreement)
+                    failures.append(f"{fmt}: its twin agrees with the runtime on {value}% "
+                                    f"(< {limit}%); white-box numbers refused")
                 for key in [k for k in row if k in ("clean", "worst") or k.startswith("transfer_")]:
                     if ref.get(key) is None or row[key] is None:
                         continue
                     drop = ref[key] - row[key]
                     if drop > self.max_robust_drop + 1e-9:
-                        failures.append(f"{fmt}: {key} drops {100 * drop:.1f} points "
-                                        f"(> {100 * self.max_robust_drop:.1f})")
+                        value, limit = distinct_percents(drop, self.max_robust_drop)
+                        failures.append(f"{fmt}: {key} drops {value} points (> {limit})")
             if not self.allow_flags:
                 failures += [f"{fmt}: attack-failure flag {describe_flag(flag)}" for flag in (flags or {}).get(fmt, [])]
         return failures

@@ -117,6 +117,12 @@ def test_gate_turns_a_regression_into_failures():
     failures = Gate(max_robust_drop=0.05, min_agreement=0.95).check(table)
     assert failures == ["onnx-int8: agreement 93.0% < 95.0%", "onnx-int8: transfer_pgd20 drops 10.0 points (> 5.0)"]
     assert Gate(max_robust_drop=0.2, min_agreement=0.9).check(table) == []
+    # a miss by less than the printed precision still reads as a miss
+    near = {"torch": {"clean": 0.9, "agreement": 1.0, "worst": 0.5},
+            "onnx-int8": {"clean": 0.9, "agreement": 0.9496, "worst": 0.4496, "twin_agreement": 190 / 192}}
+    assert Gate(max_robust_drop=0.05, min_agreement=0.95).check(near) == [
+        "onnx-int8: agreement 94.96% < 95.00%", "onnx-int8: its twin agrees with the runtime on 98.96% (< 99.00%); "
+        "white-box numbers refused", "onnx-int8: worst drops 5.04 points (> 5.00)"]
 
 
 def test_cli_export_verify_and_bad_inputs(digits_checkpoint, bundle, tmp_path, capsys):
