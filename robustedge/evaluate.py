@@ -303,12 +303,14 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
     original, was_training = model, model.training
     model.eval()
-    from robustedge.models import Classifier, fold_batchnorm
+    from robustedge.models import fold_if_possible
 
-    if fold_bn and isinstance(model, Classifier):  # others (QAT students, foreign modules) are attacked as given
-        model = fold_batchnorm(model).to(memory_format=torch.channels_last)
-        if x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+    if fold_bn:
+        folded = fold_if_possible(model)  # others (QAT students, foreign modules) are attacked as given
+        if folded is not model:
+            model = folded.to(memory_format=torch.channels_last)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
     from robustedge.sharding import World, agree_min
 
     world = World.current() if distributed else World()
