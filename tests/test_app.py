@@ -190,8 +190,10 @@ def test_a_foreign_state_dict_named_with_model_is_attacked_like_its_checkpoint(m
     assert "attack took" in messages(alone)
 
 
-def test_a_foreign_safetensors_in_the_folder_is_skipped_with_a_hint(models_folder, tmp_path):
+def test_a_foreign_safetensors_is_skipped_with_a_hint_and_named_models_never_take_a_folder_name(models_folder, tmp_path):
     from safetensors.torch import save_file
+
+    from robustedge.loading import ModelFacts
 
     folder = tmp_path / "models"
     shutil.copytree(models_folder, folder)
@@ -200,6 +202,12 @@ def test_a_foreign_safetensors_in_the_folder_is_skipped_with_a_hint(models_folde
     assert "theirs.safetensors" not in [e.name for e in entries]
     assert any(w.startswith("skipped theirs.safetensors: a safetensors file without RobustEdge metadata") and
                "--model FILE --arch ARCH" in w for w in warnings)
+    # a named model whose name is also a folder file's is shown by its full path, never mistaken for it
+    named = demo.foreign_sources([("natural/best.safetensors", "/elsewhere/natural/best.safetensors")],
+                                 ModelFacts(arch="wideresnet-10-1"))
+    names = [e.name for e in demo.list_models(folder, named)]
+    assert names.count("natural/best.safetensors") == 1 and names[-1] == "/elsewhere/natural/best.safetensors"
+    assert demo.resolve_entry(folder, "natural/best.safetensors", named).origin is None
     with pytest.raises(RobustEdgeError, match="ROBUSTEDGE_SOURCES is not a list of model sources"):
         demo.scan_models(folder, "[{\"name\": 1}]")
 

@@ -127,6 +127,10 @@ def scan_models(folder: str | Path | None, sources: str | None = None) -> tuple[
     if folder is None:
         return foreign, []
     entries, warnings = _scan_folder(Path(folder))
+    taken = {e.name for e in entries}
+    for entry in foreign:  # a named file must never pass for the folder's file of the same relative name
+        if entry.name in taken:
+            entry.name = entry.origin
     return entries + foreign, warnings
 
 
