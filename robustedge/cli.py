@@ -42,7 +42,7 @@ class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
+        if action.default is None or action.default is False or action.default == [] or "default" in text:
             return text
         return super()._get_help_string(action)
 
