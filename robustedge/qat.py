@@ -168,27 +168,91 @@ class QATStudent(nn.Module):
 
 
 def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], activations: str = "uint8") -> QATStudent:
-    """Export ``model`` (a registry Classifier) with a dynamic batch axis and insert fake quantisers."""
+    """Export ``model`` (a registry Classifier) with a dynamic batch axis and insert fake quantisers.
+
+    Exporting and annotating cost seconds (about 9 s for the digits MobileNetV2 on this CPU) and are
+    the same for every model of one structure, so a process keeps the freshly prepared graph of the
+    last few structures and gives a later model of the same structure a copy holding its own
+    tensors: a QAT run, its export and its report in one process prepare once (see :class:`_Prepared`)."""
+    model = copy.deepcopy(model).train()
+    with torch.random.fork_rng(devices=[]):  # tracing must not move the RNG
+        example = torch.rand(2, *input_shape, device=next(model.parameters()).device)
+    prepared = _PREPARED.lookup(model, input_shape, activations)
+    if prepared is None:
+        prepared = _prepare_graph(model, example, activations)
+        _PREPARED.store(model, input_shape, activations, prepared)
+    student = QATStudent(prepared, activations)
+    _initialise_quantizers(student, example)
+    return student
+
+
+def _prepare_graph(model: nn.Module, example: torch.Tensor, activations: str) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    model = copy.deepcopy(model).train()
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     quantizer = _quantizer(activations)
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):  # tracing must not move the RNG
-            example = torch.rand(2, *input_shape, device=next(model.parameters()).device)
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.simplefilter("ignore")
             graph = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}).module()
-            prepared = prepare_qat_pt2e(graph, quantizer)
+            return prepare_qat_pt2e(graph, quantizer)
     except RobustEdgeError:
         raise
     except Exception as exc:  # torch.export / the quantizer's annotation raise many types
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise RobustEdgeError(f"cannot prepare this model for quantization-aware training (torchao PT2E): "
                               f"{first[:200]}") from None
-    student = QATStudent(prepared, activations)
-    _initialise_quantizers(student, example)
-    return student
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(module.named_parameters()) | dict(module.named_buffers())
+
+
+class _Prepared:
+    """Freshly prepared QAT graphs (never trained, never observed) of the last few model structures.
+
+    A structure is the module tree, its ``repr`` (layer settings), every tensor's name, shape and dtype,
+    the input shape, the scheme and the device. A graph holds the model's tensors under the same names;
+    a model tensor the graph does not hold by name (one the export baked in as a constant, or one the
+    forward never uses, such as WideResNet's unused ``sub_block1``) is part of the key by value, which
+    is conservative: an unused tensor that differs costs a fresh prepare, never a wrong graph. A copy with the new model's tensors written in is then the graph preparing that model
+    would give (tests/test_qat.py checks every state entry and the outputs against a fresh prepare)."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.hits = 0
+        self.entries: list[tuple[tuple, dict[str, torch.Tensor], nn.Module]] = []
+
+    @staticmethod
+    def _key(model: nn.Module, input_shape, activations: str) -> tuple:
+        tensors = _named_tensors(model)
+        return (tuple((name, type(m)) for name, m in model.named_modules()), repr(model),
+                tuple((name, tuple(t.shape), t.dtype, str(t.device)) for name, t in tensors.items()),
+                tuple(input_shape), activations)
+
+    def lookup(self, model: nn.Module, input_shape, activations: str) -> nn.Module | None:
+        key, tensors = self._key(model, input_shape, activations), _named_tensors(model)
+        for entry_key, baked, graph in self.entries:
+            if entry_key == key and all(torch.equal(tensors[name], value) for name, value in baked.items()):
+                copy_ = copy.deepcopy(graph)
+                targets = _named_tensors(copy_)
+                with torch.no_grad():
+                    for name, tensor in tensors.items():
+                        if name in targets:
+                            targets[name].copy_(tensor)
+                self.hits += 1
+                return copy_
+        return None
+
+    def store(self, model: nn.Module, input_shape, activations: str, graph: nn.Module) -> None:
+        targets, tensors = _named_tensors(graph), _named_tensors(model)
+        baked = {name: t.detach().clone() for name, t in tensors.items() if name not in targets}
+        key = self._key(model, input_shape, activations)
+        self.entries = [e for e in self.entries if e[0] != key][-(self.size - 1):]
+        self.entries.append((key, baked, copy.deepcopy(graph)))
+
+
+_PREPARED = _Prepared()
 
 
 @torch.no_grad()

@@ -332,7 +332,8 @@ def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     t0 = time.perf_counter()
     from robustedge.report import build_report
 
-    report_page = build_report([s.out], s.out / "report", curve_n=100, progress=lambda m: None)
+    # the eps curves on at most the final evaluation's examples (100 at the default 200)
+    report_page = build_report([s.out], s.out / "report", curve_n=min(100, s.eval_n), progress=lambda m: None)
     timings["report"] = time.perf_counter() - t0
     total = time.perf_counter() - start
     table = comparison_table(reports)

@@ -77,6 +77,46 @@ def test_the_qat_step_is_the_methods_loss_on_the_fake_quantised_student(tmp_path
         assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5), method
 
 
+def test_a_reused_prepared_graph_is_the_graph_a_fresh_prepare_gives(monkeypatch):
+    """prepare_qat keeps the freshly prepared graph of a structure for later models of that structure; the
+    copy with the new model's tensors must be exactly what preparing that model gives (every state entry,
+    outputs in both modes). A model tensor the graph does not hold (WideResNet's unused sub_block1) is
+    compared by value: when it differs, the graph is prepared afresh."""
+    from robustedge import qat
+
+    torch.manual_seed(0)
+    first = ModelSpec("wideresnet-10-1", 10, 1, 1.0, 8).build()
+    second = copy.deepcopy(first)  # other weights, other batch-norm statistics, other normalisation
+    with torch.no_grad():
+        for name, tensor in second.named_parameters():
+            if not name.startswith("sub_block1"):
+                tensor.add_(0.05 * torch.randn_like(tensor))
+        for name, m in second.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and not name.startswith("sub_block1"):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    unused_differs = copy.deepcopy(second)
+    with torch.no_grad():
+        unused_differs.sub_block1.layer[0].conv1.weight.add_(1.0)
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def prepared(model, cache):
+        monkeypatch.setattr(qat, "_PREPARED", cache)
+        torch.manual_seed(5)  # the provisional ranges come from a random example drawn from the global RNG
+        return qat.prepare_qat(model, (1, 8, 8))
+
+    for model, hits in ((second, 1), (unused_differs, 0)):
+        cache = qat._Prepared()
+        prepared(first, cache)
+        reused, fresh = prepared(model, cache), prepared(model, qat._Prepared())
+        assert cache.hits == hits
+        for mode in (False, True):  # eval, then a training forward that moves observers and BN statistics
+            reused.train(mode), fresh.train(mode)
+            assert torch.equal(reused(x), fresh(x))
+            a, b = reused.state_dict(), fresh.state_dict()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_eval_mode_never_moves_the_learned_ranges(float_student):
     from robustedge.attacks import pgd
 
