@@ -37,10 +37,13 @@ def _command(processes: int, checkpoint: str, out: Path, args: argparse.Namespac
             "-m", "robustedge.cli", *tail]
 
 
+def _threads(processes: int) -> int:
+    return max(1, (os.cpu_count() or 1) // processes)
+
+
 def _run(processes: int, checkpoint: str, args: argparse.Namespace, scratch: Path) -> tuple[float, dict]:
     out = scratch / f"p{processes}_{time.monotonic_ns()}"
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(_threads(processes))}
     start = time.perf_counter()
     done = subprocess.run(_command(processes, checkpoint, out, args), env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -90,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     for count in counts:
         median = statistics.median(times[count])
         accuracy = " | ".join(f"{100 * reports[count]['accuracy'][a]:.1f}" for a in columns)
-        print(f"| {count} | {max(1, (os.cpu_count() or 1) // count)} | {median:.1f} | {base / median:.2f}x | "
+        print(f"| {count} | {_threads(count)} | {median:.1f} | {base / median:.2f}x | "
               f"{accuracy} |")
     print("per-example results identical across process counts")
     return 0

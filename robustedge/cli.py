@@ -554,27 +554,16 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_app)
 
 
-def _app_sources(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(name shown, loader source) of each --model, each loaded once here so that a bad one is refused in one
-    line before the server starts; files are passed on as absolute paths (the page runs in another process)."""
-    from robustedge.loading import ROBUSTBENCH_PREFIX, load
-
-    sources = []
-    for source in args.sources:
-        load(source, facts=_facts(args))
-        origin = source if source.startswith(ROBUSTBENCH_PREFIX) else str(Path(source).resolve())
-        sources.append((source, origin))
-    return sources
-
-
 def cmd_app(args: argparse.Namespace) -> int:
     import subprocess
 
-    from robustedge.app import PAGE_SCRIPT
-    from robustedge.app.logic import SOURCES_ENV, foreign_sources
+    from dataclasses import fields
 
-    given = [name for name in ("arch", "num_classes", "in_channels", "image_size", "mean", "std", "dataset", "eps")
-             if getattr(args, name) is not None]
+    from robustedge.app import PAGE_SCRIPT
+    from robustedge.app.logic import DATA_ROOT_ENV, MODELS_ENV, SOURCES_ENV, foreign_sources
+    from robustedge.loading import ROBUSTBENCH_PREFIX, ModelFacts
+
+    given = [f.name for f in fields(ModelFacts) if getattr(args, f.name) != f.default]
     if given and not args.sources:
         raise RobustEdgeError(f"--{given[0].replace('_', '-')} describes a foreign model: name it with --model SRC")
     if len(set(args.sources)) != len(args.sources):
@@ -586,10 +575,11 @@ def cmd_app(args: argparse.Namespace) -> int:
         raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` first or pass --models")
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise RobustEdgeError(f"--data-root {args.data_root} is not a folder")
-    sources = _app_sources(args)
-    env = {**os.environ, "ROBUSTEDGE_MODELS": str(folder.resolve()) if folder else "",
+    # files go to the page as absolute paths: it runs in another process
+    sources = [(s, s if s.startswith(ROBUSTBENCH_PREFIX) else str(Path(s).resolve())) for s in args.sources]
+    env = {**os.environ, MODELS_ENV: str(folder.resolve()) if folder else "",
            SOURCES_ENV: foreign_sources(sources, _facts(args)) if sources else "",
-           "ROBUSTEDGE_DATA_ROOT": str(Path(args.data_root).resolve()) if args.data_root else ""}
+           DATA_ROOT_ENV: str(Path(args.data_root).resolve()) if args.data_root else ""}
     cmd = [sys.executable, "-m", "streamlit", "run", str(PAGE_SCRIPT), "--server.port", str(args.port),
            "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     shown = ([f"models: {folder.resolve()}"] if folder else []) + [f"--model {name}" for name, _ in sources]

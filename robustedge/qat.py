@@ -174,12 +174,11 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], activations
     the same for every model of one structure, so a process keeps the freshly prepared graph of the
     last few structures and gives a later model of the same structure a copy holding its own
     tensors: a QAT run, its export and its report in one process prepare once (see :class:`_Prepared`)."""
-    model = copy.deepcopy(model).train()
     with torch.random.fork_rng(devices=[]):  # tracing must not move the RNG
         example = torch.rand(2, *input_shape, device=next(model.parameters()).device)
     prepared = _PREPARED.lookup(model, input_shape, activations)
     if prepared is None:
-        prepared = _prepare_graph(model, example, activations)
+        prepared = _prepare_graph(copy.deepcopy(model).train(), example, activations)
         _PREPARED.store(model, input_shape, activations, prepared)
     student = QATStudent(prepared, activations)
     _initialise_quantizers(student, example)
@@ -248,8 +247,8 @@ class _Prepared:
         targets, tensors = _named_tensors(graph), _named_tensors(model)
         baked = {name: t.detach().clone() for name, t in tensors.items() if name not in targets}
         key = self._key(model, input_shape, activations)
-        self.entries = [e for e in self.entries if e[0] != key][-(self.size - 1):]
-        self.entries.append((key, baked, copy.deepcopy(graph)))
+        kept = [e for e in self.entries if e[0] != key]
+        self.entries = (kept + [(key, baked, copy.deepcopy(graph))])[-self.size:]
 
 
 _PREPARED = _Prepared()

@@ -8,9 +8,10 @@ implementation reseeds per call and draws per batch, runs on the same fixed bloc
 whatever the world size. One process runs the same blocks in the same order.
 
 Sharding is asked for, never implied by an initialised process group: a DDP training run validates on
-rank 0 alone, and a collective there would wait for ranks that never come. Ranks advance in lock-step rounds (one block each), and the examples finished in a round are summed over
-ranks, so rank 0's progress bar shows the total. Works with gloo (CPUs) and NCCL (GPUs); multi-node
-through torchrun's rendezvous (docs/design.md, "Evaluation over many processes").
+rank 0 alone, and a collective there would wait for ranks that never come. Ranks advance in lock-step
+rounds (one block each), and the examples finished in a round are summed over ranks, so rank 0's
+progress bar shows the total. Works with gloo (CPUs) and NCCL (GPUs); multi-node through torchrun's
+rendezvous (docs/design.md, "Evaluation over many processes").
 """
 
 from __future__ import annotations

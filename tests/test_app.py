@@ -203,10 +203,12 @@ def test_a_foreign_safetensors_is_skipped_with_a_hint_and_named_models_never_tak
     assert any(w.startswith("skipped theirs.safetensors: a safetensors file without RobustEdge metadata") and
                "--model FILE --arch ARCH" in w for w in warnings)
     # a named model whose name is also a folder file's is shown by its full path, never mistaken for it
-    named = demo.foreign_sources([("natural/best.safetensors", "/elsewhere/natural/best.safetensors")],
-                                 ModelFacts(arch="wideresnet-10-1"))
+    elsewhere = tmp_path / "elsewhere" / "natural" / "best.safetensors"
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(folder / "natural" / "best.safetensors", elsewhere)
+    named = demo.foreign_sources([("natural/best.safetensors", str(elsewhere))], ModelFacts())
     names = [e.name for e in demo.list_models(folder, named)]
-    assert names.count("natural/best.safetensors") == 1 and names[-1] == "/elsewhere/natural/best.safetensors"
+    assert names.count("natural/best.safetensors") == 1 and names[-1] == str(elsewhere)
     assert demo.resolve_entry(folder, "natural/best.safetensors", named).origin is None
     with pytest.raises(RobustEdgeError, match="ROBUSTEDGE_SOURCES is not a list of model sources"):
         demo.scan_models(folder, "[{\"name\": 1}]")

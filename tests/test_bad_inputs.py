@@ -231,6 +231,7 @@ CASES = [
     (["app", "--models", "{missing}"], "models folder {missing} does not exist"),
     (["app", "--arch", "resnet18"], "--arch describes a foreign model: name it with --model SRC"),
     (["app", "--dataset", "digits"], "--dataset describes a foreign model: name it with --model SRC"),
+    (["app", "--width", "0.5"], "--width describes a foreign model: name it with --model SRC"),
     (["app", "--model", "{state_pth}"], "is not a RobustEdge checkpoint: pass --arch"),
     (["app", "--model", "{missing}", "--arch", "resnet18"], "checkpoint not found"),
     (["app", "--model", "{state_pth}", "--arch", "resnet20", "--dataset", "digits"],

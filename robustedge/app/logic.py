@@ -26,7 +26,10 @@ MAX_UPLOAD_PIXELS = 4096 * 4096
 ATTACKS = ("FGSM", "PGD", "CW-inf", "APGD-CE")
 ONNX_ATTACKS = ("Transfer PGD (from source checkpoint)", "Square (query-only)")
 SQUARE_QUERIES = 500  # an interactive budget; `robustedge export` uses AutoAttack's 5000
-SOURCES_ENV = "ROBUSTEDGE_SOURCES"  # JSON list written by `robustedge app --model ...` (see foreign_sources)
+# what `robustedge app` hands the page (Streamlit passes no arguments to a page)
+MODELS_ENV = "ROBUSTEDGE_MODELS"  # the models folder; empty: none
+SOURCES_ENV = "ROBUSTEDGE_SOURCES"  # JSON list of the models named with --model (see foreign_sources)
+DATA_ROOT_ENV = "ROBUSTEDGE_DATA_ROOT"  # test images for models that do not record where theirs are
 
 
 @dataclass
@@ -95,28 +98,31 @@ def _robustness_label(path: Path, meta, warnings: list[str], info: dict) -> str 
 
 
 def foreign_sources(sources: list[tuple[str, str]], facts) -> str:
-    """The ``ROBUSTEDGE_SOURCES`` value for foreign models: (name shown, loader source) pairs sharing one
-    :class:`~robustedge.loading.ModelFacts` (the command line gives one set of facts, as for ``eval``)."""
-    return json.dumps([{"name": name, "origin": origin, "facts": asdict(facts)} for name, origin in sources])
+    """The ``ROBUSTEDGE_SOURCES`` value for ``robustedge app --model``: (name shown, loader source) pairs
+    sharing one :class:`~robustedge.loading.ModelFacts` (the command line gives one set, as for ``eval``).
+    Each source is loaded once here, so a bad one is refused in one line before the server starts, and
+    its label comes from what the loader found rather than from a second reading of the flags."""
+    from robustedge.loading import load
+
+    items = []
+    for name, origin in sources:
+        _, meta = load(origin, facts=facts)
+        items.append({"name": name, "origin": origin, "facts": asdict(facts),
+                      "info": {"arch": meta.spec.arch, "method": meta.method or "foreign", "dataset": meta.dataset,
+                               "eps": meta.eps}})
+    return json.dumps(items)
 
 
 def _foreign_entries(text: str | None) -> list[ModelEntry]:
-    """The entries of a ``ROBUSTEDGE_SOURCES`` value; facts are checked again by the loader when one is picked."""
+    """The entries of a ``ROBUSTEDGE_SOURCES`` value (what :func:`foreign_sources` wrote)."""
     if not text:
         return []
     try:
-        items = json.loads(text)
-        entries = [ModelEntry(str(i["name"]), Path(i["origin"]), "torch", origin=str(i["origin"]),
-                              facts=dict(i["facts"])) for i in items]
+        return [ModelEntry(str(i["name"]), Path(i["origin"]), "torch", dict(i["info"]), origin=str(i["origin"]),
+                           facts=dict(i["facts"])) for i in json.loads(text)]
     except (ValueError, TypeError, KeyError) as exc:
         raise RobustEdgeError(f"{SOURCES_ENV} is not a list of model sources ({type(exc).__name__}); "
                               f"start the page with `robustedge app --model ...`") from None
-    for entry in entries:
-        facts = entry.facts
-        arch = facts.get("arch") or (entry.origin if entry.origin.startswith("robustbench:") else None)
-        entry.info = {"arch": arch, "method": "foreign", "dataset": facts.get("dataset") or "cifar10",
-                      "eps": facts.get("eps")}
-    return entries
 
 
 def scan_models(folder: str | Path | None, sources: str | None = None) -> tuple[list[ModelEntry], list[str]]:
@@ -212,18 +218,13 @@ class Predictor:
     """A torch model or an ONNX Runtime session behind one call: [0, 1] images -> probabilities."""
 
     def __init__(self, entry: ModelEntry) -> None:
-        from robustedge.checkpoint import load_model
+        from robustedge.loading import ModelFacts, load
 
         self.entry = entry
         self.torch_model = None
         self.runner = None
         if entry.kind == "torch":
-            if entry.origin is not None:
-                from robustedge.loading import ModelFacts, load
-
-                self.torch_model, meta = load(entry.origin, facts=ModelFacts(**entry.facts))
-            else:
-                self.torch_model, meta = load_model(entry.path)
+            self.torch_model, meta = load(entry.origin or entry.path, facts=ModelFacts(**(entry.facts or {})))
             self.input_shape = meta.spec.input_shape
             self.classes = meta.classes or [str(i) for i in range(meta.spec.num_classes)]
             self.meta = meta

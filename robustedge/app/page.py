@@ -129,7 +129,7 @@ def _input(c: Choice, params, test_split, warnings: list[str]):
         mode = st.radio("Image", ["Test sample", "Random test sample", "Upload"],
                         index=2 if params.get("input") == "upload" else 0)
     split = None
-    root = data_cfg.get("root") or os.environ.get("ROBUSTEDGE_DATA_ROOT") or None
+    root = data_cfg.get("root") or os.environ.get(demo.DATA_ROOT_ENV) or None
     if dataset == "digits" or root:
         try:
             split = test_split(dataset, root, tuple(c.model.input_shape), int(data_cfg.get("seed", 0)),
@@ -232,7 +232,7 @@ def render() -> None:
 
     st.set_page_config(page_title="RobustEdge attack demo", layout="wide")
     st.title("RobustEdge: clean vs adversarial")
-    folder = os.environ.get("ROBUSTEDGE_MODELS", "runs/quickstart") or None
+    folder = os.environ.get(demo.MODELS_ENV, "runs/quickstart") or None
     where = (folder, os.environ.get(demo.SOURCES_ENV) or None)  # what the scan and the loader are keyed on
     params = st.query_params
     models, predictor, test_split = _cached()
@@ -242,9 +242,9 @@ def render() -> None:
         st.error(str(exc))
         return
     warnings = list(scan_warnings)
-    for warning in warnings if not entries else []:
-        st.warning(warning)
     if not entries:
+        for warning in warnings:
+            st.warning(warning)
         st.warning(f"The models folder {folder} holds no RobustEdge checkpoints or ONNX models. "
                    f"Run `robustedge quickstart` or start the app with `--models DIR` or `--model SRC --arch ARCH`.")
         return
