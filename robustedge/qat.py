@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from robustedge.errors import RobustEdgeError
+from robustedge.pt2e_fast import faster_pt2e
 
 ACTIVATIONS = ("uint8", "int8-symmetric", "int8")
 MAX_BATCH = 4096
@@ -191,7 +192,7 @@ def _prepare_graph(model: nn.Module, example: torch.Tensor, activations: str) ->
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     quantizer = _quantizer(activations)
     try:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), faster_pt2e():
             warnings.simplefilter("ignore")
             graph = torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}}).module()
             return prepare_qat_pt2e(graph, quantizer)
@@ -294,7 +295,7 @@ def convert(student: QATStudent) -> nn.Module:
     (12 s for the digits MobileNetV2 here), so an export converts once."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), faster_pt2e():
         return convert_pt2e(copy.deepcopy(student).train(False).graph)
 
 

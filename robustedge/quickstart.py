@@ -49,7 +49,7 @@ from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, 
                               writer_alive, writer_identity)
 from robustedge.flags import FlagSettings
 from robustedge.options import parse_eps, parse_int, parse_seed
-from robustedge.runtime import parallel_plan, resolve_device, run_jobs
+from robustedge.runtime import parallel_plan, resolve_device, run_jobs, worker_pool
 from robustedge.train import train
 
 DIGITS_EPS = 0.1
@@ -270,15 +270,28 @@ def _qat_job(job: tuple[QuickstartSettings, TrainConfig]) -> dict:
     return {"manifest": manifest, "failures": failures, "seconds": seconds}
 
 
+def _curve_n(s: QuickstartSettings) -> int:
+    """The report's eps curves use at most the final evaluation's examples (100 at the default 200)."""
+    return min(100, s.eval_n)
+
+
+def _collect_job(job: tuple[QuickstartSettings, list[str]]) -> list:
+    """Read runs for the report (eps curve, latency) in a worker, beside the other chain's work."""
+    s, names = job
+    from robustedge.report import collect
+
+    return [collect(s.out / name, _curve_n(s)) for name in names]
+
+
 def _chain_job(steps: list[tuple]) -> list:
     """Several jobs one after another in one worker (module-level, so a spawned process can run it)."""
     return [fn(arg) for fn, arg in steps]
 
 
-def _phase(title: str, fn, items: list, workers: int, threads: int) -> list:
+def _phase(title: str, fn, items: list, workers: int, threads: int, pool) -> list:
     mode = f" ({workers} processes x {threads} thread{'s' if threads > 1 else ''})" if workers > 1 else ""
     print(f"\n== {title}{mode} ==", flush=True)
-    return run_jobs(fn, items, workers, threads)
+    return run_jobs(fn, items, workers, threads, pool)
 
 
 def run_quickstart(s: QuickstartSettings) -> dict:
@@ -293,26 +306,36 @@ def run_quickstart(s: QuickstartSettings) -> dict:
 def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     start = time.perf_counter()
     workers, threads = parallel_plan(resolve_device(s.device), 2)  # workers run without bars (runtime.py)
+    with worker_pool(workers, threads) as pool:  # started once for every phase
+        return _run_phases(s, configs, start, workers, threads, pool)
+
+
+def _run_phases(s: QuickstartSettings, configs: dict[str, TrainConfig], start: float, workers: int, threads: int,
+                pool) -> dict:
     timings = {}
     for names in (("teacher_clean", "teacher_robust"), ("student_bmtard", "student_pgd_at")):
         title = "; ".join(f"{n}: {configs[n].method} {configs[n].model.arch} (width {configs[n].model.width}), "
                           f"{configs[n].epochs} epochs" for n in names)
-        seconds = _phase(f"training {title}", _train_job, [configs[n] for n in names], workers, threads)
+        seconds = _phase(f"training {title}", _train_job, [configs[n] for n in names], workers, threads,
+                         pool)
         timings |= dict(zip(names, seconds))
 
     students = ["student_bmtard", "student_pgd_at"]
     qat = None
-    if s.qat:  # two chains side by side: eval + float export | eval + QAT fine-tune + QAT export
-        chains = [[(_eval_job, (s, "student_bmtard")), (_export_float, s)],
-                  [(_eval_job, (s, "student_pgd_at")), (_qat_job, (s, configs["student_bmtard_qat"]))]]
-        (evaluated_b, exported), (evaluated_p, qat) = _phase(
-            "evaluating both students; exporting the B-MTARD one (PTQ INT8) | fine-tuning it with QAT and "
-            "exporting it (QAT INT8)", _chain_job, chains, workers, threads)
-        evaluated = [evaluated_b, evaluated_p]
+    collected = None
+    if s.qat:  # two chains side by side, each reading its runs for the report once it is done with them
+        floats = ["teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at"]
+        chains = [[(_eval_job, (s, "student_bmtard")), (_export_float, s), (_eval_job, (s, "student_pgd_at")),
+                   (_collect_job, (s, floats))],
+                  [(_qat_job, (s, configs["student_bmtard_qat"])), (_collect_job, (s, ["student_bmtard_qat"]))]]
+        (evaluated_b, exported, evaluated_p, collected_a), (qat, collected_b) = _phase(
+            "evaluating both students and exporting the B-MTARD one (PTQ INT8) | fine-tuning it with QAT and "
+            "exporting it (QAT INT8)", _chain_job, chains, workers, threads, pool)
+        evaluated, collected = [evaluated_b, evaluated_p], collected_a + collected_b
         timings |= {"qat_train": qat["seconds"]["train"], "qat_export": qat["seconds"]["export"]}
     else:
         evaluated = _phase("evaluating both students with the full suite", _eval_job, [(s, n) for n in students],
-                           workers, threads)
+                           workers, threads, pool)
         exported = _export_float(s) if s.export else None
     reports: dict[str, EvalReport] = {}
     for name, result in zip(students, evaluated):
@@ -332,8 +355,8 @@ def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     t0 = time.perf_counter()
     from robustedge.report import build_report
 
-    # the eps curves on at most the final evaluation's examples (100 at the default 200)
-    report_page = build_report([s.out], s.out / "report", curve_n=min(100, s.eval_n), progress=lambda m: None)
+    report_page = build_report([s.out], s.out / "report", curve_n=_curve_n(s), progress=lambda m: None,
+                               collected=collected)
     timings["report"] = time.perf_counter() - t0
     total = time.perf_counter() - start
     table = comparison_table(reports)

@@ -21,7 +21,7 @@ import csv
 import html
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +59,9 @@ class RunInfo:
     curve: dict | None = None
     bundle: dict | None = None
     latency_ms: float | None = None  # torch eager, batch 1, measured here
+    latency_threads: int | None = None  # torch's threads during that measurement
     panels: dict | None = None  # the method's figure panels (Method.panels)
+    skipped: list[str] = field(default_factory=list)  # warnings raised while reading this run
 
 
 def find_runs(folders: list[Path]) -> list[Path]:
@@ -195,6 +197,7 @@ def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | 
 
 def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: Warnings | None = None) -> RunInfo:
     warnings = warnings if warnings is not None else Warnings(lambda m: None)
+    before = len(warnings)
     info = RunInfo(run.name, run, _read_history(run / "metrics.csv", warnings))
     best = run / "best.safetensors"
     if best.exists():
@@ -206,6 +209,7 @@ def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: War
             info.method, info.arch, info.eps = meta.method or "", meta.spec.arch, meta.eps
             info.panels = _panels(meta.method)
             info.latency_ms = _torch_latency_ms(model, meta.spec.input_shape)
+            info.latency_threads = torch.get_num_threads()
             if curve_n > 0:
                 info.curve = eps_curve(run, model, meta, curve_n, data_root, warnings)
     for candidate in (run / "eval.json", run / "best-eval" / "eval.json"):
@@ -213,6 +217,7 @@ def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: War
             info.evaluation = _read_evaluation(candidate, warnings)
             break
     info.bundle = _bundle_for(run, warnings)
+    info.skipped = list(warnings[before:])
     return info
 
 
@@ -404,15 +409,30 @@ th:first-child,td:first-child{text-align:left}th{background:#f2f4f7}img{max-widt
 h2{border-bottom:1px solid #ddd;padding-bottom:0.2em;margin-top:1.6em}.note{color:#666;font-size:0.9em}"""
 
 
+def _threads(n: int | None) -> str:
+    return "threads unknown" if n is None else f"{n} thread{'s' if n != 1 else ''}"
+
+
 def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: str | None = None,
-                 progress=print) -> Path:
+                 progress=print, collected: list[RunInfo] | None = None) -> Path:
     """Write ``out/report.html``, ``out/report.md`` and ``out/report_files/*.png``; return the HTML path.
 
-    ``out`` must be new, empty or a previous report, and must not hold one of the runs."""
+    ``out`` must be new, empty or a previous report, and must not hold one of the runs. ``collected``:
+    runs already read by :func:`collect` with the same ``curve_n`` and ``data_root`` (the quickstart reads
+    each in the worker that has just finished with it, where a QAT run's prepared graph is at hand); a
+    run of ``folders`` not among them is read here."""
     found = find_runs(folders)
     check_output_folder(out, REPORT, replace=True, protect=found)
     runs, warnings = [], Warnings(progress)
+    ready = {info.folder.resolve(): info for info in collected or []}
     for run in found:
+        if run.resolve() in ready:
+            info = ready[run.resolve()]
+            for message in info.skipped:
+                warnings.append(message)
+                progress(message)
+            runs.append(info)
+            continue
         progress(f"reading {run}" + (" (computing the eps curve)" if curve_n and not (run / "eps_curve.json").exists()
                                      else ""))
         runs.append(collect(run, curve_n, data_root, warnings))
@@ -424,7 +444,7 @@ def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: 
         if png:
             figures[key] = png
             summary.append(("figure", key))
-    latency_notes = [f"{r.name}: {r.latency_ms:.2f} ms" for r in runs if r.latency_ms]
+    latency_notes = [f"{r.name}: {r.latency_ms:.2f} ms ({_threads(r.latency_threads)})" for r in runs if r.latency_ms]
     if latency_notes:
         summary.append(("note", "Latency, torch eager at batch 1 on this machine: " + "; ".join(latency_notes)))
     if warnings:

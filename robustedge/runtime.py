@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
+from concurrent.futures import Executor
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
@@ -94,25 +96,43 @@ def _init_worker(threads: int) -> None:
     os.environ["ROBUSTEDGE_NO_PROGRESS"] = "1"  # interleaved bars from several processes are unreadable
 
 
-def iter_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int) -> Iterator[T]:
-    """``fn(item)`` for each item, yielded in order as they finish, in ``workers`` spawned processes
-    when more than one.
-
-    ``fn`` must be a module-level function and items picklable; the first exception raised in a
-    worker is re-raised here.
-    """
+@contextlib.contextmanager
+def worker_pool(workers: int, threads: int) -> Iterator[Executor | None]:
+    """Spawned workers kept for several rounds of jobs (None when ``workers`` <= 1: jobs then run in this
+    process). Each new worker is a fresh interpreter that imports torch and RobustEdge (about 2 s on the
+    2-core build machine) and then its jobs' lazy imports (torchao, onnx, AutoAttack), so a command that
+    runs jobs in several phases, the quickstart, starts its workers once."""
     if workers <= 1:
-        for item in items:
-            yield fn(item)
+        yield None
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        yield pool
+
+
+def iter_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int,
+              pool: Executor | None = None) -> Iterator[T]:
+    """``fn(item)`` for each item, yielded in order as they finish, in ``workers`` spawned processes
+    when more than one (those of ``pool`` when given, see :func:`worker_pool`).
+
+    ``fn`` must be a module-level function and items picklable; the first exception raised in a
+    worker is re-raised here.
+    """
+    if pool is not None:
         yield from pool.map(fn, items)
+        return
+    with worker_pool(workers, threads) as own:
+        if own is None:
+            for item in items:
+                yield fn(item)
+        else:
+            yield from own.map(fn, items)
 
 
-def run_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int) -> list[T]:
+def run_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int,
+             pool: Executor | None = None) -> list[T]:
     """All of :func:`iter_jobs` as a list."""
-    return list(iter_jobs(fn, items, workers, threads))
+    return list(iter_jobs(fn, items, workers, threads, pool))

@@ -162,6 +162,23 @@ def test_parallel_plan_and_worker_pool():
         run_jobs(math.factorial, [3, -1], 2, 1)  # a worker's exception reaches the caller
 
 
+def test_a_worker_pool_serves_several_rounds_of_jobs():
+    """The quickstart starts its workers once for all its phases: later rounds run in the same processes."""
+    import os
+
+    from helpers.jobs import worker_pid
+
+    from robustedge.runtime import worker_pool
+
+    with worker_pool(2, 1) as pool:
+        first = set(run_jobs(worker_pid, list(range(6)), 2, 1, pool))
+        assert os.getpid() not in first and 1 <= len(first) <= 2
+        assert set(run_jobs(worker_pid, list(range(6)), 2, 1, pool)) <= set(pool._processes)
+        assert set(pool._processes) >= first  # the first round's workers are still there
+    with worker_pool(1, 1) as none:  # one worker: jobs run in this process
+        assert none is None and run_jobs(worker_pid, [0], 1, 1, none) == [os.getpid()]
+
+
 def test_int8_activation_types(tmp_path):
     import onnx
     from onnx import numpy_helper

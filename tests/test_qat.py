@@ -117,6 +117,71 @@ def test_a_reused_prepared_graph_is_the_graph_a_fresh_prepare_gives(monkeypatch)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_fast_pt2e_paths_compute_what_torchao_computes(monkeypatch):
+    """robustedge/pt2e_fast.py replaces torchao's Cartesian-product partition search and skips the conv-bn
+    folds of conv kinds the graph lacks. Against torchao's own functions: the same partitions in the same
+    order for the x86 quantizer's patterns, the same prepared graph, and a converted model with the same
+    code and bit-identical outputs (a residual network: conv-bn-add-ReLU patterns and a Linear head)."""
+    import operator
+
+    from torchao.quantization.pt2e import graph_utils, qat_utils
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+
+    from robustedge import pt2e_fast, qat
+
+    torch.manual_seed(0)
+    model = ModelSpec("resnet20", 10, 1, 0.5, 8).build().train()
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    graph = torch.export.export(copy.deepcopy(model), (x[:2],)).module()
+    nn_ = torch.nn
+    patterns = [[nn_.Conv2d, nn_.BatchNorm2d, operator.add, nn_.ReLU], [nn_.Conv2d, nn_.BatchNorm2d, nn_.ReLU],
+                [nn_.Conv2d, nn_.BatchNorm2d], [nn_.Conv2d, operator.add, nn_.ReLU], [nn_.Linear, nn_.ReLU],
+                [nn_.Conv2d], []]
+
+    def nodes(found):
+        return [tuple(tuple(p.nodes) for p in candidate) for candidate in found]
+
+    for types in patterns:
+        assert nodes(pt2e_fast.sequential_partitions(graph, types)) == \
+            nodes(graph_utils.find_sequential_partitions(graph, types)), types
+    # nine residual blocks, two of them also through their projection shortcut
+    assert len(pt2e_fast.sequential_partitions(graph, patterns[0])) == 11
+    with pytest.raises(ValueError):
+        pt2e_fast.sequential_partitions(graph, [nn_.Conv2d, nn_.Conv2d])
+
+    def prepare_and_convert(fast: bool):
+        monkeypatch.setenv(pt2e_fast.SWITCH, "1" if fast else "0")
+        monkeypatch.setattr(qat, "_PREPARED", qat._Prepared())
+        with pt2e_fast.faster_pt2e() as applied:
+            assert applied == fast
+            assert (x86_inductor_quantizer.find_sequential_partitions is pt2e_fast.sequential_partitions) == fast
+        torch.manual_seed(5)
+        student = qat.prepare_qat(model, (1, 8, 8))
+        qat.calibrate(student, torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(4)))
+        student.train(False)
+        converted = qat.convert(student)
+        return student.graph.code, converted.code, converted(x)
+
+    slow, fast = prepare_and_convert(False), prepare_and_convert(True)
+    assert slow[0] == fast[0] and slow[1] == fast[1] and torch.equal(slow[2], fast[2])
+    # torchao's functions are back after each block
+    assert x86_inductor_quantizer.find_sequential_partitions is graph_utils.find_sequential_partitions
+    assert not getattr(qat_utils._fold_conv_bn_qat_helper, "robustedge_fast", False)
+
+
+def test_the_fast_pt2e_paths_leave_an_unproven_torchao_alone(monkeypatch):
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer
+
+    from robustedge import pt2e_fast
+
+    monkeypatch.setattr(pt2e_fast, "torchao_version", lambda: "0.19.0")
+    before = (x86_inductor_quantizer.find_sequential_partitions, qat_utils._fold_conv_bn_qat_helper)
+    with pt2e_fast.faster_pt2e() as applied:
+        assert not applied
+        assert (x86_inductor_quantizer.find_sequential_partitions, qat_utils._fold_conv_bn_qat_helper) == before
+
+
 def test_eval_mode_never_moves_the_learned_ranges(float_student):
     from robustedge.attacks import pgd
 

@@ -224,3 +224,32 @@ def test_report_skips_a_malformed_file_with_a_warning_naming_it(report_runs, tmp
     assert f"skipped {report_runs / name}" in (out / "report.html").read_text()
     assert (report_runs / name).read_text() == content  # a file that may not be ours is never rewritten
     assert main(["report", str(report_runs), "--out", str(out), "--curve-n", "8"]) == 0  # replaces its own report
+
+
+def test_a_report_from_runs_read_elsewhere_is_the_report_read_here(report_runs, tmp_path):
+    """The quickstart reads its runs in its workers (report.collect) and hands them to build_report: the
+    page must be the one build_report gives reading them itself, warnings included, and the run is
+    not read again (its eps curve is not recomputed)."""
+    from robustedge.report import build_report, collect
+
+    (report_runs / "student" / "eval.json").write_text("{broken")
+    build_report([report_runs], tmp_path / "here", curve_n=16, progress=lambda m: None)
+    (report_runs / "student" / "eps_curve.json").unlink()
+    info = collect(report_runs / "student", 16)
+    assert info.skipped and "eval.json" in info.skipped[0] and info.latency_threads == torch.get_num_threads()
+    info.curve = dict(info.curve, accuracy=[0.5] * len(info.curve["accuracy"]))  # tells which curve was drawn
+    (report_runs / "student" / "eps_curve.json").unlink()  # collect cached it; a second reading would again
+    messages = []
+    elsewhere = build_report([report_runs], tmp_path / "elsewhere", curve_n=16, progress=messages.append,
+                             collected=[info])
+    assert messages == info.skipped  # the run's warnings are still printed, once
+    assert json.loads((tmp_path / "elsewhere" / "report.json").read_text())["warnings"] == info.skipped
+    assert json.loads((tmp_path / "here" / "report.json").read_text())["warnings"] == info.skipped
+    assert "(computing the eps curve)" not in " ".join(messages)
+    def text(folder):  # the page's words and tables; latency is measured again on each reading
+        return [line for line in (folder / "report.md").read_text().splitlines() if "Latency" not in line]
+
+    assert text(tmp_path / "here") == text(tmp_path / "elsewhere") and "eval.json" in elsewhere.read_text()
+    figure = "report_files/eps_curves.png"  # drawn from the handed-in curve, not from a fresh reading
+    assert (tmp_path / "here" / figure).read_bytes() != (tmp_path / "elsewhere" / figure).read_bytes()
+    assert not (report_runs / "student" / "eps_curve.json").exists()  # the run was not read again

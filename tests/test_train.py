@@ -237,3 +237,7 @@ def test_quickstart_with_qat_shows_float_ptq_and_qat_int8_side_by_side(tmp_path,
     assert ("whitebox_autoattack" in row) == accepted and "worst" in row
     summary = json.loads((out / "quickstart.json").read_text())
     assert summary["status"] == "done" and {"qat_train", "qat_export", "export"} <= set(summary["timings"])
+    # the workers read the five runs for the report (eps curves, latencies); the report holds them all
+    report = (out / "report" / "report.md").read_text()
+    for name in ("teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at", "student_bmtard_qat"):
+        assert (out / name / "eps_curve.json").is_file() and f"## {name} (" in report and f"{name}: " in report
