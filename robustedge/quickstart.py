@@ -336,6 +336,8 @@ def _run_phases(s: QuickstartSettings, configs: dict[str, TrainConfig], start: f
     else:
         evaluated = _phase("evaluating both students with the full suite", _eval_job, [(s, n) for n in students],
                            workers, threads, pool)
+        if pool is not None:
+            pool.shutdown()  # the last phase in workers: their memory is freed before the export here
         exported = _export_float(s) if s.export else None
     reports: dict[str, EvalReport] = {}
     for name, result in zip(students, evaluated):
