@@ -677,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("robustedge.autoattack").setLevel(logging.WARNING)
     try:
+        from robustedge.pt2e_fast import fast_paths_enabled
+
+        fast_paths_enabled()  # the environment's settings are checked before a command touches anything
         return int(args.func(args) or 0)
     except RobustEdgeError as exc:
         print(f"robustedge: error: {exc}", file=sys.stderr)

@@ -27,6 +27,8 @@ import itertools
 import os
 from typing import Any, Callable, Iterator
 
+from robustedge.errors import RobustEdgeError
+
 PROVEN_TORCHAO = ("0.18.",)
 SWITCH = "ROBUSTEDGE_PT2E_FAST"
 
@@ -84,6 +86,15 @@ def _fold_present_convs_only(helper: Callable) -> Callable:
     return fold
 
 
+def fast_paths_enabled() -> bool:
+    """``ROBUSTEDGE_PT2E_FAST``: unset, empty or 1 on, 0 off; any other value is refused (the CLI checks
+    it before a command starts, so a typo never passes for one setting or the other)."""
+    value = (os.environ.get(SWITCH) or "1").strip()
+    if value not in ("0", "1"):
+        raise RobustEdgeError(f"{SWITCH} must be 0 (torchao's own path) or 1 (the fast paths), got {value!r}")
+    return value == "1"
+
+
 def torchao_version() -> str:
     try:
         import torchao
@@ -97,7 +108,7 @@ def faster_pt2e() -> Iterator[bool]:
     """Within the block, torchao's x86 annotation and conv-bn fold take the fast paths above; yields
     whether they were applied (False on an unproven torchao version, with torchao missing, or with
     ``ROBUSTEDGE_PT2E_FAST=0`` in the environment, which bench/pt2e_fast.py uses to time torchao as is)."""
-    if os.environ.get(SWITCH, "1") == "0" or not torchao_version().startswith(PROVEN_TORCHAO):
+    if not fast_paths_enabled() or not torchao_version().startswith(PROVEN_TORCHAO):
         yield False
         return
     from torchao.quantization.pt2e import graph_utils, qat_utils

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from robustedge.errors import RobustEdgeError
-from robustedge.pt2e_fast import faster_pt2e
+from robustedge.pt2e_fast import faster_pt2e, torchao_version
 
 ACTIVATIONS = ("uint8", "int8-symmetric", "int8")
 MAX_BATCH = 4096
@@ -224,14 +224,14 @@ class _Prepared:
         self.entries: list[tuple[tuple, dict[str, torch.Tensor], nn.Module]] = []
 
     @staticmethod
-    def _key(model: nn.Module, input_shape, activations: str) -> tuple:
-        tensors = _named_tensors(model)
+    def _key(model: nn.Module, tensors: dict[str, torch.Tensor], input_shape, activations: str) -> tuple:
         return (tuple((name, type(m)) for name, m in model.named_modules()), repr(model),
                 tuple((name, tuple(t.shape), t.dtype, str(t.device)) for name, t in tensors.items()),
                 tuple(input_shape), activations)
 
     def lookup(self, model: nn.Module, input_shape, activations: str) -> nn.Module | None:
-        key, tensors = self._key(model, input_shape, activations), _named_tensors(model)
+        tensors = _named_tensors(model)
+        key = self._key(model, tensors, input_shape, activations)
         for entry_key, baked, graph in self.entries:
             if entry_key == key and all(torch.equal(tensors[name], value) for name, value in baked.items()):
                 copy_ = copy.deepcopy(graph)
@@ -247,7 +247,7 @@ class _Prepared:
     def store(self, model: nn.Module, input_shape, activations: str, graph: nn.Module) -> None:
         targets, tensors = _named_tensors(graph), _named_tensors(model)
         baked = {name: t.detach().clone() for name, t in tensors.items() if name not in targets}
-        key = self._key(model, input_shape, activations)
+        key = self._key(model, tensors, input_shape, activations)
         kept = [e for e in self.entries if e[0] != key]
         self.entries = (kept + [(key, baked, copy.deepcopy(graph))])[-self.size:]
 
@@ -388,8 +388,7 @@ def drop_relus_before_unsigned_quantize(model) -> int:
 
 
 def library_version() -> str:
-    try:
-        import torchao
-    except ImportError:  # pragma: no cover - a core dependency
-        raise RobustEdgeError("quantization-aware training needs torchao (pip install torchao)") from None
-    return f"torchao {torchao.__version__}"
+    version = torchao_version()
+    if not version:  # pragma: no cover - a core dependency
+        raise RobustEdgeError("quantization-aware training needs torchao (pip install torchao)")
+    return f"torchao {version}"

@@ -35,6 +35,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from robustedge.train import train
 
 DIGITS_EPS = 0.1
 MARKER = "quickstart.json"
+STUDENTS = ("student_bmtard", "student_pgd_at")  # evaluated and compared, in this order
 
 
 @dataclass
@@ -288,7 +290,7 @@ def _chain_job(steps: list[tuple]) -> list:
     return [fn(arg) for fn, arg in steps]
 
 
-def _phase(title: str, fn, items: list, workers: int, threads: int, pool) -> list:
+def _phase(title: str, fn, items: list, workers: int, threads: int, pool: Executor | None) -> list:
     mode = f" ({workers} processes x {threads} thread{'s' if threads > 1 else ''})" if workers > 1 else ""
     print(f"\n== {title}{mode} ==", flush=True)
     return run_jobs(fn, items, workers, threads, pool)
@@ -303,15 +305,28 @@ def run_quickstart(s: QuickstartSettings) -> dict:
         return _run(s, configs)
 
 
+@dataclass
+class _WorkerResults:
+    """What the phases run in worker processes hand back to the main process."""
+    timings: dict
+    evaluated: list  # the two students' evaluation results, B-MTARD first
+    exported: dict | None = None  # the float bundle, when a worker exported it (with --qat)
+    qat: dict | None = None
+    collected: list | None = None  # runs read for the report by the workers (with --qat)
+
+
 def _run(s: QuickstartSettings, configs: dict[str, TrainConfig]) -> dict:
     start = time.perf_counter()
     workers, threads = parallel_plan(resolve_device(s.device), 2)  # workers run without bars (runtime.py)
-    with worker_pool(workers, threads) as pool:  # started once for every phase
-        return _run_phases(s, configs, start, workers, threads, pool)
+    with worker_pool(workers, threads) as pool:  # started once for every phase, gone before the work below
+        done = _worker_phases(s, configs, workers, threads, pool)
+    if done.exported is None and s.export:  # without --qat the float export runs here, on every core
+        done.exported = _export_float(s)
+    return _finish(s, start, done)
 
 
-def _run_phases(s: QuickstartSettings, configs: dict[str, TrainConfig], start: float, workers: int, threads: int,
-                pool) -> dict:
+def _worker_phases(s: QuickstartSettings, configs: dict[str, TrainConfig], workers: int, threads: int,
+                   pool: Executor | None) -> _WorkerResults:
     timings = {}
     for names in (("teacher_clean", "teacher_robust"), ("student_bmtard", "student_pgd_at")):
         title = "; ".join(f"{n}: {configs[n].method} {configs[n].model.arch} (width {configs[n].model.width}), "
@@ -319,28 +334,27 @@ def _run_phases(s: QuickstartSettings, configs: dict[str, TrainConfig], start: f
         seconds = _phase(f"training {title}", _train_job, [configs[n] for n in names], workers, threads,
                          pool)
         timings |= dict(zip(names, seconds))
+    if not s.qat:
+        evaluated = _phase("evaluating both students with the full suite", _eval_job,
+                           [(s, n) for n in STUDENTS], workers, threads, pool)
+        return _WorkerResults(timings, evaluated)
+    # two chains side by side, each reading its runs for the report once it is done with them
+    floats = ["teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at"]
+    chains = [[(_eval_job, (s, "student_bmtard")), (_export_float, s), (_eval_job, (s, "student_pgd_at")),
+               (_collect_job, (s, floats))],
+              [(_qat_job, (s, configs["student_bmtard_qat"])), (_collect_job, (s, ["student_bmtard_qat"]))]]
+    (evaluated_b, exported, evaluated_p, collected_a), (qat, collected_b) = _phase(
+        "evaluating both students and exporting the B-MTARD one (PTQ INT8) | fine-tuning it with QAT and "
+        "exporting it (QAT INT8)", _chain_job, chains, workers, threads, pool)
+    timings |= {"qat_train": qat["seconds"]["train"], "qat_export": qat["seconds"]["export"]}
+    return _WorkerResults(timings, [evaluated_b, evaluated_p], exported, qat, collected_a + collected_b)
 
-    students = ["student_bmtard", "student_pgd_at"]
-    qat = None
-    collected = None
-    if s.qat:  # two chains side by side, each reading its runs for the report once it is done with them
-        floats = ["teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at"]
-        chains = [[(_eval_job, (s, "student_bmtard")), (_export_float, s), (_eval_job, (s, "student_pgd_at")),
-                   (_collect_job, (s, floats))],
-                  [(_qat_job, (s, configs["student_bmtard_qat"])), (_collect_job, (s, ["student_bmtard_qat"]))]]
-        (evaluated_b, exported, evaluated_p, collected_a), (qat, collected_b) = _phase(
-            "evaluating both students and exporting the B-MTARD one (PTQ INT8) | fine-tuning it with QAT and "
-            "exporting it (QAT INT8)", _chain_job, chains, workers, threads, pool)
-        evaluated, collected = [evaluated_b, evaluated_p], collected_a + collected_b
-        timings |= {"qat_train": qat["seconds"]["train"], "qat_export": qat["seconds"]["export"]}
-    else:
-        evaluated = _phase("evaluating both students with the full suite", _eval_job, [(s, n) for n in students],
-                           workers, threads, pool)
-        if pool is not None:
-            pool.shutdown()  # the last phase in workers: their memory is freed before the export here
-        exported = _export_float(s) if s.export else None
+
+def _finish(s: QuickstartSettings, start: float, done: _WorkerResults) -> dict:
+    """Tables, the report, quickstart.md and the marker, from what the phases produced."""
+    timings, evaluated, exported, qat = done.timings, done.evaluated, done.exported, done.qat
     reports: dict[str, EvalReport] = {}
-    for name, result in zip(students, evaluated):
+    for name, result in zip(STUDENTS, evaluated):
         reports[name] = EvalReport.from_dict(result["report"])
         timings[f"eval_{name}"] = result["seconds"]
 
@@ -358,7 +372,7 @@ def _run_phases(s: QuickstartSettings, configs: dict[str, TrainConfig], start: f
     from robustedge.report import build_report
 
     report_page = build_report([s.out], s.out / "report", curve_n=_curve_n(s), progress=lambda m: None,
-                               collected=collected)
+                               collected=done.collected)
     timings["report"] = time.perf_counter() - t0
     total = time.perf_counter() - start
     table = comparison_table(reports)

@@ -426,8 +426,8 @@ def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: 
     runs, warnings = [], Warnings(progress)
     ready = {info.folder.resolve(): info for info in collected or []}
     for run in found:
-        if run.resolve() in ready:
-            info = ready[run.resolve()]
+        info = ready.get(run.resolve())
+        if info is not None:
             for message in info.skipped:
                 warnings.append(message)
                 progress(message)

@@ -121,15 +121,8 @@ def iter_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: i
     ``fn`` must be a module-level function and items picklable; the first exception raised in a
     worker is re-raised here.
     """
-    if pool is not None:
-        yield from pool.map(fn, items)
-        return
-    with worker_pool(workers, threads) as own:
-        if own is None:
-            for item in items:
-                yield fn(item)
-        else:
-            yield from own.map(fn, items)
+    with contextlib.nullcontext(pool) if pool is not None else worker_pool(workers, threads) as runner:
+        yield from (map if runner is None else runner.map)(fn, items)
 
 
 def run_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int,

@@ -125,6 +125,11 @@ CASES = [
     (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "executorch-int8"],
      "train the QAT student with --qat-activations int8"),
     (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "trt-int8"], "TensorRT takes zero points of 0 only"),
+    # --- the environment: a leading NAME=value is set for the row --------------------------------
+    (["ROBUSTEDGE_PT2E_FAST=maybe", "export", "{qat_ckpt}", "--out", "{new}", "--formats", "onnx-int8"],
+     "ROBUSTEDGE_PT2E_FAST must be 0 (torchao's own path) or 1 (the fast paths), got 'maybe'"),
+    (["ROBUSTEDGE_PT2E_FAST=yes", "train", "--config", "digits_teacher_clean", "--qat", "--out-dir", "{new}",
+      "--device", "cpu", "--no-progress"], "ROBUSTEDGE_PT2E_FAST must be 0"),
     (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "onnx,onnx-fp16"], "a QAT student exports to"),
     # --- verify: bundles that are not what their manifest says ----------------------------------
     (["verify", "{world}"], "is not an export bundle (no manifest.json)"),
@@ -420,6 +425,10 @@ def _fill(text: str, paths: dict[str, Path]) -> str:
 @pytest.mark.parametrize("argv,message", CASES, ids=[f"{i:03d}" for i in range(len(CASES))])
 def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, argv, message, capsys, monkeypatch):
     monkeypatch.chdir(world["world"])  # anything written to a default path would land in the snapshot
+    while "=" in argv[0]:  # the environment of the row
+        name, value = argv[0].split("=", 1)
+        monkeypatch.setenv(name, value)
+        argv = argv[1:]
     before = snapshot(world["world"])
     code = main([_fill(a, world) for a in argv])
     out, err = capsys.readouterr()
@@ -431,7 +440,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, argv, message, 
 
 
 def test_there_are_enough_cases_and_every_command_has_some():
-    commands = {case.values[0][0] if hasattr(case, "values") else case[0][0] for case in CASES}
+    commands = {next(a for a in (case.values[0] if hasattr(case, "values") else case[0]) if "=" not in a)
+                for case in CASES}
     assert len(CASES) >= 60
     assert {"eval", "export", "import", "verify", "train", "distill", "quickstart", "report", "app"} <= commands
 
