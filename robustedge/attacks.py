@@ -23,7 +23,7 @@ from torch import nn
 from robustedge.errors import RobustEdgeError
 
 AttackLoss = Literal["ce", "kl", "cw"]
-Start = Literal["uniform", "gaussian", "none"]
+Start = Literal["uniform", "uniform_unprojected", "gaussian", "none"]
 logger = logging.getLogger("robustedge.attacks")
 
 
@@ -78,10 +78,12 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         noise: torch.Tensor | None = None) -> torch.Tensor:
     """Projected gradient ascent in the L-inf ball.
 
-    ``start='uniform'`` draws U(-eps, eps) (Madry et al.; the evaluation protocol); ``noise``, U[0, 1)
-    draws shaped like ``x``, replaces the draw (the evaluation's per-example seeds, robustedge/sharding.py);
-    ``start='gaussian'`` is x + init_std * N(0, I), the start of the distillation codes (ARD, RSLAD,
-    MTARD); as there, the Gaussian start itself is not projected, every step is.
+    ``start='uniform'`` draws U(-eps, eps) and clips to [0, 1] (Madry et al.; the evaluation protocol);
+    ``noise``, U[0, 1) draws shaped like ``x``, replaces the draw (the evaluation's per-example seeds,
+    robustedge/sharding.py). ``'uniform_unprojected'`` is the same draw without the clip before the
+    first gradient (ARD's released ``AttackPGD``); ``'gaussian'`` is x + init_std * N(0, I), the start of
+    the RSLAD, MTARD, B-MTARD and TRADES codes. As in those codes, such a start is not projected, every
+    step is.
     ``loss='kl'`` needs ``target_probs``; ``'ce'`` and ``'cw'`` need ``y``.
     """
     if loss == "kl" and target_probs is None:
@@ -89,16 +91,18 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
     if loss in ("ce", "cw") and y is None:
         raise ValueError(f"loss='{loss}' needs labels y")
     x = x.detach()
-    if start == "uniform":
+    if start in ("uniform", "uniform_unprojected"):
         if noise is None:
             noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x_adv = (x + (noise.to(x) * (2 * eps) - eps)).clamp_(0.0, 1.0)
+        x_adv = x + (noise.to(x) * (2 * eps) - eps)
+        if start == "uniform":
+            x_adv = x_adv.clamp_(0.0, 1.0)
     elif start == "gaussian":
         x_adv = x + init_std * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     elif start == "none":
         x_adv = x.clone()
     else:
-        raise ValueError(f"unknown start '{start}'; valid: uniform, gaussian, none")
+        raise ValueError(f"unknown start '{start}'; valid: uniform, uniform_unprojected, gaussian, none")
     lower, upper = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
     for _ in range(steps):
         grad = input_gradient(model, x_adv, y, loss, target_probs, kappa)

@@ -277,8 +277,12 @@ def _add_training(sub: argparse._SubParsersAction) -> None:
                        help="any config field, e.g. --set optim.milestones=[100,150] --set method_args.beta=6")
         p.add_argument("--resume", action="store_true", help="continue the run from its last.safetensors")
         p.add_argument("--dry-run", action="store_true",
-                       help="print the resolved config, parameter counts and the time per epoch estimated from "
-                            "3 real steps on this device, then stop (missing teacher files: random stand-ins)")
+                       help="print the resolved config (the recipe as it will run), parameter counts and the time "
+                            "per epoch estimated from real steps on this device, then stop (missing teacher files: "
+                            "random stand-ins)")
+        p.add_argument("--timing-steps", type=_count(0, "--timing-steps"), default=2, metavar="N",
+                       help="with --dry-run: timed steps after one warm-up (default 2; 0: print the recipe and the "
+                            "student's size only, no teachers built, no step run)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
         p.set_defaults(func=cmd_train, kind=kind, valid_methods=valid)
 
@@ -320,7 +324,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from robustedge.dryrun import dry_run
 
-        print(dry_run(cfg), end="")
+        print(dry_run(cfg, steps=args.timing_steps), end="")
         return 0
     result = train(cfg, resume=args.resume)
     if result.history and int(os.environ.get("RANK", "0")) == 0:

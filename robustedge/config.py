@@ -67,8 +67,12 @@ class AttackConfig:
     eps: float = 8 / 255
     steps: int = 10
     step_size: float = 2 / 255
-    start: str = "gaussian"  # gaussian (x + init_std * N(0, I)), uniform, none
+    # auto: the method's released start (gaussian x + init_std * N(0, I) for TRADES/RSLAD/MTARD/B-MTARD,
+    # uniform_unprojected for ARD, uniform for PGD-AT); or gaussian, uniform, uniform_unprojected, none
+    start: str = "auto"
     init_std: float = 0.001
+    # the student's mode while attacked. auto: the method's released code (train for ARD, eval otherwise)
+    mode: str = "auto"
 
 
 @dataclass
@@ -293,7 +297,8 @@ def dump_config(cfg: TrainConfig) -> str:
 
 AMP_MODES = ("auto", "off", "bf16", "fp16")
 SCHEDULES = ("piecewise", "cosine", "constant")
-STARTS = ("gaussian", "uniform", "none")
+STARTS = ("auto", "gaussian", "uniform", "uniform_unprojected", "none")
+ATTACK_MODES = ("auto", "eval", "train")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -333,6 +338,7 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if a.steps > 0:
         check_range(a.step_size, "config key 'attack.step_size'", 0.0, low_open=True)
     _choice(a.start, STARTS, "attack.start")
+    _choice(a.mode, ATTACK_MODES, "attack.mode")
     check_range(a.init_std, "config key 'attack.init_std'", 0.0)
     o = cfg.optim
     check_range(o.lr, "config key 'optim.lr'", 0.0, low_open=True)

@@ -48,7 +48,8 @@ def _count(model: torch.nn.Module) -> str:
 
 
 def dry_run(cfg: TrainConfig, steps: int = 2, warmup: int = 1) -> str:
-    """The report (also printed by the CLI); runs ``warmup + steps`` real steps to time one."""
+    """The report (also printed by the CLI); runs ``warmup + steps`` real steps to time one, or, with
+    ``steps=0``, stops after the recipe and the student's size (no teacher built, no step run)."""
     from robustedge.train import build_parts
 
     device = resolve_device(cfg.device)
@@ -58,6 +59,8 @@ def dry_run(cfg: TrainConfig, steps: int = 2, warmup: int = 1) -> str:
     lines = ["# resolved config", dump_config(cfg).rstrip(), "",
              f"data: {channels}x{size}x{size}, {classes} classes, {n_train} training images ({source})",
              f"student: {spec.arch} (width {spec.width}): {_count(spec.build())} parameters"]
+    if steps == 0:
+        return "\n".join(lines + ["timing skipped (--timing-steps 0)"]) + "\n"
     timing_cfg = copy.deepcopy(cfg)
     stand_ins = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -11,9 +11,10 @@ on the first ``n`` examples (docs/design.md, "Attack-failure flags"):
   loss at the clean input (the attack made no progress at all);
 - ``large_radius``: accuracy at a radius of ``large_factor`` x eps (at most 1) is not near zero: every
   model is breakable at a large enough radius, so a high accuracy there means the attack is failing;
-- ``more_steps``: PGD-100 with random restarts lowers accuracy by more than a point below the reported
-  figure (the per-example worst case over every attack run, or PGD-20 alone): the evaluation had not
-  converged.
+- ``more_steps``: PGD-100 with random restarts lowers accuracy by more than a point, and on more than
+  one example, below the reported figure (the per-example worst case over every attack run, or PGD-20
+  alone): the evaluation had not converged. One example is not evidence: on 64 examples it is 1.6
+  points, and a stronger attack breaking one more example of a non-robust model is ordinary.
 
 The comparisons that need only replays (black-box or transfer beating white-box) live in the
 torch-free :mod:`robustedge.verify_core`, so a bundle's own verifier recomputes them on the device.
@@ -48,12 +49,13 @@ class FlagSettings:
     large_threshold: float = 0.10  # accuracy above this at the large radius fires large_radius
     steps: int = 100  # the stronger PGD of more_steps ...
     restarts: int = 2  # ... with this many random restarts
-    more_steps_points: float = 0.01  # fires when the stronger PGD is lower by more than this
+    more_steps_points: float = 0.01  # fires when the stronger PGD is lower by more than this ...
+    more_steps_examples: int = 2  # ... and breaks at least this many more examples
     tolerance: float = 0.005  # zero_gradients / flat_loss fire above this fraction
     square_queries: int = 1000  # the black-box Square run of `robustedge eval` (on the same n examples)
 
     def validate(self) -> "FlagSettings":
-        for name in ("n", "steps", "restarts", "square_queries"):
+        for name in ("n", "steps", "restarts", "square_queries", "more_steps_examples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RobustEdgeError(f"flag setting '{name}' must be an integer >= 1, got {value!r}")
@@ -75,6 +77,12 @@ def model_correct(model: nn.Module, batch_size: int = 256) -> Correct:
             logits = torch.cat([model(xb) for xb in x.split(batch_size)])
         return (logits.argmax(1) == y).cpu().numpy()
     return correct
+
+
+def more_steps_fires(reported: np.ndarray, strong: np.ndarray, settings: FlagSettings) -> bool:
+    """Did the stronger PGD beat the reported per-example robustness by more than the settings allow?"""
+    broken = int((reported & ~strong).sum())
+    return reported.mean() - strong.mean() > settings.more_steps_points and broken >= settings.more_steps_examples
 
 
 def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -134,7 +142,7 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     base, label = (reported[:n], "the reported worst case") if reported is not None else (survived, "PGD-20")
     info["pgd20_accuracy"], info["strong_pgd_accuracy"] = float(survived.mean()), float(strong.mean())
     info["reported_accuracy"] = float(base.mean())
-    if base.mean() - strong.mean() > settings.more_steps_points:
+    if more_steps_fires(base, strong, settings):
         flags.append(make_flag("more_steps", int((base & ~strong).sum()), n,
                                f"PGD-{settings.steps} x {settings.restarts} restarts: {100 * strong.mean():.1f}% vs "
                                f"{label} {100 * base.mean():.1f}%"))

@@ -54,6 +54,10 @@ from robustedge.runtime import parallel_plan, resolve_device, run_jobs, worker_p
 from robustedge.train import train
 
 DIGITS_EPS = 0.1
+# the students' learning rate per method, chosen on the validation split by bench/tune_digits.py
+# (bench/RESULTS.md, "Learning rates of the digits students"); the teachers train at 0.05
+DIGITS_LR = {"natural": 0.05, "pgd_at": 0.05, "trades": 0.05, "ard": 0.05, "rslad": 0.05, "mtard": 0.05,
+             "bmtard": 0.05}
 MARKER = "quickstart.json"
 STUDENTS = ("student_bmtard", "student_pgd_at")  # evaluated and compared, in this order
 
@@ -95,8 +99,10 @@ def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
     student = _base("student_bmtard", "bmtard", "mobilenetv2", 0.25, s.epochs, s)
     student.teachers = {"robust": TeacherConfig(checkpoint=str(s.out / "teacher_robust" / "best.safetensors")),
                         "clean": TeacherConfig(checkpoint=str(s.out / "teacher_clean" / "best.safetensors"))}
+    student.optim.lr = DIGITS_LR["bmtard"]
     baseline = copy.deepcopy(student)
     baseline.name, baseline.method, baseline.teachers = "student_pgd_at", "pgd_at", {}
+    baseline.optim.lr = DIGITS_LR["pgd_at"]
     runs = [clean, robust, student, baseline]
     if s.qat:  # fine-tuning from the PTQ model, small steps (docs/design.md, section 10)
         qat = copy.deepcopy(student)

@@ -1,15 +1,15 @@
-"""The reference training step: the loop as the authors' released code writes it (RSLAD, MTARD,
+"""The reference training step: the loop as the authors' released code writes it (ARD, RSLAD, MTARD,
 B-MTARD, TRADES): the ground truth the trainer's step is tested against (tests/test_fast_paths.py,
 tests/test_methods.py) and the baseline bench/train_step.py measures its speed against.
 
 Style kept on purpose: a per-sample ``DataLoader`` over PIL images with torchvision transforms
-(``num_workers=0`` as in the MTARD scripts), fp32 everywhere, models with their BatchNorms, the
-student switched to eval for the attack and back, one forward pass per use (TRADES recomputes its
-target), teachers in fp32 under ``no_grad``, the B-MTARD balances as Python floats read with
-``.item()``, in the authors' order: the loss weights are updated from this step's losses before the
-backward, which uses the updated weights; the temperatures after it, used from the next step. Loss
-definitions are docs/design.md's (KL with ``batchmean``), so that a step's loss is the same number as
-our trainer's on the same batch and the same random start.
+(``num_workers=0`` as in the MTARD scripts), fp32 everywhere, models with their BatchNorms, one
+forward pass per use, teachers in fp32 under ``no_grad``, the balances as Python floats read with
+``.item()``. Each branch transcribes its released file: the losses as written there (``kl_loss`` with
+its ``1e-5`` and ``torch.mean`` for RSLAD/MTARD/B-MTARD, ``nn.KLDivLoss()`` for ARD, TRADES' sum over
+the batch size), the attack's start and the student's mode during it (train mode for ARD), which
+teacher sees which input, and B-MTARD's per-step block in its order (weights from this step's losses
+before the backward, which uses the updated weights; temperatures used from the next step).
 
 Nothing else in the library uses this module: it exists to be straightforward and slow in the
 authors' way.
@@ -17,7 +17,6 @@ authors' way.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -52,8 +51,14 @@ def reference_loader(images_nchw: torch.Tensor, labels: torch.Tensor, batch_size
                                        shuffle=True, num_workers=0)
 
 
-def kl(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    return F.kl_div(F.log_softmax(student_logits, dim=1), target_probs, reduction="batchmean")
+def kl_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The released ``kl_loss`` of RSLAD, MTARD and B-MTARD (elementwise; the callers take ``torch.mean``)."""
+    return -a * b + torch.log(b + 1e-5) * b
+
+
+def entropy_value(a: torch.Tensor) -> torch.Tensor:
+    """B-MTARD's released ``entropy_value`` (elementwise; the caller takes ``torch.mean``)."""
+    return torch.log(a + 1e-5) * a
 
 
 def inner_max(model, x, objective, eps, step_size, steps):
@@ -75,15 +80,47 @@ def inner_max(model, x, objective, eps, step_size, steps):
 
 
 def pgd_ce(model, x, y, eps, step_size, steps):
-    """MTARD / ARD / PGD-AT: maximise the cross-entropy."""
+    """MTARD / B-MTARD: maximise the cross-entropy (mean over the batch, as ``nn.CrossEntropyLoss()``)."""
     return inner_max(model, x, lambda logits: F.cross_entropy(logits, y), eps, step_size, steps)
 
 
+def pgd_madry(model, x, y, eps, step_size, steps):
+    """PGD-AT (MadryLab/cifar10_challenge pgd_attack.py): start x + U(-eps, eps) clipped to the image
+    range, then signed CE steps, each projected; the student in eval mode (as the trainer runs it)."""
+    model.eval()
+    x_adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0.0, 1.0)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
+    model.train()
+    return x_adv.detach()
+
+
 def pgd_kl(model, x, target_fn, eps, step_size, steps):
-    """RSLAD / TRADES: maximise KL(target || S(x')); ``target_fn()`` is re-evaluated every step as
+    """RSLAD / TRADES: maximise KL(target || S(x')) summed; ``target_fn()`` is re-evaluated every step as
     in the TRADES code (RSLAD passes fixed teacher probabilities)."""
     return inner_max(model, x, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_fn(), reduction="sum"),
                      eps, step_size, steps)
+
+
+def ard_attack(model, x, y, eps, step_size, steps):
+    """ARD's ``AttackPGD.forward``: the model stays in train mode; start x + U(-eps, eps), not clipped
+    before the first gradient; summed CE; every step projected and clipped."""
+    x_adv = x.detach()
+    x_adv = x_adv + torch.zeros_like(x_adv).uniform_(-eps, eps)
+    for _ in range(steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        grad = torch.autograd.grad(loss, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    return model(x_adv), x_adv
 
 
 class ReferenceStep:
@@ -101,33 +138,42 @@ class ReferenceStep:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> float:
         s, a = self.student, self.args
+        factor = a.get("kl_factor", 1.0)  # the CIFAR-100 scripts' 10
         s.train()
         self.optimizer.zero_grad()
         if self.method == "natural":
             loss = F.cross_entropy(s(x), y)
         elif self.method == "pgd_at":
-            loss = F.cross_entropy(s(pgd_ce(s, x, y, self.eps, self.step_size, self.steps)), y)
+            loss = F.cross_entropy(s(pgd_madry(s, x, y, self.eps, self.step_size, self.steps)), y)
         elif self.method == "trades":
             def target():
                 return F.softmax(s(x), dim=1)  # in eval mode inside the attack, as in trades.py
             x_adv = pgd_kl(s, x, lambda: target().detach(), self.eps, self.step_size, self.steps)
             logits = s(x)
-            loss = F.cross_entropy(logits, y) + a.get("beta", 6.0) * kl(s(x_adv), F.softmax(s(x), dim=1))
-        elif self.method == "ard":
-            alpha, tau = a.get("alpha", 1.0), a.get("tau", 30.0)
-            with torch.no_grad():
-                teacher_logits = self.teachers["robust"](x)
-            x_adv = pgd_ce(s, x, y, self.eps, self.step_size, self.steps)
-            loss = alpha * tau * tau * kl(s(x_adv) / tau, F.softmax(teacher_logits / tau, dim=1)) \
-                + (1.0 - alpha) * F.cross_entropy(s(x), y)
-        elif self.method == "rslad":
+            robust = F.kl_div(F.log_softmax(s(x_adv), dim=1), F.softmax(s(x), dim=1), reduction="sum") / len(x)
+            loss = F.cross_entropy(logits, y) + a.get("beta", 6.0) * robust
+        elif self.method == "ard":  # main.py: train()
+            alpha, temp = a.get("alpha", 1.0), a.get("tau", 30.0)
+            outputs, _ = ard_attack(s, x, y, self.eps, self.step_size, self.steps)
+            teacher_outputs = self.teachers["robust"](x)
+            basic_outputs = s(x)
+            # nn.KLDivLoss() of the torch the authors ran: the elementwise mean (written out: newer torch
+            # warns that reduction='mean' will turn into 'batchmean')
+            kl = torch.mean(nn.KLDivLoss(reduction="none")(F.log_softmax(outputs / temp, dim=1),
+                                                          F.softmax(teacher_outputs / temp, dim=1)))
+            loss = alpha * temp * temp * kl + (1.0 - alpha) * nn.CrossEntropyLoss()(basic_outputs, y)
+        elif self.method == "rslad":  # resnet18_rslad_cifar10.py
             with torch.no_grad():
                 teacher_logits = self.teachers["robust"](x)
             target = F.softmax(teacher_logits, dim=1)
             x_adv = pgd_kl(s, x, lambda: target, self.eps, self.step_size, self.steps)
+            adv_logits = s(x_adv)
+            nat_logits = s(x)
+            kl_loss1 = factor * torch.mean(kl_loss(F.log_softmax(adv_logits, dim=1), target))
+            kl_loss2 = factor * torch.mean(kl_loss(F.log_softmax(nat_logits, dim=1), target))
             w = a.get("adv_weight", 5.0 / 6.0)
-            loss = w * kl(s(x_adv), target) + (1.0 - w) * kl(s(x), target)
-        elif self.method in ("mtard", "bmtard"):
+            loss = w * kl_loss1 + (1.0 - w) * kl_loss2
+        elif self.method in ("mtard", "bmtard"):  # mtard_resnet18_cifar10.py / MTARD-extension resnet18_mtard_cifar10.py
             with torch.no_grad():
                 teacher_nat_logits = self.teachers["clean"](x)
             x_adv = pgd_ce(s, x, y, self.eps, self.step_size, self.steps)
@@ -137,11 +183,12 @@ class ReferenceStep:
             student_nat_logits = s(x)
             p_adv = F.softmax(teacher_adv_logits / self.tau_adv, dim=1)
             p_nat = F.softmax(teacher_nat_logits / self.tau_nat, dim=1)
-            loss_adv, loss_nat = kl(student_adv_logits, p_adv), kl(student_nat_logits, p_nat)
-            self._balance_weights(loss_adv.item(), loss_nat.item(), self.decay * a.get("eta", 0.025))
-            loss = self.w_adv * loss_adv + self.w_nat * loss_nat  # this step's backward: the new weights
-            if self.method == "bmtard":
-                self._balance_temperatures(p_adv, p_nat, self.decay * a.get("g", 0.001))  # used from the next step
+            kl_loss1 = factor * torch.mean(kl_loss(F.log_softmax(student_adv_logits, dim=1), p_adv))
+            kl_loss2 = factor * torch.mean(kl_loss(F.log_softmax(student_nat_logits, dim=1), p_nat))
+            if self.method == "bmtard":  # computed at this step's temperatures, used from the next step
+                self._balance_temperatures(p_adv, p_nat, self.decay * a.get("g", 0.001))
+            self._balance_weights(kl_loss1.item(), kl_loss2.item(), self.decay * a.get("eta", 0.025))
+            loss = self.w_adv * kl_loss1 + self.w_nat * kl_loss2  # this step's backward: the new weights
         else:
             raise ValueError(f"no reference step for {self.method}")
         loss.backward()
@@ -149,18 +196,24 @@ class ReferenceStep:
         return loss.item()
 
     def _balance_weights(self, l_adv: float, l_nat: float, eta: float) -> None:
-        """MTARD's Normalization Loss Balance on Python floats."""
+        """B-MTARD's Normalization Loss Balance on Python floats, as released (MTARD's
+        ``w_adv = 1 - w_nat`` form gives the same numbers from weights that sum to one)."""
         if self.init_adv is None:
             self.init_adv, self.init_nat = l_adv, l_nat
-        r_adv, r_nat = l_adv / self.init_adv, l_nat / self.init_nat
-        w_adv = max(0.0, self.w_adv - eta * (self.w_adv - r_adv / (r_adv + r_nat)))
-        w_nat = max(0.0, self.w_nat - eta * (self.w_nat - r_nat / (r_adv + r_nat)))
-        self.w_adv, self.w_nat = w_adv / (w_adv + w_nat), w_nat / (w_adv + w_nat)
+        lhat_adv, lhat_nat = l_adv / self.init_adv, l_nat / self.init_nat
+        lhat_avg = (lhat_adv + lhat_nat) / 2
+        inv_adv, inv_nat = lhat_adv / lhat_avg, lhat_nat / lhat_avg
+        w_nat = self.w_nat - eta * (self.w_nat - inv_nat / (inv_adv + inv_nat))
+        w_adv = self.w_adv - eta * (self.w_adv - inv_adv / (inv_adv + inv_nat))
+        w_adv, w_nat = max(w_adv, 0.0), max(w_nat, 0.0)
+        coef = 1.0 / (w_adv + w_nat)
+        self.w_adv, self.w_nat = w_adv * coef, w_nat * coef
 
     def _balance_temperatures(self, p_adv, p_nat, g: float) -> None:
-        """B-MTARD's Entropy-Based Balance on Python floats."""
-        h_adv = -(p_adv * torch.log(p_adv.clamp_min(1e-12))).sum(1).mean().item()
-        h_nat = -(p_nat * torch.log(p_nat.clamp_min(1e-12))).sum(1).mean().item()
-        sign = lambda v: math.copysign(1.0, v) if v != 0 else 0.0  # noqa: E731
-        self.tau_adv = min(10.0, max(1.0, self.tau_adv - g * sign(h_adv / h_nat - 1.0)))
-        self.tau_nat = min(10.0, max(1.0, self.tau_nat - g * sign(h_nat / h_adv - 1.0)))
+        """B-MTARD's Entropy-Based Balance on Python floats, as released."""
+        adv_entropy = torch.mean(entropy_value(p_adv.detach()))
+        nat_entropy = torch.mean(entropy_value(p_nat.detach()))
+        self.tau_adv = self.tau_adv - g * torch.sign(adv_entropy / nat_entropy - 1).item()
+        self.tau_nat = self.tau_nat - g * torch.sign(nat_entropy / adv_entropy - 1).item()
+        self.tau_adv = max(min(10.0, self.tau_adv), 1.0)
+        self.tau_nat = max(min(10.0, self.tau_nat), 1.0)

@@ -404,7 +404,8 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
                                    spec.image_size, device, cfg.data.name)
                 for role in method_cls.teacher_roles if role in cfg.teachers}
     method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
-    if cfg.fold_attack and method_cls.adversarial and not cfg.qat.enabled:  # QAT: attack the fake-quantised student
+    # QAT: attack the fake-quantised student; a train-mode attack (ARD) cannot run on an eval-only twin
+    if cfg.fold_attack and method_cls.adversarial and not cfg.qat.enabled and method.attack_mode == "eval":
         from robustedge.models import fold_batchnorm
 
         twin = fold_batchnorm(model, linked=True)

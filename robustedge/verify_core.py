@@ -597,7 +597,7 @@ FLAG_CHECKS = {
     "large_radius": "accuracy at a large radius is not near zero",
     "zero_gradients": "the input gradient is exactly zero",
     "flat_loss": "the attack did not increase the loss",
-    "more_steps": "more attack steps and restarts lowered accuracy by more than a point",
+    "more_steps": "more attack steps and restarts lowered accuracy by more than a point (and one example)",
 }
 
 

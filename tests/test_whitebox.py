@@ -134,6 +134,23 @@ def test_comparison_flags_and_the_worst_case_are_per_example():
     assert comparison_flags(results, tolerance=0.5) == []
 
 
+def test_more_steps_needs_more_than_a_point_and_more_than_one_example():
+    from robustedge.flags import more_steps_fires
+
+    settings = FlagSettings()
+    reported = np.ones(64, bool)
+    one, two = reported.copy(), reported.copy()
+    one[0] = False  # 1.6 points, one example: what a stronger attack finds on an ordinary model
+    two[:2] = False
+    assert not more_steps_fires(reported, one, settings)
+    assert more_steps_fires(reported, two, settings)
+    many = np.ones(1000, bool)
+    weaker = many.copy()
+    weaker[:5] = False  # five examples but half a point
+    assert not more_steps_fires(many, weaker, settings)
+    assert more_steps_fires(reported, one, FlagSettings(more_steps_examples=1))
+
+
 @pytest.fixture(scope="module")
 def student_bundle(student, tmp_path_factory):
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model

@@ -1,5 +1,6 @@
 """The training-method registry. A method is one module in this package defining a ``Method``
-subclass decorated with :func:`register`; every module here is imported on first use."""
+subclass decorated with :func:`register`; every module here but the shared ``base`` and ``losses``
+is imported on first use."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from robustedge.methods.base import Method
 
 METHODS: dict[str, type[Method]] = {}
 _discovered = False
+_SHARED = ("base", "losses")  # modules every method imports; they register nothing
 
 
 def register(cls: type[Method]) -> type[Method]:
@@ -25,7 +27,7 @@ def _discover() -> None:
         return
     _discovered = True
     for info in pkgutil.iter_modules(__path__):
-        if info.name != "base":
+        if info.name not in _SHARED:
             importlib.import_module(f"{__name__}.{info.name}")
 
 

@@ -4,6 +4,12 @@ A method turns one batch into a loss: ``step(student, x, y) -> (loss, logs)``. T
 everything else (optimiser, schedule, AMP, DDP, checkpoints). Methods with adaptive state
 (B-MTARD) keep it as 0-dim tensors on the device, updated without host syncs, and expose it
 through ``state_dict`` so it is checkpointed and restored on resume.
+
+Each method also says how its released code runs the training attack (``released_start``,
+``released_mode``): the random start, and whether the student is in eval mode (BN running
+statistics, as RSLAD, MTARD, B-MTARD and TRADES do) or in train mode (batch statistics, and every
+attack forward moves the running statistics, as ARD's released ``AttackPGD`` does). The config's
+``attack.start`` / ``attack.mode`` default to ``auto``, which means exactly that.
 """
 
 from __future__ import annotations
@@ -12,19 +18,12 @@ from contextlib import contextmanager
 from typing import Any, ClassVar, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from robustedge.attacks import pgd
 from robustedge.config import AttackConfig
 from robustedge.errors import RobustEdgeError
 from robustedge.options import parse_number
-
-
-def kl_batchmean(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """KL(target || softmax(student)) summed over classes, averaged over the batch
-    (docs/design.md, "Training methods")."""
-    return F.kl_div(F.log_softmax(student_logits.float(), dim=1), target_probs.float(), reduction="batchmean")
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -53,7 +52,10 @@ class Method:
     name: ClassVar[str] = ""
     teacher_roles: ClassVar[tuple[str, ...]] = ()  # e.g. ("robust",) or ("robust", "clean")
     defaults: ClassVar[dict[str, Any]] = {}  # method_args and their paper defaults
+    positive: ClassVar[tuple[str, ...]] = ()  # method_args that must be > 0
     adversarial: ClassVar[bool] = True
+    released_start: ClassVar[str] = "gaussian"  # the released code's attack start (attack.start: auto)
+    released_mode: ClassVar[str] = "eval"  # the student's mode during the released code's attack (attack.mode: auto)
     # figure panels of the per-epoch values :meth:`summary` logs (the report draws one per entry)
     panels: ClassVar[dict[str, tuple[str, ...]]] = {}
 
@@ -72,6 +74,8 @@ class Method:
                     raise RobustEdgeError(f"config key '{where}' expects a boolean (true/false), got {value!r}")
             elif isinstance(cls.defaults[key], (int, float)):
                 value = parse_number(value, f"config key '{where}'")
+                if key in cls.positive and not value > 0:
+                    raise RobustEdgeError(f"config key '{where}' must be > 0, got {value}")
             checked[key] = value
         return checked
 
@@ -90,7 +94,10 @@ class Method:
         self.gamma = gamma
         self.device = torch.device(device)
         self.epoch = 0
-        # the trainer's BN-folded twin of the student (models/folding.py); None: attack the student itself
+        self.attack_start = self.released_start if attack.start == "auto" else attack.start
+        self.attack_mode = self.released_mode if attack.mode == "auto" else attack.mode
+        # the trainer's BN-folded twin of the student (models/folding.py), for eval-mode attacks only;
+        # None: attack the student itself
         self.attack_twin: nn.Module | None = None
 
     # -- hooks the trainer calls --------------------------------------------------------------
@@ -141,15 +148,28 @@ class Method:
         finally:
             net.train(was_training)
 
+    @contextmanager
+    def train_view(self, student: nn.Module) -> Iterator[nn.Module]:
+        """The student in train mode for an attack (ARD's released code): batch statistics, and each
+        forward moves the BN running statistics, as there. No DDP wrapper (see :func:`attack_view`)."""
+        net = attack_view(student)
+        was_training = net.training
+        net.train()
+        try:
+            yield net
+        finally:
+            net.train(was_training)
+
     def pgd(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
             target_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """The configured training attack on ``net`` (already in its eval view)."""
+        """The configured training attack on ``net`` (already in the mode the attack runs in)."""
         a = self.attack_cfg
         return pgd(net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, loss=loss,  # type: ignore[arg-type]
-                   target_probs=target_probs, start=a.start, init_std=a.init_std)  # type: ignore[arg-type]
+                   target_probs=target_probs, start=self.attack_start, init_std=a.init_std)  # type: ignore[arg-type]
 
     def perturb(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
                 target_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """The training-time attack on the student's eval view."""
-        with self.eval_view(student) as net:
+        """The training-time attack, on the student in the mode the method's attack runs in."""
+        view = self.train_view if self.attack_mode == "train" else self.eval_view
+        with view(student) as net:
             return self.pgd(net, x, y, loss, target_probs)

@@ -5,6 +5,14 @@ loss = w_adv * L_adv + w_nat * L_nat with the Normalization Loss Balance of the 
 (docs/design.md, "Training methods") and temperatures fixed at 1. B-MTARD (``bmtard.py``) adds the
 Entropy-Based Balance of the temperatures.
 
+Follows zhaoshiji123/MTARD ``mtard/mtard_resnet18_cifar10.py`` and ``mtard_loss.py``
+(``mtard_inner_loss_ce``): the attack on the student in eval mode, from x + 0.001 N(0, I), on the
+cross-entropy; then S(x') in train mode, Ta on x', S(x) in train mode, Tn on clean x. Each KL is the
+released ``kl_loss`` averaged over batch x classes (``losses.released_kl``), times ``kl_factor`` (the
+CIFAR-100 scripts: 10). MTARD's script updates w_nat and sets w_adv = 1 - w_nat; B-MTARD's updates
+both, clips at 0 and renormalises: from weights that sum to one with targets in [0, 1] and
+eta < 1 the two are the same numbers, so both use the B-MTARD form.
+
 Order, as in the authors' released code: the weights are updated from *this* step's (detached)
 losses before the backward pass, and this step's loss uses the updated weights. All adaptive state
 is kept as 0-dim tensors on the device and updated with tensor ops, so the balances cost no host
@@ -19,7 +27,8 @@ import torch.nn.functional as F
 
 from robustedge.errors import RobustEdgeError
 from robustedge.methods import register
-from robustedge.methods.base import Method, accuracy, kl_batchmean, mean_over_ranks
+from robustedge.methods.base import Method, accuracy, mean_over_ranks
+from robustedge.methods.losses import released_entropy_value, released_kl
 
 
 def loss_balance(w_adv: torch.Tensor, w_nat: torch.Tensor, l_adv: torch.Tensor, l_nat: torch.Tensor,
@@ -37,13 +46,10 @@ def loss_balance(w_adv: torch.Tensor, w_nat: torch.Tensor, l_adv: torch.Tensor, 
     return w_adv / norm, w_nat / norm
 
 
-def mean_entropy(probs: torch.Tensor) -> torch.Tensor:
-    return -(probs * torch.log(probs.clamp_min(1e-12))).sum(1).mean()
-
-
 class MultiTeacherBase(Method):
     teacher_roles = ("robust", "clean")
-    defaults = {"eta": 0.025, "w_adv": 0.5}
+    defaults = {"eta": 0.025, "w_adv": 0.5, "kl_factor": 1.0}
+    positive = ("kl_factor",)
     panels = {"loss weight": ("w_adv", "w_nat")}
     entropy_balance = False
 
@@ -63,12 +69,14 @@ class MultiTeacherBase(Method):
         logits_nat = student(x)
         p_adv = F.softmax(self.teachers["robust"](x_adv) / self.tau_adv, dim=1)
         p_nat = F.softmax(self.teachers["clean"](x) / self.tau_nat, dim=1)
-        l_adv = kl_batchmean(logits_adv, p_adv)
-        l_nat = kl_batchmean(logits_nat, p_nat)
+        factor = self.args["kl_factor"]
+        l_adv = factor * released_kl(logits_adv, p_adv)
+        l_nat = factor * released_kl(logits_nat, p_nat)
         self._balance_weights(l_adv.detach(), l_nat.detach())  # before the backward, as the authors do
         loss = self.w_adv * l_adv + self.w_nat * l_nat
         if self.entropy_balance:
-            self._entropies = mean_over_ranks(torch.stack([mean_entropy(p_adv), mean_entropy(p_nat)]))
+            self._entropies = mean_over_ranks(torch.stack([released_entropy_value(p_adv),
+                                                           released_entropy_value(p_nat)]))
         return loss, {"loss": loss.detach(), "loss_adv": l_adv.detach(), "loss_nat": l_nat.detach(),
                       "train_acc": accuracy(logits_adv.detach(), y)}
 

@@ -1,10 +1,19 @@
-"""TRADES (Zhang et al. 2019): CE(S(x), y) + beta * KL(S(x) || S(x')), x' maximising that KL."""
+"""TRADES (Zhang et al. 2019): CE(S(x), y) + beta * KL(S(x) || S(x')), x' maximising that KL.
+
+Follows yaodongyu/TRADES ``trades.py``: the attack in eval mode from x + 0.001 N(0, I) on the summed
+KL to S(x); the robust term is the KL summed over classes divided by the batch size
+(``losses.kl_batchmean``), its target S(x) keeping its gradient. Ours: the released code runs S(x)
+a second time in train mode for that target; the value and the gradient are the same, so the logits
+of the CE term are reused (one forward pass less; the BN running statistics see the clean batch once
+per step instead of twice).
+"""
 
 import torch
 import torch.nn.functional as F
 
 from robustedge.methods import register
-from robustedge.methods.base import Method, accuracy, kl_batchmean
+from robustedge.methods.base import Method, accuracy
+from robustedge.methods.losses import kl_batchmean
 
 
 @register

@@ -12,6 +12,7 @@ from typing import Callable
 from robustedge.errors import RobustEdgeError, unknown_name
 from robustedge.models.base import Classifier
 from robustedge.models.cifar_resnet import CifarResNet
+from robustedge.models.dm_wideresnet import DMWideResNet
 from robustedge.models.folding import fold_batchnorm, fold_if_possible
 from robustedge.models.mobilenetv2 import MobileNetV2
 from robustedge.models.resnet import PreActResNet, ResNet
@@ -29,16 +30,28 @@ MODELS: dict[str, Builder] = {
     "resnet56": lambda **kw: CifarResNet(56, **kw),
 }
 
-_WIDERESNET = re.compile(r"^wideresnet[-_]?(\d+)[-_](\d+)$")
+# name patterns: any depth and widen factor of the two WideResNet layouts
+PATTERNS: dict[str, tuple[re.Pattern, Callable[..., Classifier]]] = {
+    "wideresnet-<depth>-<widen>": (re.compile(r"^wideresnet[-_]?(\d+)[-_](\d+)$"), WideResNet),  # TRADES layout
+    "dm-wideresnet-<depth>-<widen>": (re.compile(r"^dm[-_]wideresnet[-_]?(\d+)[-_](\d+)$"), DMWideResNet),  # DeepMind's
+}
+
+
+def _pattern(name: str) -> tuple[Callable[..., Classifier], int, int] | None:
+    for regex, cls in PATTERNS.values():
+        match = regex.match(str(name))
+        if match:
+            return cls, int(match.group(1)), int(match.group(2))
+    return None
 
 
 def model_names() -> list[str]:
-    return sorted(MODELS) + ["wideresnet-<depth>-<widen>"]
+    return sorted(MODELS) + list(PATTERNS)
 
 
 def check_arch(name: str) -> str:
     """``name`` if the registry can build it, else a one-line error listing the valid names."""
-    if name not in MODELS and not _WIDERESNET.match(str(name)):
+    if name not in MODELS and _pattern(name) is None:
         raise unknown_name("model", str(name), model_names())
     return name
 
@@ -53,7 +66,8 @@ def stem_stride(image_size: int) -> int:
 
 def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
                 normalization: tuple[list[float], list[float]] | None = None, image_size: int = 32) -> Classifier:
-    """Build a registry model; ``wideresnet-28-10`` style names give any WideResNet.
+    """Build a registry model; ``wideresnet-28-10`` / ``dm-wideresnet-70-16`` style names give any
+    WideResNet in the TRADES / DeepMind layout.
 
     ``image_size`` adapts the stem (see :func:`stem_stride`)."""
     if num_classes < 2:
@@ -63,12 +77,13 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
     if not width > 0:
         raise RobustEdgeError(f"width multiplier must be > 0, got {width}")
     kwargs = dict(num_classes=num_classes, in_channels=in_channels, width=width)
-    match = _WIDERESNET.match(name)
+    pattern = _pattern(name)
     try:
         if name in MODELS:
             model = MODELS[name](**kwargs)
-        elif match:
-            model = WideResNet(int(match.group(1)), int(match.group(2)), **kwargs)
+        elif pattern is not None:
+            cls, depth, widen = pattern
+            model = cls(depth, widen, **kwargs)
         else:
             raise unknown_name("model", name, model_names())
     except ValueError as exc:
@@ -83,4 +98,4 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
     return model
 
 
-__all__ = ["Classifier", "MODELS", "build_model", "check_arch", "fold_batchnorm", "fold_if_possible", "model_names", "stem_stride"]
+__all__ = ["Classifier", "DMWideResNet", "MODELS", "PATTERNS", "build_model", "check_arch", "fold_batchnorm", "fold_if_possible", "model_names", "stem_stride"]
