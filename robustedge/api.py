@@ -8,6 +8,7 @@ numbers. Models come from any source :func:`robustedge.loading.load` takes, incl
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,12 @@ from robustedge.loading import ModelFacts
 def load(source, *, arch: str | None = None, num_classes: int | None = None, in_channels: int | None = None,
          image_size: int | None = None, width: float = 1.0, mean: list[float] | None = None,
          std: list[float] | None = None, dataset: str | None = None, eps: float | None = None,
-         device: torch.device | str = "cpu", facts: ModelFacts | None = None):
+         device: torch.device | str = "auto", facts: ModelFacts | None = None):
     """``(model, meta)`` from a RobustEdge checkpoint, a state dict file with ``arch``,
-    ``"robustbench:<name>"`` or an ``nn.Module`` (like ``robustbench.utils.load_model``, plus metadata).
-    ``facts`` (the CLI's flags as one object) replaces the keyword arguments."""
+    ``"robustbench:<name>"`` or an ``nn.Module`` (like ``robustbench.utils.load_model``, plus metadata;
+    a module is copied, never moved or switched to eval mode). ``device``: ``auto`` (CUDA when present,
+    the CLI's default), ``cpu``, ``cuda`` or ``cuda:N``. ``facts`` (the CLI's flags as one object)
+    replaces the keyword arguments."""
     facts = facts or ModelFacts(arch, num_classes, in_channels, image_size, width, mean, std, dataset, eps)
     from robustedge.loading import load as _load
 
@@ -57,25 +60,35 @@ def _as_images(x, device) -> torch.Tensor:
 def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: float | None = None,
              n: int | None = 1000, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
              aa_batch_size: int | None = None, seed: int = 0, fold_bn: bool = False, flags: Any = True,
-             show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = True):
+             show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False):
     """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.evaluate.EvalReport`
     (``.accuracy``, ``.w_robust(attack)``, ``.worst``, ``.flags``, ``.correct`` per example, ``.to_text()``).
 
     ``model``: a model or any source :func:`load` takes. ``x``/``y``: images in [0, 1] (or uint8) and labels;
     when omitted, the first ``n`` examples of ``split`` of the model's dataset. ``eps``: the checkpoint's when
     it records one. ``flags``: True for the default attack-failure checks, a ``FlagSettings``, or False.
-    Under ``torchrun`` (an initialised process group; ``distributed=False`` to evaluate alone) every rank
-    calls this, the examples are sharded over the ranks and every rank returns the same report, identical
-    to a one-process run with the same seed."""
+    ``device``: where to run (default: a module's own device; for a file or name ``auto``, CUDA when
+    present); a module elsewhere is evaluated as a copy there, the caller's own is not moved.
+    ``distributed=True`` under ``torchrun`` (an initialised process group): every rank calls this, the
+    examples are sharded over the ranks and every rank returns the same report, identical to a
+    one-process run with the same seed (`robustedge eval` does this under torchrun). Off by default: a
+    rank evaluating alone inside its own DDP script must not wait for ranks that never come."""
     from robustedge.evaluate import evaluate as _evaluate
     from robustedge.evaluate import parse_attacks
     from robustedge.flags import FlagSettings
 
+    from robustedge.runtime import resolve_device
+
     attacks = parse_attacks(attacks)
-    device = torch.device(device) if device is not None else _device_of(model)
+    if device is not None:
+        device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    else:
+        device = _device_of(model) if isinstance(model, nn.Module) else resolve_device("auto")
     meta = None
     if not isinstance(model, nn.Module):
         model, meta = load(model, device=device)
+    elif _device_of(model) != device:
+        model = copy.deepcopy(model).to(device)  # the caller's module stays where it is
     if x is None:
         if meta is None:
             raise RobustEdgeError("pass images x and labels y with an nn.Module (or load it with robustedge.load)")
@@ -93,25 +106,25 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
         if eps is None:
             raise RobustEdgeError("pass eps (the model records none)")
     settings = FlagSettings() if flags is True else (flags or None)
-    return _evaluate(model.to(device), x, y, attacks=attacks, eps=eps, batch_size=batch_size, seed=seed,
+    return _evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=batch_size, seed=seed,
                      aa_batch_size=aa_batch_size, show_progress=show_progress, fold_bn=fold_bn, flags=settings,
                      distributed=distributed)
 
 
-def _device_of(model) -> torch.device:
-    if isinstance(model, nn.Module):
-        first = next(iter(model.parameters()), None)
-        return first.device if first is not None else torch.device("cpu")
-    return torch.device("cpu")
+def _device_of(model: nn.Module) -> torch.device:
+    from robustedge.export.runners import model_device
+
+    return model_device(model)
 
 
 def export(model, out: str | os.PathLike, *, formats: str | list[str] = "onnx,onnx-fp16,onnx-int8",
            force: bool = False, progress=None, dataset: str | None = None, eps: float | None = None,
-           arch: str | None = None, **options):
+           arch: str | None = None, device: torch.device | str = "auto", **options):
     """``robustedge export``: build and verify a bundle at ``out``; returns ``(manifest, gate failures)``.
 
     ``model``: a checkpoint, a state dict file with ``arch``, ``robustbench:<name>`` or an ``nn.Module``
-    (with ``dataset`` and ``eps`` where it does not say). ``options``: the fields of
+    (with ``dataset`` and ``eps`` where it does not say; a module is copied, not moved). ``device``: where
+    the torch side runs (``auto``: CUDA when present). ``options``: the fields of
     :class:`~robustedge.export.bundle.ExportOptions` (``n``, ``calibration_n``, ``whitebox_attacks``, ...)."""
     from robustedge.export.bundle import ExportOptions, export_bundle
 
@@ -120,7 +133,8 @@ def export(model, out: str | os.PathLike, *, formats: str | list[str] = "onnx,on
     except TypeError as exc:
         raise RobustEdgeError(f"unknown export option: {exc}") from None
     facts = ModelFacts(arch=arch, dataset=dataset, eps=eps)
-    return export_bundle(model, out, opts, progress=progress or (lambda m: None), force=force, facts=facts)
+    return export_bundle(model, out, opts, progress=progress or (lambda m: None), force=force, facts=facts,
+                         device=device)
 
 
 def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=None):

@@ -58,12 +58,16 @@ def attack_loss(logits: torch.Tensor, y: torch.Tensor | None, loss: AttackLoss,
 
 
 def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, loss: AttackLoss,
-                   target_probs: torch.Tensor | None = None, kappa: float = 50.0) -> torch.Tensor:
+                   target_probs: torch.Tensor | None = None, kappa: float = 50.0,
+                   loss_scale: float = 1.0) -> torch.Tensor:
+    """d loss / d x. ``loss_scale`` multiplies the loss first, for backward passes in fp16 (AMP), where
+    the small gradients of confidently classified examples underflow to zero and PGD stalls there; the
+    attacks use only the gradient's sign, which scaling does not change (non-finite entries become 0)."""
     with torch.enable_grad():
         x = x.detach().requires_grad_(True)
         value = attack_loss(model(x), y, loss, target_probs, kappa)
-        (grad,) = torch.autograd.grad(value, x)
-    return grad
+        (grad,) = torch.autograd.grad(value * loss_scale if loss_scale != 1.0 else value, x)
+    return grad if loss_scale == 1.0 else torch.nan_to_num(grad, nan=0.0)
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torch.Tensor:
@@ -75,8 +79,8 @@ def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> torc
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps: float, step_size: float,
         steps: int, loss: AttackLoss = "ce", target_probs: torch.Tensor | None = None, start: Start = "uniform",
         init_std: float = 0.001, kappa: float = 50.0, generator: torch.Generator | None = None,
-        noise: torch.Tensor | None = None) -> torch.Tensor:
-    """Projected gradient ascent in the L-inf ball.
+        noise: torch.Tensor | None = None, loss_scale: float = 1.0) -> torch.Tensor:
+    """Projected gradient ascent in the L-inf ball (``loss_scale``: see :func:`input_gradient`).
 
     ``start='uniform'`` draws U(-eps, eps) and clips to [0, 1] (Madry et al.; the evaluation protocol);
     ``noise``, U[0, 1) draws shaped like ``x``, replaces the draw (the evaluation's per-example seeds,
@@ -105,7 +109,7 @@ def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, *, eps
         raise ValueError(f"unknown start '{start}'; valid: uniform, uniform_unprojected, gaussian, none")
     lower, upper = (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
     for _ in range(steps):
-        grad = input_gradient(model, x_adv, y, loss, target_probs, kappa)
+        grad = input_gradient(model, x_adv, y, loss, target_probs, kappa, loss_scale)
         x_adv = torch.min(torch.max(x_adv.detach() + step_size * grad.sign(), lower), upper)
     if steps == 0:
         x_adv = torch.min(torch.max(x_adv, lower), upper)

@@ -186,19 +186,24 @@ def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device
     from robustedge.data import split_for_model
     from robustedge.flags import FlagSettings
 
+    from robustedge.sharding import rank_zero_first
+
     say = print if world.main else (lambda *a, **k: None)
-    model, meta = api.load(args.checkpoint, facts=_facts(args), device=device)
-    eps = args.eps if args.eps is not None else meta.eps
-    if eps is None:
-        raise RobustEdgeError("the checkpoint records no eps; pass --eps")
-    split = split_for_model(meta, args.dataset, args.data_root, args.split, args.n or None, args.download)
+    with rank_zero_first(world):  # one rank downloads (weights, data) while the others wait for its files
+        model, meta = api.load(args.checkpoint, facts=_facts(args), device=device)
+        eps = args.eps if args.eps is not None else meta.eps
+        if eps is None:
+            raise RobustEdgeError("the checkpoint records no eps; pass --eps")
+        split = split_for_model(meta, args.dataset, args.data_root, args.split, args.n or None,
+                                args.download and world.main)
     x, y = split.float_images(device), split.labels.to(device)
     say(f"evaluating {args.checkpoint} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
         f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}"
         + (f", {world.size} processes" if world.size > 1 else ""), flush=True)
     report = api.evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
                           aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn,
-                          flags=False if args.no_flags else FlagSettings(n=args.flags_n), device=device)
+                          flags=False if args.no_flags else FlagSettings(n=args.flags_n), device=device,
+                          distributed=world.size > 1)
     say(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""))
     report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
                     "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
@@ -473,7 +478,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.file.startswith(ROBUSTBENCH_PREFIX) or args.arch is None:
         raise RobustEdgeError("import needs a state dict file and --arch (RobustBench models are loaded by name "
                               "wherever a model is taken)")
-    model, meta = load(args.file, facts=_facts(args))
+    model, meta = load(args.file, facts=_facts(args), device="cpu")  # read to be written back
     if meta.extra.get("source", {}).get("kind") != "state dict":
         raise RobustEdgeError(f"{args.file} is already a RobustEdge checkpoint")
     save_model(out, model, meta)
@@ -496,6 +501,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.runtime import resolve_device
     from robustedge.flags import FlagSettings
     from robustedge.verify_core import format_flags, format_table
 
@@ -507,7 +513,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                          seed=args.seed, gate=_gate(args), flags=FlagSettings(n=args.flags_n))
     out = Path(args.out)
     manifest, failures = export_bundle(args.checkpoint, out, opts, progress=lambda m: print(m, file=sys.stderr),
-                                       force=args.force, facts=_facts(args))
+                                       force=args.force, facts=_facts(args), device=resolve_device(args.device))
     print(format_table(manifest["table"]))
     print(format_flags(manifest["flags"]), end="")
     parity = manifest["parity"]
@@ -605,15 +611,19 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--curve-n", type=_count(0, "--curve-n"), default=100,
                    help="test examples for the eps curves (default 100; 0: no curves)")
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
+    p.add_argument("--device", default="auto", help="where eps curves are computed: auto (CUDA when present), cpu, "
+                                                    "cuda or cuda:N (torch latency is always measured on the CPU)")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from robustedge.report import build_report
+    from robustedge.runtime import resolve_device
 
     folders = [Path(r) for r in args.runs]
     out = Path(args.out) if args.out else folders[0] / "report"
-    page = build_report(folders, out, args.curve_n, args.data_root, progress=lambda m: print(m, file=sys.stderr))
+    page = build_report(folders, out, args.curve_n, args.data_root, progress=lambda m: print(m, file=sys.stderr),
+                        device=resolve_device(args.device))
     print(f"wrote {page} and {page.with_suffix('.md')}")
     return 0
 

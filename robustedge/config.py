@@ -388,5 +388,9 @@ def _validate_qat(cfg: TrainConfig) -> None:
         raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
     if q.enabled and q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():
         raise RobustEdgeError(f"config key 'qat.from_checkpoint': no such file {q.from_checkpoint}")
+    if q.enabled and cfg.amp in ("bf16", "fp16"):
+        raise RobustEdgeError(f"quantization-aware training runs in fp32 (under amp {cfg.amp} the fake quantisers "
+                              f"would see {cfg.amp} values, not the INT8 function the export computes); "
+                              f"set amp: off or auto")
     if q.enabled and cfg.compile:
         raise RobustEdgeError("quantization-aware training does not support compile: true; set compile: false")

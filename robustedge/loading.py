@@ -11,6 +11,7 @@ eval mode, so the rest of RobustEdge never asks where a model came from.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,9 +64,14 @@ def cache_dir() -> Path:
 
 
 def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = None,
-         device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
-    """``(model, meta)`` from any supported source (see the module docstring), in eval mode on ``device``."""
+         device: torch.device | str = "auto") -> tuple[nn.Module, ModelMeta]:
+    """``(model, meta)`` from any supported source (see the module docstring), in eval mode on ``device``
+    (``auto``: CUDA when present, as the CLI). A live ``nn.Module`` is copied: the caller's own module
+    keeps its device and its train/eval mode."""
+    from robustedge.runtime import resolve_device
+
     facts = facts or ModelFacts()
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     if isinstance(source, nn.Module):
         return _from_module(source, facts, device)
     if not isinstance(source, (str, os.PathLike)):
@@ -123,7 +129,7 @@ def _from_robustbench(name: str, facts: ModelFacts, device) -> tuple[nn.Module, 
 def _from_module(model: nn.Module, facts: ModelFacts, device) -> tuple[nn.Module, ModelMeta]:
     dataset, classes, channels, size, eps = facts.resolved(type(model).__name__)
     spec = ModelSpec(f"module:{type(model).__name__}", classes, channels, 1.0, size)
-    return _checked_module(model.to(device), spec, dataset, eps, {"kind": "nn.Module"}, device)
+    return _checked_module(copy.deepcopy(model).to(device), spec, dataset, eps, {"kind": "nn.Module"}, device)
 
 
 def _checked_module(model: nn.Module, spec: ModelSpec, dataset: str, eps, source: dict,

@@ -1,6 +1,7 @@
 """The reference training step: the loop as the authors' released code writes it (ARD, RSLAD, MTARD,
 B-MTARD, TRADES): the ground truth the trainer's step is tested against (tests/test_fast_paths.py,
-tests/test_methods.py) and the baseline bench/train_step.py measures its speed against.
+the trainer's step is compared with it in tests/test_fast_paths.py) and the baseline bench/train_step.py
+measures its speed against.
 
 Style kept on purpose: a per-sample ``DataLoader`` over PIL images with torchvision transforms
 (``num_workers=0`` as in the MTARD scripts), fp32 everywhere, models with their BatchNorms, one
@@ -86,8 +87,9 @@ def pgd_ce(model, x, y, eps, step_size, steps):
 
 def pgd_madry(model, x, y, eps, step_size, steps):
     """PGD-AT (MadryLab/cifar10_challenge pgd_attack.py): start x + U(-eps, eps) clipped to the image
-    range, then signed CE steps, each projected; the student in eval mode (as the trainer runs it)."""
-    model.eval()
+    range, then signed steps of the summed CE, each projected; the model in train mode (train.py attacks
+    ``Model(mode='train')``)."""
+    model.train()
     x_adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_()

@@ -17,6 +17,7 @@ report: the file is skipped with a warning naming it, printed and listed on the 
 from __future__ import annotations
 
 import base64
+import copy
 import csv
 import html
 import io
@@ -160,8 +161,9 @@ def _valid_curve(data: object) -> bool:
 
 
 def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | None = None,
-              warnings: Warnings | None = None) -> dict | None:
-    """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached).
+              warnings: Warnings | None = None, device: torch.device | str = "cpu") -> dict | None:
+    """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached), computed
+    on ``device`` (a copy of the model goes there).
 
     A cache file that is not a curve is left alone (it may not be ours) and the curve is skipped."""
     cache = run / "eps_curve.json"
@@ -182,8 +184,8 @@ def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | 
     from robustedge.models import fold_if_possible
 
     split = split_for_model(meta, None, data_root, "test", n)
-    x, y = split.float_images(), split.labels
-    folded = fold_if_possible(model)  # once for the whole curve
+    x, y = split.float_images(device), split.labels.to(device)
+    folded = fold_if_possible(copy.deepcopy(model).to(device))  # once for the whole curve
     eps_values = [round(f * meta.eps, 6) for f in EPS_FACTORS]
     accuracy = []
     for eps in eps_values:
@@ -195,7 +197,10 @@ def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | 
     return curve
 
 
-def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: Warnings | None = None) -> RunInfo:
+def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: Warnings | None = None,
+            device: torch.device | str = "cpu") -> RunInfo:
+    """A run's figures and tables; its eps curve is computed on ``device``, its torch latency on the CPU
+    (batch 1, the deployment question the report answers)."""
     warnings = warnings if warnings is not None else Warnings(lambda m: None)
     before = len(warnings)
     info = RunInfo(run.name, run, _read_history(run / "metrics.csv", warnings))
@@ -211,7 +216,7 @@ def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: War
             info.latency_ms = _torch_latency_ms(model, meta.spec.input_shape)
             info.latency_threads = torch.get_num_threads()
             if curve_n > 0:
-                info.curve = eps_curve(run, model, meta, curve_n, data_root, warnings)
+                info.curve = eps_curve(run, model, meta, curve_n, data_root, warnings, device)
     for candidate in (run / "eval.json", run / "best-eval" / "eval.json"):
         if candidate.exists():
             info.evaluation = _read_evaluation(candidate, warnings)
@@ -414,13 +419,18 @@ def _threads(n: int | None) -> str:
 
 
 def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: str | None = None,
-                 progress=print, collected: list[RunInfo] | None = None) -> Path:
+                 progress=print, collected: list[RunInfo] | None = None,
+                 device: torch.device | str = "auto") -> Path:
     """Write ``out/report.html``, ``out/report.md`` and ``out/report_files/*.png``; return the HTML path.
+    Eps curves not cached yet are computed on ``device`` (``auto``: CUDA when present).
 
     ``out`` must be new, empty or a previous report, and must not hold one of the runs. ``collected``:
     runs already read by :func:`collect` with the same ``curve_n`` and ``data_root`` (the quickstart reads
     each in the worker that has just finished with it, where a QAT run's prepared graph is at hand); a
     run of ``folders`` not among them is read here."""
+    from robustedge.runtime import resolve_device
+
+    device = device if isinstance(device, torch.device) else resolve_device(str(device))
     found = find_runs(folders)
     check_output_folder(out, REPORT, replace=True, protect=found)
     runs, warnings = [], Warnings(progress)
@@ -435,7 +445,7 @@ def build_report(folders: list[Path], out: Path, curve_n: int = 100, data_root: 
             continue
         progress(f"reading {run}" + (" (computing the eps curve)" if curve_n and not (run / "eps_curve.json").exists()
                                      else ""))
-        runs.append(collect(run, curve_n, data_root, warnings))
+        runs.append(collect(run, curve_n, data_root, warnings, device))
     figures: dict[str, bytes] = {}
     sections: list[tuple[str, list[tuple[str, str | list[list[str]]]]]] = []
     summary = [("table", robustness_table(runs))]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,6 +61,17 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return World.current(), device
+
+
+@contextmanager
+def rank_zero_first(world: World) -> Iterator[None]:
+    """Rank 0 runs the block first, the other ranks after it is done: for downloads and caches
+    (datasets, RobustBench weights) that every rank needs but only one may write."""
+    if world.size > 1 and not world.main:
+        dist.barrier()
+    yield
+    if world.size > 1 and world.main:
+        dist.barrier()
 
 
 def leave(wait: bool = True) -> None:

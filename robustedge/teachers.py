@@ -38,10 +38,13 @@ class FrozenTeacher(nn.Module):
     within tolerance of an fp32 teacher's.
     """
 
-    def __init__(self, model: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: nn.Module, precision: str = "fp32", device: torch.device | str = "cpu",
+                 channels_last: bool = False) -> None:
         super().__init__()
         self.dtype = teacher_dtype(precision, device)
         self.model = model.to(device=device, dtype=self.dtype).eval()
+        if channels_last:  # the teachers are most of a distillation step's FLOPs: the fast layout too
+            self.model = self.model.to(memory_format=torch.channels_last)
         for p in self.model.parameters():
             p.requires_grad_(False)
         super().train(False)
@@ -81,7 +84,8 @@ def load_robustbench(name: str, dataset: str | None, model_dir: str, device: tor
 
 
 def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
-                 device: torch.device | str = "cpu", dataset: str | None = None) -> FrozenTeacher:
+                 device: torch.device | str = "cpu", dataset: str | None = None,
+                 channels_last: bool = False) -> FrozenTeacher:
     """A teacher from any source :func:`robustedge.loading.load` takes: a RobustEdge model file, foreign
     weights plus a registry ``arch``, or ``robustbench:<name>`` (the ``zoo`` extra) of ``dataset``."""
     from robustedge.loading import ModelFacts, load
@@ -96,4 +100,4 @@ def load_teacher(cfg: Any, num_classes: int, in_channels: int, image_size: int,
         raise RobustEdgeError(f"teacher {cfg.checkpoint} is {spec.arch} with {spec.num_classes} classes and "
                               f"{spec.in_channels} input channels; the data has {num_classes} and {in_channels}")
     # a teacher only infers: a registry model's BNs are folded once, here (models/folding.py)
-    return FrozenTeacher(fold_if_possible(model), cfg.precision, device)
+    return FrozenTeacher(fold_if_possible(model), cfg.precision, device, channels_last)

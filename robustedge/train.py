@@ -75,7 +75,9 @@ def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype |
     """(autocast dtype or None, whether to use a GradScaler)."""
     mode = cfg.amp
     if mode == "auto":
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        # QAT stays fp32: under autocast the fake quantisers would see bf16 values, not the INT8
+        # function the export computes (validate_config refuses an explicit amp with QAT)
+        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() and not cfg.qat.enabled else "off"
     if mode == "off":
         return None, False
     if mode == "bf16":
@@ -141,9 +143,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------
     def _setup_distributed(self) -> tuple[int, int, torch.device]:
-        from robustedge.sharding import init_from_env
+        from robustedge.sharding import init_from_env, launched_by_torchrun
 
+        # a group this run creates is this run's to destroy (a caller's own group is left alone)
+        self.owns_group = launched_by_torchrun() and not (dist.is_available() and dist.is_initialized())
         world, device = init_from_env(resolve_device(self.cfg.device))
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels once
         return world.rank, world.size, device
 
     def _check_run_dir(self) -> None:
@@ -158,28 +164,42 @@ class Trainer:
             raise RobustEdgeError(f"nothing to resume: {self.last_path} does not exist")
 
     def run(self) -> TrainResult:
+        from robustedge.sharding import leave
+
         validate_config(self.cfg)
         self._check_run_dir()
-        run = self._prepare()
-        t_run = time.perf_counter()
-        for epoch in range(run.start_epoch, self.cfg.epochs):
-            self._epoch(epoch, run)
-        return self._finish(run, time.perf_counter() - t_run)
+        self.owns_group = False
+        finished = False
+        try:
+            run = self._prepare()
+            t_run = time.perf_counter()
+            for epoch in range(run.start_epoch, self.cfg.epochs):
+                self._epoch(epoch, run)
+            result = self._finish(run, time.perf_counter() - t_run)
+            finished = True
+            return result
+        finally:
+            if self.owns_group:
+                leave(wait=finished)  # after an error the other ranks may never reach a barrier
 
     def _prepare(self) -> _Run:
         """Data, parts, the resumed state and the metadata every checkpoint carries."""
         cfg = self.cfg
+        from robustedge.sharding import World, rank_zero_first
+
         rank, world, device = self._setup_distributed()
-        data = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size, channels=cfg.data.channels,
-                            val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
-                            download=cfg.data.download and rank == 0)
+        with rank_zero_first(World(rank, world)):  # rank 0 downloads; the others read its files after it
+            data = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size,
+                                channels=cfg.data.channels, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
+                                download=cfg.data.download and rank == 0)
         if self.validates and len(data.val) == 0:
             raise RobustEdgeError(f"validation needs examples but the validation split is empty "
                                   f"(data.val_fraction {cfg.data.val_fraction}); raise it or set eval_n: 0")
         channels, size = data.input_shape[0], data.input_shape[1]
         spec = ModelSpec(cfg.model.arch, data.num_classes, channels, cfg.model.width, size, cfg.model.mean,
                          cfg.model.std)
-        parts = build_parts(cfg, spec, device, world, data.num_classes)
+        with rank_zero_first(World(rank, world)):  # teachers from RobustBench: one rank fills the cache
+            parts = build_parts(cfg, spec, device, world, data.num_classes)
         val = data.val.take(cfg.eval_n)
         meta = ModelMeta(spec, dataset=cfg.data.name, eps=cfg.eval_eps if cfg.eval_eps is not None else cfg.attack.eps,
                          method=cfg.method, classes=data.classes,
@@ -313,6 +333,11 @@ class Trainer:
             seen += len(y)
             if steps % cfg.log_every == 0 or steps == total:
                 mean = (sums / steps).tolist()  # the only host sync of the loop
+                if run.world > 1:  # a NaN on one rank stops every rank (the others would wait in a collective)
+                    bad = torch.tensor([0.0 if math.isfinite(mean[0]) else 1.0], device=run.device)
+                    dist.all_reduce(bad)
+                    if bad.item() and math.isfinite(mean[0]):
+                        mean[0] = float("nan")
                 if not math.isfinite(mean[0]):
                     raise RobustEdgeError(f"loss became {mean[0]} in epoch {epoch + 1} (step {steps}); stopped. "
                                           + self._last_good() + "; lower optim.lr or try amp off")
@@ -360,11 +385,13 @@ class TrainingParts:
 
     def wrap(self, world: int = 1, device: torch.device | None = None) -> nn.Module:
         """The student as the step sees it: compiled if asked, under DDP with several ranks."""
-        net = torch.compile(self.model) if self.cfg.compile else self.model
+        net = self.model
         if world > 1:
             device = device or self.device
             net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        return net
+        # compile the DDP-wrapped model (PyTorch's advice: its DDPOptimizer then splits the graph at the
+        # gradient buckets so communication overlaps the backward); DDP(compile(model)) does not
+        return torch.compile(net) if self.cfg.compile else net
 
     def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
         """One optimisation step; returns the method's logs and the gradient norm as device tensors."""
@@ -401,7 +428,7 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
         model = model.to(memory_format=torch.channels_last)
     method_cls = get_method(cfg.method)
     teachers = {role: load_teacher(cfg.teachers[role], num_classes or spec.num_classes, spec.in_channels,
-                                   spec.image_size, device, cfg.data.name)
+                                   spec.image_size, device, cfg.data.name, channels_last=cfg.channels_last)
                 for role in method_cls.teacher_roles if role in cfg.teachers}
     method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
     # QAT: attack the fake-quantised student; a train-mode attack (ARD) cannot run on an eval-only twin

@@ -108,3 +108,28 @@ def test_suite_report_has_w_robust_and_all_attacks(digits_model, batch):
         assert report.accuracy[name] <= report.accuracy["clean"]
         assert report.w_robust(name) == pytest.approx((report.accuracy["clean"] + report.accuracy[name]) / 2)
     assert "| pgd20 |" in report.to_markdown()
+
+
+def test_the_training_attack_scales_its_loss_under_fp16_autocast():
+    """Under amp fp16 the input gradients of confidently classified examples underflow to zero and PGD
+    stalls on them; the methods' attack scales its loss first (the sign is unchanged)."""
+    from torch import nn
+
+    from robustedge.attacks import pgd
+    from robustedge.config import AttackConfig
+    from robustedge.methods import get_method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[1].weight.mul_(40)  # confident: some fp32 input gradients are ~1e-7 and below
+    x = torch.rand(8, 1, 4, 4)
+    y = model(x).argmax(1)
+    method = get_method("pgd_at")({}, AttackConfig(eps=0.1, steps=1, step_size=0.05, start="none"), {})
+    reference = pgd(model, x, y, eps=0.1, step_size=0.05, steps=1, start="none")  # fp32
+    with torch.autocast("cpu", dtype=torch.float16):
+        stalled = pgd(model, x, y, eps=0.1, step_size=0.05, steps=1, start="none")
+        scaled = method.pgd(model, x, y)
+    moved = lambda adv: (adv - x).flatten(1).abs().amax(1) > 0  # noqa: E731
+    assert moved(reference).all() and not moved(stalled).all()  # fp16 without scaling: stuck examples
+    assert moved(scaled).all() and torch.equal(scaled, reference)

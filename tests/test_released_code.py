@@ -1,15 +1,19 @@
 """Each distillation method against its authors' released code, written out here in the released
-expressions (not the project's helpers): the loss, its reduction and factor, which teacher sees which
-input, the student's mode during the attack and its forward order, and B-MTARD's per-step block over
-hundreds of steps with a learning-rate milestone in the middle.
+expressions (not the project's helpers): the attack (objective, start, steps, the student's mode) and
+the adversarial examples it makes, the loss, its reduction and factor, which teacher sees which input,
+the order of the student's forward passes, the learning-rate schedules, and B-MTARD's per-step block
+over hundreds of steps with a learning-rate milestone in the middle.
 
 The released lines transcribed here: zibojia/RSLAD resnet18_rslad_cifar10.py (kl_loss, torch.mean,
 5/6 and 1/6; x10 in the CIFAR-100 scripts); goldblum/AdversariallyRobustDistillation main.py
 (nn.KLDivLoss(), temp^2, AttackPGD in train mode); zhaoshiji123/MTARD mtard_resnet18_cifar10.py and
-zhaoshiji123/MTARD-extension resnet18_mtard_cifar10.py (the weight and temperature updates).
+zhaoshiji123/MTARD-extension resnet18_mtard_cifar10.py (the weight and temperature updates);
+MadryLab/cifar10_challenge pgd_attack.py and train.py (PGD-AT's attack, on Model(mode='train')).
 """
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -67,6 +71,69 @@ def _batch(classes: int):
 ATTACK = AttackConfig(eps=0.1, steps=3, step_size=0.05)  # start and mode: auto (each method's released ones)
 
 
+# the released attacks, verbatim but for the names of their arguments
+def rslad_inner_loss(model, teacher_logits, x_natural, step_size, epsilon, perturb_steps):  # rslad_loss.py
+    criterion_kl = nn.KLDivLoss(reduction="none")  # size_average=False, reduce=False
+    model.eval()
+    x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).detach()
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_kl = criterion_kl(F.log_softmax(model(x_adv), dim=1), F.softmax(teacher_logits, dim=1))
+            loss_kl = torch.sum(loss_kl)
+        grad = torch.autograd.grad(loss_kl, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    return torch.clamp(x_adv, 0.0, 1.0)
+
+
+def mtard_inner_loss_ce(model, x_natural, y, step_size, epsilon, perturb_steps):  # mtard_loss.py
+    criterion_ce_loss = torch.nn.CrossEntropyLoss()
+    model.eval()
+    x_adv = x_natural.detach() + 0.001 * torch.randn(x_natural.shape).detach()
+    for _ in range(perturb_steps):
+        x_adv.requires_grad_()
+        with torch.enable_grad():
+            loss_ce = criterion_ce_loss(model(x_adv), y)
+        grad = torch.autograd.grad(loss_ce, [x_adv])[0]
+        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
+        x_adv = torch.min(torch.max(x_adv, x_natural - epsilon), x_natural + epsilon)
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
+    model.train()
+    return torch.clamp(x_adv, 0.0, 1.0)
+
+
+def ard_attack_pgd(basic_net, inputs, targets, step_size, epsilon, num_steps):  # main.py AttackPGD.forward
+    basic_net.train()  # net.train() in train()
+    x = inputs.detach()
+    x = x + torch.zeros_like(x).uniform_(-epsilon, epsilon)
+    for i in range(num_steps):
+        x.requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(basic_net(x), targets, reduction="sum")  # size_average=False
+        grad = torch.autograd.grad(loss, [x])[0]
+        x = x.detach() + step_size * torch.sign(grad.detach())
+        x = torch.min(torch.max(x, inputs - epsilon), inputs + epsilon)
+        x = torch.clamp(x, 0.0, 1.0)
+    return x
+
+
+def madry_perturb(model, x_nat, y, epsilon, step_size, num_steps):  # pgd_attack.py LinfPGDAttack.perturb
+    model.train()  # Model(mode='train') in train.py
+    x = x_nat + torch.empty_like(x_nat).uniform_(-epsilon, epsilon)  # np.random.uniform
+    x = torch.clamp(x, 0, 1)
+    for i in range(num_steps):
+        x.requires_grad_()
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x), y, reduction="sum")  # model.xent: reduce_sum
+        grad = torch.autograd.grad(loss, [x])[0]
+        x = x.detach() + step_size * torch.sign(grad)
+        x = torch.clamp(torch.min(torch.max(x, x_nat - epsilon), x_nat + epsilon), 0, 1)
+    return x
+
+
 def _train_calls(student: Recorder):
     return [(x, out) for training, x, out in student.calls if training]
 
@@ -79,7 +146,9 @@ def test_the_step_loss_is_the_released_expression(name, classes, factor):
     method = get_method(name)(args, ATTACK, teachers)
     student = _student(classes)
     x, y = _batch(classes)
+    mirror = copy.deepcopy(student.net)  # the student before the step: the released attack runs on it
     student.train()
+    torch.manual_seed(7)
     loss, _ = method.step(student, x, y)
     robust, clean = teachers["robust"].calls, teachers["clean"].calls
     trained = _train_calls(student)
@@ -113,10 +182,51 @@ def test_the_step_loss_is_the_released_expression(name, classes, factor):
             kl_2 = factor * torch.mean(kl_loss(F.log_softmax(nat_logits, dim=1), F.softmax(clean[0][2] / 1, dim=1)))
             expected = 1 / 2.0 * kl_1 + 1 / 2.0 * kl_2  # first step: both losses are their own L0
     assert loss.item() == pytest.approx(expected.item(), rel=1e-4)
+    # the adversarial examples: the released attack from the same random draw on the same student
+    torch.manual_seed(7)
+    if name == "ard":
+        released = ard_attack_pgd(mirror, x, y, ATTACK.step_size, ATTACK.eps, ATTACK.steps)
+    elif name == "rslad":
+        released = rslad_inner_loss(mirror, robust[0][2], x, ATTACK.step_size, ATTACK.eps, ATTACK.steps)
+    else:
+        released = mtard_inner_loss_ce(mirror, x, y, ATTACK.step_size, ATTACK.eps, ATTACK.steps)
+    assert torch.allclose(x_adv, released, atol=1e-6), (x_adv - released).abs().max()
+    # then the released step's own forwards in train mode, S(x') and S(x): the BN statistics end alike
+    # (ARD's attack moved them at every step, the others' eval-mode attacks did not)
+    with torch.no_grad():
+        mirror(released)
+        mirror(x)
+    assert torch.allclose(mirror[1].running_mean, student.net[1].running_mean, atol=1e-6)
+    assert torch.allclose(mirror[1].running_var, student.net[1].running_var, atol=1e-6)
+
+
+def test_pgd_at_attacks_as_madry_et_al():
+    student = _student(10)
+    x, y = _batch(10)
+    mirror = copy.deepcopy(student.net)
+    method = get_method("pgd_at")({}, ATTACK, {})
+    torch.manual_seed(3)
+    x_adv = method.perturb(student, x, y, loss="ce")
+    torch.manual_seed(3)
+    released = madry_perturb(mirror, x, y, ATTACK.eps, ATTACK.step_size, ATTACK.steps)
+    assert torch.allclose(x_adv, released, atol=1e-6)
+    assert torch.allclose(student.net[1].running_mean, mirror[1].running_mean)  # train mode moved both alike
+
+
+def test_a_recipe_may_set_the_attack_mode_and_every_method_follows_it():
+    for name in ("trades", "rslad", "pgd_at", "ard"):
+        teachers = {"robust": _teacher(10, 3.0, 1), "clean": _teacher(10, 0.5, 2)}
+        for mode, training in (("eval", False), ("train", True)):
+            method = get_method(name)({}, AttackConfig(eps=0.1, steps=2, step_size=0.05, mode=mode), teachers)
+            student = _student(10)
+            student.train()
+            method.step(student, *_batch(10))
+            attack_modes = {t for t, _, _ in student.calls[:2]}
+            assert attack_modes == {training}, (name, mode)
 
 
 def test_ards_attack_moves_the_running_statistics_and_the_others_do_not():
-    for name, moves in (("ard", True), ("rslad", False), ("mtard", False), ("pgd_at", False), ("trades", False)):
+    for name, moves in (("ard", True), ("rslad", False), ("mtard", False), ("pgd_at", True), ("trades", False)):
         teachers = {"robust": _teacher(10, 3.0, 1), "clean": _teacher(10, 0.5, 2)}
         method = get_method(name)({}, ATTACK, teachers)
         student = _student(10)
@@ -265,3 +375,46 @@ def test_the_balances_follow_the_released_block_over_hundreds_of_steps(name, fac
     assert bool(moved & {"tau_adv", "tau_nat"}) == (name == "bmtard")
     late = [h["tau_adv"] + h["tau_nat"] for h in history[milestone:]]
     assert name == "mtard" or 0 < max(late) - min(late) <= (steps - milestone) * 0.0001 + 1e-6  # g x 0.1 after it
+
+
+# ---- the learning-rate schedules, epoch by epoch ---------------------------------------------
+
+def released_rslad_mtard_lrs(epochs: int = 300) -> list[float]:
+    """RSLAD, MTARD, B-MTARD: ``for epoch in range(1, epochs+1): <train>; if epoch in [215,260,285]: lr *= 0.1``
+    (the loss-balance and temperature rates decay on the same lines)."""
+    lr, used = 0.1, []
+    for epoch in range(1, epochs + 1):
+        used.append(lr)
+        if epoch in [215, 260, 285]:
+            lr *= 0.1
+    return used
+
+
+def released_ard_lrs(epochs: int = 200) -> list[float]:
+    """ARD main.py: ``adjust_learning_rate(optimizer, epoch, lr)`` before each 0-based epoch, with ``lr``
+    always the initial 0.1 and --lr_schedule [100, 150]: both set 0.1 * 0.1."""
+    current, used = 0.1, []
+    for epoch in range(epochs):
+        if epoch in [100, 150]:
+            current = 0.1 * 0.1
+        used.append(current)
+    return used
+
+
+@pytest.mark.parametrize("recipe", ["cifar10_resnet18_bmtard", "cifar100_mobilenetv2_bmtard", "cifar10_resnet18_mtard",
+                                    "cifar10_mobilenetv2_rslad", "cifar100_resnet18_rslad", "cifar10_mobilenetv2_ard",
+                                    "cifar100_mobilenetv2_ard"])
+def test_the_recipes_learning_rate_is_the_scripts_at_every_epoch(recipe):
+    from robustedge.config import load_config
+    from robustedge.train import lr_factor
+
+    cfg = load_config(recipe)
+    released = released_ard_lrs(cfg.epochs) if cfg.method == "ard" else released_rslad_mtard_lrs(cfg.epochs)
+    ours = [cfg.optim.lr * lr_factor(cfg, epoch) for epoch in range(cfg.epochs)]
+    assert ours == pytest.approx(released, rel=1e-12)
+    if cfg.method in ("mtard", "bmtard"):  # eta and g decay with the lr, at the same epochs
+        method = get_method(cfg.method)({}, cfg.attack, {"robust": _teacher(10, 1, 1), "clean": _teacher(10, 1, 2)},
+                                        cfg.optim.milestones, cfg.optim.gamma)
+        for epoch in range(cfg.epochs):
+            method.set_epoch(epoch)
+            assert method.decay() == pytest.approx(released[epoch] / 0.1, rel=1e-12), epoch

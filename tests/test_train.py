@@ -138,13 +138,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers):
+@pytest.mark.parametrize("command,method,arch", [
+    ("distill", "mtard", "resnet20"),
+    # the TRADES WideResNet keeps a sub_block1 forward never uses: DDP must not wait for its gradients;
+    # ARD attacks the student in train mode (through the module DDP wraps)
+    ("train", "trades", "wideresnet-10-1"),
+    ("distill", "ard", "resnet20"),
+])
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers, command, method, arch):
+    roles = {"mtard": ("robust", "clean"), "ard": ("robust",), "trades": ()}[method]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "robustedge.cli", "distill", "--method", "mtard",
-           "--arch", "resnet20", "--width", "0.25", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
+           "--master_port", str(_free_port()), "-m", "robustedge.cli", command, "--method", method,
+           "--arch", arch, "--width", "0.25", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
            "--eps", "0.1", "--step-size", "0.05", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "ddp",
-           "--robust-teacher", teachers["robust"], "--clean-teacher", teachers["clean"], "--no-progress",
-           "--set", "attack.steps=2", "--set", "eval_n=32", "--set", "data.flip=false"]
+           "--no-progress", "--set", "attack.steps=2", "--set", "eval_n=32", "--set", "data.flip=false"]
+    for role in roles:
+        cmd += [f"--{role}-teacher", teachers[role]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -106,7 +106,7 @@ def foreign_sources(sources: list[tuple[str, str]], facts) -> str:
 
     items = []
     for name, origin in sources:
-        _, meta = load(origin, facts=facts)
+        _, meta = load(origin, facts=facts, device="cpu")
         items.append({"name": name, "origin": origin, "facts": asdict(facts),
                       "info": {"arch": meta.spec.arch, "method": meta.method or "foreign", "dataset": meta.dataset,
                                "eps": meta.eps}})
@@ -224,7 +224,8 @@ class Predictor:
         self.torch_model = None
         self.runner = None
         if entry.kind == "torch":
-            self.torch_model, meta = load(entry.origin or entry.path, facts=ModelFacts(**(entry.facts or {})))
+            self.torch_model, meta = load(entry.origin or entry.path, facts=ModelFacts(**(entry.facts or {})),
+                                            device="cpu")  # the demo attacks on the CPU
             self.input_shape = meta.spec.input_shape
             self.classes = meta.classes or [str(i) for i in range(meta.spec.num_classes)]
             self.meta = meta

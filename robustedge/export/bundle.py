@@ -11,6 +11,7 @@ RobustEdge bundle and does not hold the source checkpoint (docs/design.md, "File
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -257,34 +258,40 @@ def _tensorrt(formats: list[str], sources: dict[str, Path], meta, tmp: Path, pro
 
 def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=print,
                   precomputed_adv: dict[str, torch.Tensor] | None = None, force: bool = False,
-                  facts=None) -> tuple[dict, list[str]]:
+                  facts=None, device: torch.device | str = "auto") -> tuple[dict, list[str]]:
     """Build the bundle at ``out``; returns (manifest, gate failures).
 
     ``checkpoint``: any source :func:`robustedge.loading.load` takes (a RobustEdge checkpoint, a state
-    dict with ``facts.arch``, ``robustbench:<name>``, an ``nn.Module``). ``force`` replaces an existing
-    bundle at ``out`` (never anything else, and never a folder that holds the source file).
+    dict with ``facts.arch``, ``robustbench:<name>``, an ``nn.Module``, which is copied, never moved or
+    switched to eval mode). ``force`` replaces an existing bundle at ``out`` (never anything else, and
+    never a folder that holds the source file). ``device`` runs the torch side (the transfer attacks, the
+    twins' white-box attacks, the gradient checks; ``auto``: CUDA when present); the files are built from
+    a CPU copy, and the runtimes run where they run.
     """
     from robustedge.data import split_for_model
     from robustedge.loading import load
+    from robustedge.runtime import resolve_device
 
     out = Path(out)
     opts.validate()
+    device = resolve_device(device) if not isinstance(device, torch.device) else device
     source = Path(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) and Path(checkpoint).is_file() else None
     check_output_folder(out, BUNDLE, replace=force, protect=[source] if source else [])
-    model, meta = load(checkpoint, facts=facts, device="cpu")
+    model, meta = load(checkpoint, facts=facts, device=device)
     name = source.name if source else meta.spec.arch
     formats, skipped = plan_formats(opts.formats, meta.extra.get("qat"))
     if meta.eps is None:
         raise RobustEdgeError(f"{name} records no eps; it is needed for the robustness checks (pass --eps)")
     split = split_for_model(meta, None, opts.data_root, "test", opts.n)
-    x, y = split.float_images(), split.labels
+    x, y = split.float_images(device), split.labels.to(device)
     with torch.no_grad():
-        check_finite(model(x[:256]).numpy(), name)
+        check_finite(model(x[:256]).cpu().numpy(), name)
+    host_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()  # what the converters read
     tmp = make_temp_dir(out)
     timings, t0 = {}, time.perf_counter()
     try:
         progress(f"exporting {name} ({meta.spec.arch})")
-        built_skipped, parity = _convert(model, meta, formats, tmp, opts, x, progress)
+        built_skipped, parity = _convert(host_model, meta, formats, tmp, opts, x.cpu(), progress)
         skipped.update(built_skipped)
 
         timings["convert"] = time.perf_counter() - t0

@@ -15,16 +15,26 @@ import torch
 from robustedge.verify_core import check_finite
 
 
-class TorchRunner:
-    """A torch model behind the runners' interface (float32 numpy in, logits out), in eval and
-    inference mode."""
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where ``model``'s tensors live (its first parameter or buffer; the CPU for a tensor-less module)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
-    def __init__(self, model: torch.nn.Module) -> None:
+
+class TorchRunner:
+    """A torch model behind the runners' interface (float32 numpy in, logits out as host numpy), in
+    eval and inference mode. Inputs go to ``device`` (default: where the model's tensors are, so a
+    CUDA model is queried on its GPU) and logits come back to host memory."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device | str | None = None) -> None:
         self.model = model.eval()
+        self.device = torch.device(device) if device is not None else model_device(model)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(self.device)
         with torch.inference_mode():
-            return self.model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).float().numpy()
+            return self.model(batch).float().cpu().numpy()
 
 
 class RunnerModule(torch.nn.Module):

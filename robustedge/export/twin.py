@@ -317,8 +317,12 @@ def agreement(twin: nn.Module, runner, x: np.ndarray, batch_size: int = 256) -> 
     """Top-1 agreement and max |logit difference| of the twin against the runtime on ``x``."""
     from robustedge.verify_core import predict
 
+    from robustedge.export.runners import model_device
+
     runtime = predict(runner, x, batch_size, what="the runtime")
+    device = model_device(twin)
     with torch.no_grad():
-        mine = torch.cat([twin(torch.from_numpy(x[i:i + batch_size])) for i in range(0, len(x), batch_size)]).numpy()
+        mine = torch.cat([twin(torch.from_numpy(x[i:i + batch_size]).to(device)).cpu()
+                          for i in range(0, len(x), batch_size)]).numpy()
     return {"agreement": float((runtime.argmax(1) == mine.argmax(1)).mean()),
             "max_abs_logit_diff": float(np.abs(runtime - mine).max()), "n": int(len(x))}

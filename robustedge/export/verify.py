@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from robustedge.errors import RobustEdgeError
-from robustedge.export.runners import RunnerModule, TorchRunner
+from robustedge.export.runners import RunnerModule, TorchRunner, model_device
 from robustedge.flags import FlagSettings, gradient_flags, model_correct
 from robustedge.verify_core import (FORMATS, Gate, artifact_row, comparison_flags, median_latency_ms,
                                     predict, replay, square_key, whitebox_key, worst_case)
@@ -112,8 +112,9 @@ def torch_row(model: torch.nn.Module, samples: dict[str, np.ndarray], size_bytes
     row, results = replay(run, samples, "torch", what="the torch model")
     row.update(size_mb=size_bytes / 2**20, latency_b1_ms=median_latency_ms(run, samples["x"], 1),
                latency_b64_ms=median_latency_ms(run, samples["x"], 64))
-    x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
-    pgd20 = torch.from_numpy(samples["adv_pgd20"]) if "adv_pgd20" in samples else None
+    device = model_device(model)
+    x, y = torch.from_numpy(samples["x"]).to(device), torch.from_numpy(samples["y"]).to(device)
+    pgd20 = torch.from_numpy(samples["adv_pgd20"]).to(device) if "adv_pgd20" in samples else None
     start = time.perf_counter()
     grad_flags, info = gradient_flags(model, x, y, eps, model_correct(model), flag_settings, seed, pgd20,
                                       worst_case(results))
@@ -155,12 +156,14 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
     from robustedge.verify_core import open_runner
 
     runner = open_runner(path, fmt)
+    device = model_device(float_model)  # the twin is attacked where the torch model runs (a GPU if there)
     twin = quantized_twin(path, fmt, qat) if whitebox else None
+    twin = twin.to(device) if twin is not None else None
     source = twin_source(fmt, qat)
     info, twin_stats, accepted, seconds = {}, {}, False, {}
     if twin is not None:
         progress(f"white-box attacks on the twin of {fmt}: {', '.join(whitebox)}")
-        x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
+        x, y = torch.from_numpy(samples["x"]).to(device), torch.from_numpy(samples["y"]).to(device)
         crafted = {}
         for name in whitebox:
             reused = whitebox_key(source, name)
@@ -168,7 +171,7 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
                 crafted[name] = samples[reused]
                 continue
             start = time.perf_counter()
-            crafted[name] = _attack(name, twin, x, y, eps, seed, reference=float_model).numpy().astype(np.float32)
+            crafted[name] = _attack(name, twin, x, y, eps, seed, reference=float_model).cpu().numpy().astype(np.float32)
             seconds[f"whitebox_{name}"] = time.perf_counter() - start
         clean = agreement(twin, runner, samples["x"])
         adversarial = agreement(twin, runner, np.concatenate(list(crafted.values())))
@@ -192,8 +195,8 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
     flags = comparison_flags(results, gate.flag_tolerance)
     if accepted:
         start = time.perf_counter()
-        x, y = torch.from_numpy(samples["x"]), torch.from_numpy(samples["y"])
-        pgd20 = torch.from_numpy(samples[whitebox_key(fmt, "pgd20")]) if "pgd20" in whitebox else None
+        x, y = torch.from_numpy(samples["x"]).to(device), torch.from_numpy(samples["y"]).to(device)
+        pgd20 = torch.from_numpy(samples[whitebox_key(fmt, "pgd20")]).to(device) if "pgd20" in whitebox else None
         grad_flags, info["gradient_checks"] = gradient_flags(twin, x, y, eps, runtime_correct(runner, fmt),
                                                              flag_settings, seed, pgd20, worst_case(results))
         flags += grad_flags

@@ -8,7 +8,8 @@ through ``state_dict`` so it is checkpointed and restored on resume.
 Each method also says how its released code runs the training attack (``released_start``,
 ``released_mode``): the random start, and whether the student is in eval mode (BN running
 statistics, as RSLAD, MTARD, B-MTARD and TRADES do) or in train mode (batch statistics, and every
-attack forward moves the running statistics, as ARD's released ``AttackPGD`` does). The config's
+attack forward moves the running statistics, as ARD's ``AttackPGD`` and Madry et al.'s TensorFlow
+model built with ``mode='train'`` do). The config's
 ``attack.start`` / ``attack.mode`` default to ``auto``, which means exactly that.
 """
 
@@ -24,6 +25,14 @@ from robustedge.attacks import pgd
 from robustedge.config import AttackConfig
 from robustedge.errors import RobustEdgeError
 from robustedge.options import parse_number
+
+
+FP16_ATTACK_LOSS_SCALE = 2.0 ** 12  # lifts gradients of ~1e-9 (confident examples) into fp16's range
+
+
+def fp16_autocast(device: torch.device) -> bool:
+    """Is float16 autocast on for ``device``'s type (the trainer's amp: fp16)?"""
+    return torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -162,14 +171,21 @@ class Method:
 
     def pgd(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
             target_probs: torch.Tensor | None = None) -> torch.Tensor:
-        """The configured training attack on ``net`` (already in the mode the attack runs in)."""
+        """The configured training attack on ``net`` (already in the mode the attack runs in). Under fp16
+        autocast (amp: fp16) its loss is scaled before the backward, as GradScaler does for the weights:
+        unscaled, the input gradients of confident examples underflow and the attack stalls on them."""
         a = self.attack_cfg
         return pgd(net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, loss=loss,  # type: ignore[arg-type]
-                   target_probs=target_probs, start=self.attack_start, init_std=a.init_std)  # type: ignore[arg-type]
+                   target_probs=target_probs, start=self.attack_start, init_std=a.init_std,  # type: ignore[arg-type]
+                   loss_scale=FP16_ATTACK_LOSS_SCALE if fp16_autocast(x.device) else 1.0)
+
+    def attack_net(self, student: nn.Module):
+        """The student as the training attack sees it (:meth:`train_view` or :meth:`eval_view`, by the
+        resolved ``attack_mode``), as a context manager."""
+        return self.train_view(student) if self.attack_mode == "train" else self.eval_view(student)
 
     def perturb(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None, loss: str = "ce",
                 target_probs: torch.Tensor | None = None) -> torch.Tensor:
         """The training-time attack, on the student in the mode the method's attack runs in."""
-        view = self.train_view if self.attack_mode == "train" else self.eval_view
-        with view(student) as net:
+        with self.attack_net(student) as net:
             return self.pgd(net, x, y, loss, target_probs)

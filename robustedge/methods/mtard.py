@@ -7,7 +7,9 @@ Entropy-Based Balance of the temperatures.
 
 Follows zhaoshiji123/MTARD ``mtard/mtard_resnet18_cifar10.py`` and ``mtard_loss.py``
 (``mtard_inner_loss_ce``): the attack on the student in eval mode, from x + 0.001 N(0, I), on the
-cross-entropy; then S(x') in train mode, Ta on x', S(x) in train mode, Tn on clean x. Each KL is the
+cross-entropy; then S(x') and S(x) in train mode, in that order; Ta sees x', Tn clean x (the scripts
+call the teachers at other points of the step: frozen, in eval mode and drawing no random numbers,
+when they run changes nothing). Each KL is the
 released ``kl_loss`` averaged over batch x classes (``losses.released_kl``), times ``kl_factor`` (the
 CIFAR-100 scripts: 10). MTARD's script updates w_nat and sets w_adv = 1 - w_nat; B-MTARD's updates
 both, clips at 0 and renormalises: from weights that sum to one with targets in [0, 1] and

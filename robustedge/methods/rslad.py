@@ -5,6 +5,9 @@ clean x only (eval mode, no grad); x' maximises the summed KL(T(x) || S(x')) wit
 eval mode, from x + 0.001 N(0, I); then S(x') and S(x) in train mode, in that order;
 loss = 5/6 KL(T(x) || S(x')) + 1/6 KL(T(x) || S(x)), each KL the released ``kl_loss`` averaged over
 batch x classes (``losses.released_kl``), times ``kl_factor`` (the CIFAR-100 scripts: 10).
+Ours: the CIFAR-100 scripts take ``torch.log(F.softmax(...))`` of the student where the CIFAR-10 ones
+take ``F.log_softmax``; the same values to rounding, except that the former is -inf (and the loss inf)
+once a student probability underflows in fp32, so ``log_softmax`` is used for both.
 """
 
 import torch.nn.functional as F

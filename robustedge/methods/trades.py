@@ -22,7 +22,7 @@ class TRADES(Method):
     defaults = {"beta": 6.0}
 
     def step(self, student, x, y):
-        with self.eval_view(student) as net:  # the attack's target S(x) is taken in eval mode, as in the TRADES code
+        with self.attack_net(student) as net:  # eval mode (auto), as in the TRADES code; its target S(x) too
             with torch.no_grad():
                 target = F.softmax(net(x).float(), dim=1)
             x_adv = self.pgd(net, x, loss="kl", target_probs=target)

@@ -1,7 +1,9 @@
 """WideResNet as released with TRADES (``model_cifar_wrn.pt``, the robust teacher of the papers).
 
 The TRADES definition builds an extra ``sub_block1`` that ``forward`` never uses; it is kept
-because the published checkpoint contains its weights and ``strict=True`` needs them.
+because the published checkpoint contains its weights and ``strict=True`` needs them. Its parameters
+do not require gradients: they never receive one, and DistributedDataParallel waits for a gradient
+of every parameter that requires one ("Expected to have finished reduction in the prior iteration").
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class WideResNet(Classifier):
         self.conv1 = nn.Conv2d(in_channels, ch[0], 3, 1, 1, bias=False)
         self.block1 = NetworkBlock(n, ch[0], ch[1], 1, drop_rate)
         self.sub_block1 = NetworkBlock(n, ch[0], ch[1], 1, drop_rate)  # unused; see module docstring
+        self.sub_block1.requires_grad_(False)
         self.block2 = NetworkBlock(n, ch[1], ch[2], 2, drop_rate)
         self.block3 = NetworkBlock(n, ch[2], ch[3], 2, drop_rate)
         self.bn1 = nn.BatchNorm2d(ch[3])
