@@ -124,11 +124,12 @@ def paired(results: dict[str, list[dict]], seeds: list[int], attacks: list[str])
     return "\n".join(lines) + "\n"
 
 
-def write_results(path: Path, section: str) -> None:
+def write_results(path: Path, section: str, start: str = START, end: str = END) -> None:
+    """Replace the block between the markers in ``path`` (or append it), atomically."""
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{START}\n{section}{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    block = f"{start}\n{section}{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(path, text)

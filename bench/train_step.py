@@ -156,8 +156,11 @@ def measure(job: dict) -> dict:
                 step(x0, y0)
             else:
                 float(parts.step(student, x0, y0)[0]["loss"])
-        sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        result["profile_table"] = prof.key_averages().table(sort_by=sort, row_limit=12, max_name_column_width=40)
+        from gpu_check import profile_sort_key
+
+        events = prof.key_averages()
+        result["profile_table"] = events.table(sort_by=profile_sort_key(events, device.type == "cuda"), row_limit=12,
+                                               max_name_column_width=40)
     start = run_steps()
     seconds = time.perf_counter() - start
     result.update(job, img_s=job["steps"] * batch / seconds, step_s=seconds / job["steps"], peak_mb=_peak_mb(device),

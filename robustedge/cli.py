@@ -437,6 +437,8 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
                    help="Square's query budget (AutoAttack's 5000)")
     p.add_argument("--data-root", default=None, help="dataset folder (not needed for digits)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of calibration sampling and the attacks")
+    p.add_argument("--device", default="auto", help="where the torch side runs (transfer and white-box attacks, "
+                                                    "gradient checks): auto (CUDA when present), cpu, cuda or cuda:N")
     _add_gate(p)
     _add_model_facts(p, dataset_and_eps=True)
     p.set_defaults(func=cmd_export)

@@ -223,6 +223,30 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: in
     return _logits(model, x, batch_size, what).argmax(1) == y
 
 
+def _clean(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, world) -> torch.Tensor:
+    """Per-example clean correctness, the examples sharded over the ranks of ``world`` like the attacks
+    (each rank computes its blocks, not the whole set)."""
+    from robustedge.sharding import run_sharded
+
+    def block(start: int, stop: int) -> dict[str, torch.Tensor]:
+        return {"correct": _accuracy(model, x[start:stop], y[start:stop], batch_size, "clean inputs")}
+
+    return run_sharded(block, len(y), batch_size, world=world, desc="clean", show_progress=False,
+                       device=x.device)["correct"]
+
+
+def _on_rank_zero(world, compute):
+    """``compute()`` on rank 0 alone, its result handed to every rank (the flags: their checks are not
+    sharded, and repeating them on every rank would only multiply the work)."""
+    import torch.distributed as dist
+
+    if world.size == 1:
+        return compute()
+    box = [compute() if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
                seed: int, aa_batch_size: int | None = None, show_progress: bool = False,
                world=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -320,7 +344,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
                                                       "processes": world.size})
     results, examples = {}, {}
     try:
-        results["clean"] = _accuracy(model, x, y, batch_size, "clean inputs")  # also refuses NaN/Inf logits
+        results["clean"] = _clean(model, x, y, batch_size, world)  # also refuses NaN/Inf logits
         for name in attacks:
             start = time.perf_counter()
             if name != "clean":
@@ -335,7 +359,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             report.worst = float(torch.stack(list(results.values())).all(0).float().mean())
         if flags is not None and eps > 0:
             start = time.perf_counter()
-            report.flags, report.checks = _flags(model, x, y, eps, results, examples.get("pgd20"), flags, seed)
+            report.flags, report.checks = _on_rank_zero(
+                world, lambda: _flags(model, x, y, eps, results, examples.get("pgd20"), flags, seed))
             report.seconds["flags"] = time.perf_counter() - start
     finally:
         original.train(was_training)

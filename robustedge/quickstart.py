@@ -56,8 +56,9 @@ from robustedge.train import train
 DIGITS_EPS = 0.1
 # the students' learning rate per method, chosen on the validation split by bench/tune_digits.py
 # (bench/RESULTS.md, "Learning rates of the digits students"); the teachers train at 0.05
-DIGITS_LR = {"natural": 0.05, "pgd_at": 0.05, "trades": 0.05, "ard": 0.05, "rslad": 0.05, "mtard": 0.05,
-             "bmtard": 0.05}
+DIGITS_LR = {"natural": 0.05, "pgd_at": 0.025, "trades": 0.025, "ard": 0.8, "rslad": 0.4, "mtard": 1.6,
+             "bmtard": 0.8}
+QAT_LR_FRACTION = 0.04  # the QAT fine-tune's lr, as a fraction of the float run's (0.002 at 0.05 before)
 MARKER = "quickstart.json"
 STUDENTS = ("student_bmtard", "student_pgd_at")  # evaluated and compared, in this order
 
@@ -107,7 +108,7 @@ def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
     if s.qat:  # fine-tuning from the PTQ model, small steps (docs/design.md, section 10)
         qat = copy.deepcopy(student)
         qat.name, qat.epochs, qat.eval_every = "student_bmtard_qat", s.qat_epochs, s.qat_epochs
-        qat.optim.lr, qat.optim.milestones = 0.002, [max(1, s.qat_epochs - 1)]
+        qat.optim.lr, qat.optim.milestones = QAT_LR_FRACTION * student.optim.lr, [max(1, s.qat_epochs - 1)]
         qat.qat = QATConfig(enabled=True, from_checkpoint=str(s.out / "student_bmtard" / "best.safetensors"))
         runs.append(qat)
     return {c.name: c for c in runs}

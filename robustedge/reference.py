@@ -85,35 +85,14 @@ def pgd_ce(model, x, y, eps, step_size, steps):
     return inner_max(model, x, lambda logits: F.cross_entropy(logits, y), eps, step_size, steps)
 
 
-def pgd_madry(model, x, y, eps, step_size, steps):
-    """PGD-AT (MadryLab/cifar10_challenge pgd_attack.py): start x + U(-eps, eps) clipped to the image
-    range, then signed steps of the summed CE, each projected; the model in train mode (train.py attacks
-    ``Model(mode='train')``)."""
-    model.train()
-    x_adv = torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), 0.0, 1.0)
-    for _ in range(steps):
-        x_adv.requires_grad_()
-        with torch.enable_grad():
-            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-        grad = torch.autograd.grad(loss, [x_adv])[0]
-        x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
-        x_adv = torch.clamp(torch.min(torch.max(x_adv, x - eps), x + eps), 0.0, 1.0)
-    model.train()
-    return x_adv.detach()
-
-
-def pgd_kl(model, x, target_fn, eps, step_size, steps):
-    """RSLAD / TRADES: maximise KL(target || S(x')) summed; ``target_fn()`` is re-evaluated every step as
-    in the TRADES code (RSLAD passes fixed teacher probabilities)."""
-    return inner_max(model, x, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_fn(), reduction="sum"),
-                     eps, step_size, steps)
-
-
-def ard_attack(model, x, y, eps, step_size, steps):
-    """ARD's ``AttackPGD.forward``: the model stays in train mode; start x + U(-eps, eps), not clipped
-    before the first gradient; summed CE; every step projected and clipped."""
-    x_adv = x.detach()
-    x_adv = x_adv + torch.zeros_like(x_adv).uniform_(-eps, eps)
+def uniform_pgd_ce(model, x, y, eps, step_size, steps, clip_start: bool):
+    """Signed steps of the summed CE from x + U(-eps, eps), each projected onto the eps-ball and [0, 1],
+    the model in the mode it is in: PGD-AT (MadryLab/cifar10_challenge pgd_attack.py, the start clipped
+    to the image range, on ``Model(mode='train')``) and ARD's ``AttackPGD`` (not clipped before the first
+    gradient, under ``net.train()``)."""
+    x_adv = x.detach() + torch.zeros_like(x).uniform_(-eps, eps)
+    if clip_start:
+        x_adv = torch.clamp(x_adv, 0.0, 1.0)
     for _ in range(steps):
         x_adv.requires_grad_()
         with torch.enable_grad():
@@ -122,7 +101,14 @@ def ard_attack(model, x, y, eps, step_size, steps):
         x_adv = x_adv.detach() + step_size * torch.sign(grad.detach())
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps)
         x_adv = torch.clamp(x_adv, 0.0, 1.0)
-    return model(x_adv), x_adv
+    return x_adv.detach()
+
+
+def pgd_kl(model, x, target_fn, eps, step_size, steps):
+    """RSLAD / TRADES: maximise KL(target || S(x')) summed; ``target_fn()`` is re-evaluated every step as
+    in the TRADES code (RSLAD passes fixed teacher probabilities)."""
+    return inner_max(model, x, lambda logits: F.kl_div(F.log_softmax(logits, dim=1), target_fn(), reduction="sum"),
+                     eps, step_size, steps)
 
 
 class ReferenceStep:
@@ -146,7 +132,7 @@ class ReferenceStep:
         if self.method == "natural":
             loss = F.cross_entropy(s(x), y)
         elif self.method == "pgd_at":
-            loss = F.cross_entropy(s(pgd_madry(s, x, y, self.eps, self.step_size, self.steps)), y)
+            loss = F.cross_entropy(s(uniform_pgd_ce(s, x, y, self.eps, self.step_size, self.steps, True)), y)
         elif self.method == "trades":
             def target():
                 return F.softmax(s(x), dim=1)  # in eval mode inside the attack, as in trades.py
@@ -156,7 +142,7 @@ class ReferenceStep:
             loss = F.cross_entropy(logits, y) + a.get("beta", 6.0) * robust
         elif self.method == "ard":  # main.py: train()
             alpha, temp = a.get("alpha", 1.0), a.get("tau", 30.0)
-            outputs, _ = ard_attack(s, x, y, self.eps, self.step_size, self.steps)
+            outputs = s(uniform_pgd_ce(s, x, y, self.eps, self.step_size, self.steps, False))
             teacher_outputs = self.teachers["robust"](x)
             basic_outputs = s(x)
             # nn.KLDivLoss() of the torch the authors ran: the elementwise mean (written out: newer torch

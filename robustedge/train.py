@@ -77,7 +77,7 @@ def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype |
     if mode == "auto":
         # QAT stays fp32: under autocast the fake quantisers would see bf16 values, not the INT8
         # function the export computes (validate_config refuses an explicit amp with QAT)
-        mode = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() and not cfg.qat.enabled else "off"
+        mode = "bf16" if not cfg.qat.enabled and device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     if mode == "off":
         return None, False
     if mode == "bf16":

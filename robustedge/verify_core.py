@@ -411,8 +411,51 @@ class OrtRunner:
             np.float32)
 
 
+class DeviceBuffers:
+    """Input and output buffers on the GPU for an engine, grown when a batch needs more and kept between
+    calls: Square and AutoAttack's Square stage make thousands of small queries, and a cudaMalloc and
+    cudaFree per query cost more than the inference. ``cudart`` is cuda-python's runtime module."""
+
+    def __init__(self, cudart) -> None:
+        self.cudart = cudart
+        self.pointers: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    def _check(self, err, what: str) -> None:
+        if int(err) != 0:
+            raise RobustEdgeError(f"CUDA {what} failed (error {int(err)})")
+
+    def get(self, which: str, nbytes: int) -> int:
+        if nbytes > self.sizes.get(which, 0):
+            self.release(which)
+            err, pointer = self.cudart.cudaMalloc(nbytes)
+            self._check(err, f"allocation of {nbytes} bytes")
+            self.pointers[which], self.sizes[which] = pointer, nbytes
+        return self.pointers[which]
+
+    def release(self, which: str | None = None) -> None:
+        for name in ([which] if which else list(self.pointers)):
+            if name in self.pointers:
+                self.cudart.cudaFree(self.pointers.pop(name))
+                self.sizes.pop(name, None)
+
+    def run(self, x: np.ndarray, runner) -> np.ndarray:
+        cudart = self.cudart
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty(runner.output_shape(x.shape), dtype=np.float32)
+        d_in, d_out = self.get("in", x.nbytes), self.get("out", y.nbytes)
+        self._check(cudart.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)[0],
+                    "copy to the device")
+        runner.execute(d_in, d_out, 0)
+        self._check(cudart.cudaStreamSynchronize(0)[0], "synchronisation")
+        self._check(cudart.cudaMemcpy(y.ctypes.data, d_out, y.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)[0],
+                    "copy from the device")
+        return y
+
+
 def _cuda_copies():  # pragma: no cover - needs a GPU
-    """(to_device, run_buffers) through cuda-python, or torch where that is what the device has."""
+    """A ``call(x, runner)`` that runs an engine on host arrays through buffers kept on the GPU: through
+    cuda-python, or torch where that is what the device has."""
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
@@ -421,29 +464,24 @@ def _cuda_copies():  # pragma: no cover - needs a GPU
         except ImportError:
             cudart = None
     if cudart is not None:
-        def call(x: np.ndarray, run) -> np.ndarray:
-            x = np.ascontiguousarray(x, dtype=np.float32)
-            y = np.empty(run.output_shape(x.shape), dtype=np.float32)
-            _, d_in = cudart.cudaMalloc(x.nbytes)
-            _, d_out = cudart.cudaMalloc(y.nbytes)
-            try:
-                cudart.cudaMemcpy(d_in, x.ctypes.data, x.nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
-                run.execute(d_in, d_out, 0)
-                cudart.cudaStreamSynchronize(0)
-                cudart.cudaMemcpy(y.ctypes.data, d_out, y.nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost)
-            finally:
-                cudart.cudaFree(d_in)
-                cudart.cudaFree(d_out)
-            return y
-        return call
+        return DeviceBuffers(cudart).run
     try:
         import torch
     except ImportError:
         raise RobustEdgeError("TensorRT verification needs cuda-python (pip install cuda-python) or torch") from None
+    kept: dict[str, "torch.Tensor"] = {}
+
+    def buffer(which: str, numel: int) -> "torch.Tensor":
+        if which not in kept or kept[which].numel() < numel:
+            kept[which] = torch.empty(numel, device="cuda")
+        return kept[which][:numel]
 
     def call_torch(x: np.ndarray, run) -> np.ndarray:
-        inp = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).cuda()
-        out = torch.empty(run.output_shape(x.shape), device="cuda")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        shape = run.output_shape(x.shape)
+        inp = buffer("in", x.size).view(x.shape)
+        inp.copy_(torch.from_numpy(x))
+        out = buffer("out", int(np.prod(shape))).view(shape)
         stream = torch.cuda.current_stream()
         run.execute(inp.data_ptr(), out.data_ptr(), stream.cuda_stream)
         stream.synchronize()

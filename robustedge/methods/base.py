@@ -53,7 +53,12 @@ def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
 
 def attack_view(student: nn.Module) -> nn.Module:
     """The student without its DDP wrapper: attacks need input gradients only, and running them
-    through DDP would arm its gradient reducer for a backward that never reaches the weights."""
+    through DDP would arm its gradient reducer for a backward that never reaches the weights. Under
+    ``compile: true`` the trainer compiles the DDP-wrapped model, so the wrapper is looked for inside
+    torch.compile's too (a compiled model without DDP is attacked compiled)."""
+    inner = getattr(student, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(inner, nn.parallel.DistributedDataParallel):
+        return inner.module
     return student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
 
 

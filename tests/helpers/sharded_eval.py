@@ -15,7 +15,8 @@ def main() -> None:
     data = robustedge.load_dataset("digits", image_size=8, channels=1).test.take(n)
     t = time.perf_counter()
     report = robustedge.evaluate(model, data.images, data.labels, attacks="clean,pgd20,autoattack", eps=0.1,
-                                 aa_batch_size=block, batch_size=block, flags=False, show_progress=False)
+                                 aa_batch_size=block, batch_size=block, flags=False, show_progress=False,
+                                 distributed=world.size > 1)
     if world.main:
         json.dump({"correct": report.correct, "accuracy": report.accuracy, "seconds": time.perf_counter() - t,
                    "processes": report.info["processes"]}, open(out, "w"))
