@@ -354,7 +354,9 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=_count(1, "--epochs"), default=20, help="epochs of each student")
     p.add_argument("--teacher-epochs", type=_count(1, "--teacher-epochs"), default=10, help="epochs of each teacher")
     p.add_argument("--n", type=_count(1, "--n"), default=200, help="test examples in the final evaluation")
-    p.add_argument("--attacks", default="all", help="attacks of the final evaluation (comma-separated or 'all')")
+    p.add_argument("--attacks", default="all", help="attacks of the final evaluation (comma-separated or "
+                   "'all'); the export attacks each INT8 file white-box with those of them that have a white-box "
+                   "form (pgd20, cw, autoattack), and DIVA")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--seed", type=SEED, default=0, help="seed of every run")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export + verification step")

@@ -236,7 +236,16 @@ def _export_options(s: QuickstartSettings, transfer: tuple[str, ...], **override
     from robustedge.export.bundle import ExportOptions
 
     return ExportOptions(n=s.eval_n, transfer_attacks=transfer, square_n=100, square_queries=s.square_queries,
-                         seed=s.seed, **overrides)
+                         seed=s.seed, whitebox_attacks=_whitebox_attacks(s), **overrides)
+
+
+def _whitebox_attacks(s: QuickstartSettings) -> tuple[str, ...]:
+    """The white-box attacks on each INT8 file: those of the evaluation (``--attacks``) that have a
+    white-box form, and DIVA, which exists only for a quantised model. With the default attacks that is
+    every white-box attack; a shorter ``--attacks`` shortens the export's verification the same way."""
+    from robustedge.export.verify import WHITEBOX_ATTACKS
+
+    return tuple(a for a in WHITEBOX_ATTACKS if a in s.attacks or a == "diva")
 
 
 def _export_float(s: QuickstartSettings) -> dict:

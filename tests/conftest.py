@@ -10,11 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
+
+# pytest-xdist (pyproject's addopts: one worker per core, one test file per worker at a time): each worker
+# and what it launches gets one OpenMP thread. These tiny models are bound by per-operator overhead, so two
+# single-threaded workers finish about twice as fast as one two-threaded run, and two workers of two
+# threads each would spin against each other on two cores (ten times slower, ENVIRONMENT.md).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after OMP_NUM_THREADS)
+import torch.nn.functional as F  # noqa: E402
 
 os.environ.setdefault("ROBUSTEDGE_NO_PROGRESS", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -240,3 +240,30 @@ def test_the_attack_reaches_the_plain_student_inside_compile_and_ddp(tmp_path):
         assert attack_view(compiled) is compiled and attack_view(model) is model
     finally:
         dist.destroy_process_group()
+
+
+def test_train_eval_and_export_run_without_torchao(tmp_path):
+    """The GPU machine has no torchao: every path but QAT must import and run without it."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["torchao"] = None  # import torchao now fails
+from robustedge.cli import main
+runs = {str(tmp_path)!r}
+common = ["--dataset", "digits", "--device", "cpu", "--out-dir", runs, "--epochs", "1", "--no-progress",
+          "--arch", "resnet20", "--width", "0.25", "--set", "data.image_size=8", "--set", "eval_n=16",
+          "--set", "attack.steps=1", "--set", "data.val_fraction=0.875"]
+assert main(["train", *common, "--method", "pgd_at", "--name", "s"]) == 0
+model = runs + "/s/best.safetensors"
+assert main(["eval", model, "--n", "8", "--attacks", "clean,pgd20", "--no-flags", "--no-progress",
+             "--out", runs + "/e"]) == 0
+assert main(["export", model, "--formats", "onnx,onnx-int8", "--n", "8", "--calibration-n", "16",
+             "--transfer-attacks", "pgd20", "--whitebox-attacks", "pgd20", "--square-n", "0", "--flags-n", "4",
+             "--max-drop", "1", "--min-agreement", "0", "--out", runs + "/b"]) in (0, 1)
+assert "torchao" not in [m for m in sys.modules if sys.modules[m] is not None]
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
