@@ -19,6 +19,7 @@ from torch import nn
 
 from robustedge.errors import RobustEdgeError
 from robustedge.loading import ModelFacts
+from robustedge.options import AUTOATTACK_BLOCK
 
 def load(source, *, arch: str | None = None, num_classes: int | None = None, in_channels: int | None = None,
          image_size: int | None = None, width: float = 1.0, mean: list[float] | None = None,
@@ -59,7 +60,7 @@ def _as_images(x, device) -> torch.Tensor:
 
 def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: float | None = None,
              n: int | None = 1000, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
-             aa_batch_size: int | None = None, seed: int = 0, fold_bn: bool = False, flags: Any = True,
+             aa_batch_size: int | None = AUTOATTACK_BLOCK, seed: int = 0, fold_bn: bool = False, flags: Any = True,
              show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False):
     """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.evaluate.EvalReport`
     (``.accuracy``, ``.w_robust(attack)``, ``.worst``, ``.flags``, ``.correct`` per example, ``.to_text()``).

@@ -107,6 +107,7 @@ def _facts(args: argparse.Namespace):
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     from robustedge.evaluate import DEFAULT_ATTACKS, SUITE
+    from robustedge.options import AUTOATTACK_BLOCK
 
     p = sub.add_parser(
         "eval", help="robustness suite (clean, FGSM, PGD-20, CW-inf, AutoAttack) on a checkpoint",
@@ -128,8 +129,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="L-inf radius in [0, 1], e.g. 0.031 or 8/255 (default: the checkpoint's eps)")
     p.add_argument("--batch-size", type=_typed(options.parse_batch_size, "--batch-size"), default="auto",
                    help="batch size of the attacks, or 'auto': the largest that fits in memory")
-    p.add_argument("--aa-batch-size", type=_count(1, "--aa-batch-size"), default=None,
-                   help="batch size of AutoAttack (default: --batch-size)")
+    p.add_argument("--aa-batch-size", type=_count(1, "--aa-batch-size"), default=AUTOATTACK_BLOCK,
+                   help="AutoAttack's block of examples, fixed whatever --batch-size is: pyautoattack's results "
+                        "depend on its blocks, so the same block gives the same numbers on every machine and "
+                        "number of processes (the package's own default)")
     p.add_argument("--seed", type=SEED, default=0, help="seed of the random starts and of AutoAttack")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint>-eval/ beside the checkpoint)")
@@ -204,7 +207,8 @@ def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device
                           aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn,
                           flags=False if args.no_flags else FlagSettings(n=args.flags_n), device=device,
                           distributed=world.size > 1)
-    say(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else ""))
+    say(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else "")
+        + (f"; AutoAttack blocks of {args.aa_batch_size}" if "autoattack" in attacks else ""))
     report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
                     "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
     if world.main:

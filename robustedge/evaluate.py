@@ -22,6 +22,7 @@ from torch import nn
 from robustedge.attacks import autoattack, check_eps, cw_inf, fgsm, pgd
 from robustedge.errors import RobustEdgeError, unknown_name
 from robustedge.files import atomic_write_json, atomic_write_text, json_has_format
+from robustedge.options import AUTOATTACK_BLOCK
 from robustedge.verify_core import check_finite
 
 CIFAR_EPS = 8 / 255
@@ -254,8 +255,9 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
     (robustedge/sharding.py; default: this process alone): the same numbers for any number of processes.
 
     White-box attacks start example ``i`` from its own seeded draw, so their results do not depend on the
-    batch size either; AutoAttack runs on fixed blocks of ``aa_batch_size`` examples (pyautoattack reseeds
-    each call and draws per batch, so its results depend on that block size, as the package's own do)."""
+    batch size either; AutoAttack runs on fixed blocks of ``aa_batch_size`` examples (default
+    :data:`AUTOATTACK_BLOCK`, whatever ``batch_size`` is: pyautoattack reseeds each call and draws per batch,
+    so its results depend on that block size, as the package's own do)."""
     from robustedge.sharding import World, example_uniform, run_sharded
 
     def block(start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -268,7 +270,7 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
                                                                     x.dtype))
         return {"correct": _accuracy(model, x_adv, yb, batch_size, f"{name} examples"), "adv": x_adv}
 
-    size = (aa_batch_size or batch_size) if name == "autoattack" else batch_size
+    size = (aa_batch_size or AUTOATTACK_BLOCK) if name == "autoattack" else batch_size
     out = run_sharded(block, len(y), size, world=world or World(), desc=name, show_progress=show_progress,
                       device=x.device)
     return out["correct"], out["adv"]
@@ -298,7 +300,7 @@ def _flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, resul
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
-             batch_size: int | str = 256, seed: int = 0, aa_batch_size: int | None = None,
+             batch_size: int | str = 256, seed: int = 0, aa_batch_size: int | None = AUTOATTACK_BLOCK,
              show_progress: bool = True, fold_bn: bool = False,
              adversarial_out: dict[str, torch.Tensor] | None = None, flags=None,
              distributed: bool = False) -> EvalReport:
@@ -310,7 +312,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     MobileNetV2's depthwise convolutions gain most); off by default so results are bit-for-bit
     those of the model as given.
     ``batch_size='auto'`` picks the largest that fits memory (:func:`auto_batch_size`); attacks are
-    per-example, so the batch size changes speed, not results.
+    per-example, so the batch size changes speed, not results. AutoAttack runs on blocks of ``aa_batch_size``
+    (default :data:`AUTOATTACK_BLOCK`, independent of ``batch_size``; None means that default).
     ``adversarial_out``, when given, receives each attack's adversarial examples (for reuse, e.g.
     as transfer examples when verifying an export).
     ``flags`` (a :class:`robustedge.flags.FlagSettings`) runs the attack-failure checks; the report's
@@ -323,7 +326,9 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         raise RobustEdgeError(f"batch size must be an integer >= 1 or 'auto', got {batch_size!r}")
     if len(y) == 0:
         raise RobustEdgeError("nothing to evaluate: no examples")
-    if aa_batch_size is not None and (not isinstance(aa_batch_size, int) or aa_batch_size < 1):
+    if aa_batch_size is None:
+        aa_batch_size = AUTOATTACK_BLOCK
+    if isinstance(aa_batch_size, bool) or not isinstance(aa_batch_size, int) or aa_batch_size < 1:
         raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
     original, was_training = model, model.training
     model.eval()
@@ -341,7 +346,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     if batch_size == "auto":
         batch_size = agree_min(auto_batch_size(model, x[:1]), world)  # the same blocks on every rank
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size,
-                                                      "processes": world.size})
+                                                      "aa_batch_size": aa_batch_size, "processes": world.size})
     results, examples = {}, {}
     try:
         results["clean"] = _clean(model, x, y, batch_size, world)  # also refuses NaN/Inf logits

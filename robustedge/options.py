@@ -14,6 +14,12 @@ from robustedge.errors import RobustEdgeError
 
 MAX_SEED = 2**31 - 1
 
+# AutoAttack's block: pyautoattack draws its random numbers per call and per batch, so its per-example results
+# depend on how the examples are blocked. The block is therefore fixed, not derived from --batch-size (which
+# `auto` sizes from free memory): the same numbers on every machine and for any number of processes. 250 is
+# the package's own default batch (`run_standard_evaluation(..., batch_size=250)`).
+AUTOATTACK_BLOCK = 250
+
 
 def parse_number(value: Any, name: str) -> float:
     """A finite number from a number or a string such as ``0.1``, ``8/255`` or ``1e-3``."""

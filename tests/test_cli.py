@@ -30,8 +30,10 @@ def test_eval_autoattack_matches_pyautoattack_directly(digits, digits_model, dig
     from pyautoattack import AutoAttack
 
     n, eps, seed = 16, 0.05, 3  # 16 digits, a few of which survive APGD: Square's 5000 queries stay short
+    # attack batches of 4: AutoAttack still runs on its own fixed block (250, so all 16 at once), which is
+    # what makes its per-example results those of the package run on the same 16 in one call
     code, out, err = run_cli(capsys, "eval", digits_checkpoint, "--attacks", "clean,pgd20,autoattack", "--n", n,
-                             "--eps", eps, "--batch-size", 16, "--seed", seed, "--device", "cpu",
+                             "--eps", eps, "--batch-size", 4, "--seed", seed, "--device", "cpu",
                              "--out", tmp_path / "ev", "--no-progress")
     assert code == 0, err
     result = json.loads((tmp_path / "ev" / "eval.json").read_text())
@@ -43,6 +45,9 @@ def test_eval_autoattack_matches_pyautoattack_directly(digits, digits_model, dig
     _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=16)
     direct = (y_adv == y).float().mean().item()
     assert result["accuracy"]["autoattack"] == direct
+    assert result["correct"]["autoattack"] == "".join("1" if c else "0" for c in (y_adv == y).tolist())
+    assert result["info"]["batch_size"] == 4 and result["info"]["aa_batch_size"] == 250
+    assert "AutoAttack blocks of 250" in out
     assert 0 < direct < result["accuracy"]["clean"]  # non-trivial: some points survive, some do not
     assert result["accuracy"]["autoattack"] <= result["accuracy"]["pgd20"]
     assert result["w_robust"]["autoattack"] == pytest.approx((result["accuracy"]["clean"] + direct) / 2)
