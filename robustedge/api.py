@@ -59,14 +59,15 @@ def _as_images(x, device) -> torch.Tensor:
 
 
 def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: float | None = None,
-             n: int | None = 1000, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
+             n: int | None = None, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
              aa_batch_size: int | None = AUTOATTACK_BLOCK, seed: int = 0, fold_bn: bool = False, flags: Any = True,
              show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False):
     """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.evaluate.EvalReport`
     (``.accuracy``, ``.w_robust(attack)``, ``.worst``, ``.flags``, ``.correct`` per example, ``.to_text()``).
 
     ``model``: a model or any source :func:`load` takes. ``x``/``y``: images in [0, 1] (or uint8) and labels;
-    when omitted, the first ``n`` examples of ``split`` of the model's dataset. ``eps``: the checkpoint's when
+    when omitted, the first ``n`` examples of ``split`` of the model's dataset (default None: all of it, as
+    ``robustedge eval``). ``eps``: the checkpoint's when
     it records one. ``flags``: True for the default attack-failure checks, a ``FlagSettings``, or False.
     ``device``: where to run (default: a module's own device; for a file or name ``auto``, CUDA when
     present); a module elsewhere is evaluated as a copy there, the caller's own is not moved.

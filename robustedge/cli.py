@@ -122,9 +122,10 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-root", default=None, help="folder holding the dataset files (not needed for digits)")
     p.add_argument("--download", action="store_true", help="download the dataset into --data-root if missing")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="which split to attack")
-    p.add_argument("--n", "--num-examples", dest="n", type=_count(0, "--n"), default=1000,
-                   help="evaluate the first N examples of the split (0: all); under torchrun write --num-examples "
-                        "(torchrun's own parser takes --n for a prefix of its options)")
+    p.add_argument("--n", "--num-examples", dest="n", type=_count(0, "--n"), default=0,
+                   help="evaluate the first N examples of the split (default 0: the whole split, as RobustBench and "
+                        "the papers report); under torchrun write --num-examples (torchrun's own parser takes --n "
+                        "for a prefix of its options)")
     p.add_argument("--eps", type=EPS, default=None,
                    help="L-inf radius in [0, 1], e.g. 0.031 or 8/255 (default: the checkpoint's eps)")
     p.add_argument("--batch-size", type=_typed(options.parse_batch_size, "--batch-size"), default="auto",

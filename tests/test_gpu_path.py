@@ -77,6 +77,13 @@ def test_the_api_defaults_are_the_clis():
     assert inspect.signature(load).parameters["device"].default == "auto"
     assert inspect.signature(api.export).parameters["device"].default == "auto"
     assert inspect.signature(api.evaluate).parameters["distributed"].default is False
+    # the whole split unless told otherwise (issue 24), and AutoAttack's fixed block, in both
+    from robustedge.cli import build_parser
+    from robustedge.options import AUTOATTACK_BLOCK
+
+    parsed = build_parser().parse_args(["eval", "model.safetensors"])
+    assert parsed.n == 0 and inspect.signature(api.evaluate).parameters["n"].default is None
+    assert parsed.aa_batch_size == AUTOATTACK_BLOCK == inspect.signature(api.evaluate).parameters["aa_batch_size"].default
 
 
 def test_qat_never_trains_under_autocast():
