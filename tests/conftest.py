@@ -60,6 +60,20 @@ def train_natural(model, split, epochs: int = 10, lr: float = 3e-3, seed: int = 
     return model.eval()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free localhost port (servers, torchrun and gloo rendezvous in tests)."""
+    return _free_port
+
+
 @pytest.fixture(scope="session")
 def fit_natural():
     """:func:`train_natural` for tests that train a model of their own (tests never import conftest)."""

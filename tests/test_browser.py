@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -10,15 +9,9 @@ import urllib.request
 
 import pytest
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
-def server(models_folder):
-    port = _free_port()
+def server(models_folder, free_port):
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "robustedge.cli", "app", "--models", str(models_folder),
                              "--port", str(port), "--host", "127.0.0.1"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -99,12 +98,6 @@ def test_qat_never_trains_under_autocast():
         validate_config(cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_ranks(rank: int, port: int, folder: str, results) -> None:
     """Rank 0 'downloads' slowly into ``folder``; rank 1 reads what it wrote. Then rank 0 evaluates alone
     with the API's defaults while rank 1 does nothing collective."""
@@ -133,9 +126,9 @@ def _two_ranks(rank: int, port: int, folder: str, results) -> None:
     dist.destroy_process_group()
 
 
-def test_one_rank_downloads_while_the_others_wait_and_a_lone_evaluation_does_not_wait(tmp_path):
+def test_one_rank_downloads_while_the_others_wait_and_a_lone_evaluation_does_not_wait(tmp_path, free_port):
     results = mp.Manager().dict()
-    ctx = mp.spawn(_two_ranks, args=(_free_port(), str(tmp_path), results), nprocs=2, join=False)
+    ctx = mp.spawn(_two_ranks, args=(free_port(), str(tmp_path), results), nprocs=2, join=False)
     for process in ctx.processes:
         process.join(120)
     alive = [p for p in ctx.processes if p.is_alive()]

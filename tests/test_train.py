@@ -1,6 +1,5 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -132,12 +131,6 @@ def test_distillation_without_its_teachers_is_a_clear_error(tmp_path, teachers):
         train(cfg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("command,method,arch", [
     ("distill", "mtard", "resnet20"),
     # the TRADES WideResNet keeps a sub_block1 forward never uses: DDP must not wait for its gradients;
@@ -145,10 +138,10 @@ def _free_port() -> int:
     ("train", "trades", "wideresnet-10-1"),
     ("distill", "ard", "resnet20"),
 ])
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers, command, method, arch):
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers, free_port, command, method, arch):
     roles = {"mtard": ("robust", "clean"), "ard": ("robust",), "trades": ()}[method]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "robustedge.cli", command, "--method", method,
+           "--master_port", str(free_port()), "-m", "robustedge.cli", command, "--method", method,
            "--arch", arch, "--width", "0.25", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
            "--eps", "0.1", "--step-size", "0.05", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "ddp",
            "--no-progress", "--set", "attack.steps=2", "--set", "eval_n=32", "--set", "data.flip=false"]
