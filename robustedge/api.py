@@ -61,7 +61,8 @@ def _as_images(x, device) -> torch.Tensor:
 def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: float | None = None,
              n: int | None = None, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
              aa_batch_size: int | None = AUTOATTACK_BLOCK, seed: int = 0, fold_bn: bool = False, flags: Any = True,
-             show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False):
+             show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False,
+             resume=None, on_update=None):
     """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.evaluate.EvalReport`
     (``.accuracy``, ``.w_robust(attack)``, ``.worst``, ``.flags``, ``.correct`` per example, ``.to_text()``).
 
@@ -74,9 +75,12 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     ``distributed=True`` under ``torchrun`` (an initialised process group): every rank calls this, the
     examples are sharded over the ranks and every rank returns the same report, identical to a
     one-process run with the same seed (`robustedge eval` does this under torchrun). Off by default: a
-    rank evaluating alone inside its own DDP script must not wait for ranks that never come."""
+    rank evaluating alone inside its own DDP script must not wait for ranks that never come.
+    ``on_update(report)``: called with the unfinished report after each attack and block (save it, e.g.
+    ``report.save('eval.json')``); ``resume``: such a report (or the path of its ``eval.json``) to continue
+    from its last finished attack and block, as ``robustedge eval --resume``."""
+    from robustedge.evaluate import EvalReport, parse_attacks
     from robustedge.evaluate import evaluate as _evaluate
-    from robustedge.evaluate import parse_attacks
     from robustedge.flags import FlagSettings
 
     from robustedge.runtime import resolve_device
@@ -108,9 +112,13 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
         if eps is None:
             raise RobustEdgeError("pass eps (the model records none)")
     settings = FlagSettings() if flags is True else (flags or None)
+    if resume is not None and not isinstance(resume, EvalReport):
+        from robustedge.files import read_json
+
+        resume = EvalReport.from_dict(read_json(Path(resume)))
     return _evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=batch_size, seed=seed,
                      aa_batch_size=aa_batch_size, show_progress=show_progress, fold_bn=fold_bn, flags=settings,
-                     distributed=distributed)
+                     distributed=distributed, resume=resume, on_update=on_update)
 
 
 def _device_of(model: nn.Module) -> torch.device:

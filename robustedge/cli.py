@@ -143,9 +143,17 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--flags-n", type=_count(1, "--flags-n"), default=100,
                    help="examples the attack-failure checks run on (Square 1000 queries, zero gradients, flat loss, "
                         "4 x eps, PGD-100 x 2 restarts)")
+    p.add_argument("--flags-budget", type=_typed(options.parse_positive, "--flags-budget"), default=0.5,
+                   help="the checks may cost at most this multiple of the suite's model passes (fewer examples "
+                        "when it is cheap; none for clean accuracy alone or under --flags-min-n examples)")
     p.add_argument("--no-flags", action="store_true", help="skip the attack-failure checks")
     p.add_argument("--allow-flags", action="store_true",
-                   help="exit 0 even when an attack-failure flag fires (default: exit 1)")
+                   help="exit 0 even when an attack-failure flag fires (default: exit 1; a weak attack choice "
+                        "such as FGSM alone is a note, never a failure)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the evaluation saved in --out's eval.json (written after every attack and "
+                        "block) from its last finished attack and block; refused if the model, examples, attacks, "
+                        "eps, seed or AutoAttack block differ")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_model_facts(p)
     p.epilog = ("many processes: torchrun --standalone --nproc_per_node N -m robustedge.cli eval CKPT "
@@ -175,6 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks)
     out = _eval_out(args)
     check_output_files(out, EVAL_OUTPUTS)
+    args.saved = _saved_eval(out, args.resume)
     world, device = init_from_env(resolve_device(args.device))
     try:
         status = _eval(args, attacks, out, world, device)
@@ -183,6 +192,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise
     leave()
     return status
+
+
+def _saved_eval(out: Path, resume: bool):
+    """The evaluation saved in ``out`` to continue (``--resume``), or None; without ``--resume`` an unfinished
+    one there is started over, which is said."""
+    from robustedge.evaluate import EvalReport
+    from robustedge.files import read_json
+
+    path = out / "eval.json"
+    if not resume:
+        if path.is_file():
+            try:
+                if read_json(path).get("complete") is False:
+                    print(f"starting over: {path} holds an unfinished evaluation (--resume continues it)")
+            except (RobustEdgeError, AttributeError):
+                pass
+        return None
+    if not path.is_file():
+        raise RobustEdgeError(f"nothing to resume: {path} does not exist (run without --resume)")
+    raw = read_json(path)
+    try:
+        return EvalReport.from_dict(raw)
+    except (TypeError, KeyError, AttributeError):
+        raise RobustEdgeError(f"{path} is not an evaluation RobustEdge can resume") from None
 
 
 def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device) -> int:
@@ -204,16 +237,26 @@ def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device
     say(f"evaluating {args.checkpoint} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
         f"{len(y)} {args.dataset or meta.dataset} {args.split} examples, eps={eps:.4f}, device={device}"
         + (f", {world.size} processes" if world.size > 1 else ""), flush=True)
+    described = {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
+                 "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
+
+    def save(partial) -> None:
+        partial.info |= described
+        partial.save(out / "eval.json", out / "eval.md")
+
+    if args.saved is not None and not args.saved.complete:
+        done = ", ".join(args.saved.accuracy) or "nothing"
+        say(f"resuming {out / 'eval.json'}: {done} done" + (
+            f", {args.saved.partial['attack']} on {len(args.saved.partial['correct'])} examples"
+            if args.saved.partial else ""))
     report = api.evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=args.batch_size, seed=args.seed,
                           aa_batch_size=args.aa_batch_size, show_progress=not args.no_progress, fold_bn=args.fold_bn,
-                          flags=False if args.no_flags else FlagSettings(n=args.flags_n), device=device,
-                          distributed=world.size > 1)
+                          flags=False if args.no_flags else FlagSettings(n=args.flags_n, budget=args.flags_budget),
+                          device=device, distributed=world.size > 1, resume=args.saved, on_update=save)
     say(f"attack batch size: {report.info['batch_size']}" + (" (auto)" if args.batch_size == "auto" else "")
         + (f"; AutoAttack blocks of {args.aa_batch_size}" if "autoattack" in attacks else ""))
-    report.info |= {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
-                    "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}
     if world.main:
-        report.save(out / "eval.json", out / "eval.md")
+        save(report)
     say(report.to_text())
     say(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     if report.flags and not args.allow_flags:

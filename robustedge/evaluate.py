@@ -53,23 +53,36 @@ EVAL_OUTPUTS = {"eval.json": _is_eval_json, "eval.md": _is_eval_md}  # what `rob
 WhiteBox = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, torch.Tensor], torch.Tensor]
 
 
+def _autoattack_passes(clean: float, robust: float) -> float:
+    """pyautoattack's standard run per example: APGD-CE (100 steps) on what is correct, then APGD-T and FAB-T
+    (9 targets x 100 steps each) and Square (5,000 forward queries) on what is still robust."""
+    return 100 * clean + (900 + 900 + 5000 / 3) * robust
+
+
 @dataclass(frozen=True)
 class SuiteAttack:
     name: str
     description: str
     run: WhiteBox | None  # None: clean accuracy or AutoAttack (batched by pyautoattack itself)
+    iterative: bool  # reported as robustness and judged by the attack-failure checks (FGSM is weak by design)
+    passes: Callable[[float, float], float]  # model passes per example (clean, this attack's accuracy) -> cost
 
 
 SUITE: dict[str, SuiteAttack] = {a.name: a for a in [
-    SuiteAttack("clean", "no attack", None),
-    SuiteAttack("fgsm", "FGSM, one step of eps", lambda m, x, y, e, u: fgsm(m, x, y, e)),
+    SuiteAttack("clean", "no attack", None, False, lambda c, r: 1 / 3),
+    SuiteAttack("fgsm", "FGSM, one step of eps", lambda m, x, y, e, u: fgsm(m, x, y, e), False,
+                lambda c, r: 1 + 1 / 3),
     SuiteAttack("pgd20", "PGD-20 CE, uniform start, step eps/4 (2/255 at 8/255; PGD_SAT)",
-                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, noise=u)),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e / 4, steps=20, noise=u), True,
+                lambda c, r: 20 + 1 / 3),
     SuiteAttack("pgd20_trades", "PGD-20 CE, uniform start, step 0.003 at 8/255 (PGD_TRADES)",
-                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, noise=u)),
+                lambda m, x, y, e, u: pgd(m, x, y, eps=e, step_size=e * 0.003 / CIFAR_EPS, steps=20, noise=u), True,
+                lambda c, r: 20 + 1 / 3),
     SuiteAttack("cw", "CW-inf: CW margin (kappa 50) by PGD, 30 steps of eps/4",
-                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, noise=u)),
-    SuiteAttack("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000), pyautoattack", None),
+                lambda m, x, y, e, u: cw_inf(m, x, y, eps=e, step_size=e / 4, steps=30, noise=u), True,
+                lambda c, r: 30 + 1 / 3),
+    SuiteAttack("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000), pyautoattack", None, True,
+                _autoattack_passes),
 ]}
 DEFAULT_ATTACKS = list(SUITE)
 
@@ -99,6 +112,9 @@ class EvalReport:
     flags: list[dict] | None = None  # attack-failure flags that fired (None: the checks did not run)
     checks: dict = field(default_factory=dict)  # what the checks measured
     correct: dict[str, str] = field(default_factory=dict)  # attack -> '1'/'0' per example, in index order
+    notes: list[str] = field(default_factory=list)  # what a reader must know that is not a failure (a weak attack)
+    complete: bool = True  # False while it runs (a saved unfinished evaluation: `robustedge eval --resume`)
+    partial: dict | None = None  # the attack under way: {"attack", "correct" (its finished prefix), "seconds"}
 
     def w_robust(self, attack: str) -> float:
         """Weighted Robust Accuracy = (clean + robust) / 2."""
@@ -114,15 +130,37 @@ class EvalReport:
     def flag_lines(self) -> list[str]:
         from robustedge.verify_core import describe_flag
 
+        notes = [f"note: {note}" for note in self.notes]
         if self.flags is None:
-            return ["attack-failure checks: not run"]
-        return [f"attack-failure flag: {describe_flag(f)}" for f in self.flags] or ["attack-failure flags: none"]
+            reason = self.checks.get("skipped")
+            return notes + ["attack-failure checks: not run" + (f" ({reason})" if reason else "")]
+        cost = []
+        if "n" in self.checks and "flags" in self.seconds:
+            suite = sum(v for k, v in self.seconds.items() if k != "flags")
+            cost = [f"attack-failure checks: {self.checks['n']} examples, {self.seconds['flags']:.1f} s"
+                    + (f" ({100 * self.seconds['flags'] / suite:.0f}% of the suite's {suite:.1f} s)" if suite > 0
+                       else "")]
+        return notes + cost + ([f"attack-failure flag: {describe_flag(f)}" for f in self.flags]
+                               or ["attack-failure flags: none"])
+
+    def status_lines(self) -> list[str]:
+        if self.complete:
+            return self.flag_lines()
+        under_way = f"; {self.partial['attack']} on {len(self.partial['correct'])} of {self.n} examples" \
+            if self.partial else ""
+        return [f"unfinished: {', '.join(self.accuracy) or 'nothing'} done{under_way} "
+                f"(`robustedge eval ... --resume` continues it)"]
+
+    def suite_passes(self) -> float:
+        """Model passes the suite's attacks cost (their :attr:`SuiteAttack.passes`), the budget of the checks."""
+        clean = self.accuracy.get("clean", 1.0)
+        return self.n * sum(SUITE[name].passes(clean, acc) for name, acc in self.accuracy.items() if name in SUITE)
 
     @classmethod
     def from_dict(cls, raw: dict) -> "EvalReport":
         """The inverse of :meth:`to_dict` (derived keys dropped)."""
         return cls(**{k: raw[k] for k in ("n", "eps", "accuracy", "seconds", "info", "worst", "flags", "checks",
-                                          "correct") if k in raw})
+                                          "correct", "notes", "complete", "partial") if k in raw})
 
     def to_dict(self) -> dict:
         out = {"format": EVAL_FORMAT} | asdict(self)
@@ -134,13 +172,13 @@ class EvalReport:
                  "| attack | accuracy (%) | W-Robust (%) | time (s) |", "|---|---:|---:|---:|"]
         for name, acc, wr, sec in self.rows():
             lines.append(f"| {name} | {100 * acc:.2f} | {'' if wr is None else f'{100 * wr:.2f}'} | {sec:.1f} |")
-        return "\n".join(lines + [""] + self.flag_lines()) + "\n"
+        return "\n".join(lines + [""] + self.status_lines()) + "\n"
 
     def to_text(self) -> str:
         lines = [f"{'attack':<14}{'accuracy %':>12}{'W-Robust %':>12}{'time s':>9}"]
         for name, acc, wr, sec in self.rows():
             lines.append(f"{name:<14}{100 * acc:>12.2f}{'' if wr is None else f'{100 * wr:.2f}':>12}{sec:>9.1f}")
-        return "\n".join(lines + self.flag_lines())
+        return "\n".join(lines + self.status_lines())
 
     def save(self, json_path: str | Path, md_path: str | Path | None = None) -> None:
         atomic_write_json(json_path, self.to_dict())
@@ -250,14 +288,16 @@ def _on_rank_zero(world, compute):
 
 def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, batch_size: int,
                seed: int, aa_batch_size: int | None = None, show_progress: bool = False,
-               world=None) -> tuple[torch.Tensor, torch.Tensor]:
+               world=None, first: int = 0, on_block=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-example correctness, adversarial examples) of one suite attack, over the ranks of ``world``
     (robustedge/sharding.py; default: this process alone): the same numbers for any number of processes.
 
     White-box attacks start example ``i`` from its own seeded draw, so their results do not depend on the
     batch size either; AutoAttack runs on fixed blocks of ``aa_batch_size`` examples (default
     :data:`AUTOATTACK_BLOCK`, whatever ``batch_size`` is: pyautoattack reseeds each call and draws per batch,
-    so its results depend on that block size, as the package's own do)."""
+    so its results depend on that block size, as the package's own do). ``first``/``on_block``: resume from
+    example ``first`` and report each finished block (:func:`robustedge.sharding.run_sharded`); the outputs
+    then cover ``[first, n)``."""
     from robustedge.sharding import World, example_uniform, run_sharded
 
     def block(start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -272,38 +312,121 @@ def run_attack(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, ep
 
     size = (aa_batch_size or AUTOATTACK_BLOCK) if name == "autoattack" else batch_size
     out = run_sharded(block, len(y), size, world=world or World(), desc=name, show_progress=show_progress,
-                      device=x.device)
+                      device=x.device, first=first, on_block=on_block)
+    if not out:  # nothing left to run
+        return torch.zeros(0, dtype=torch.bool, device=x.device), x[:0]
     return out["correct"], out["adv"]
 
 
 def _flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, results: dict, pgd20: torch.Tensor | None,
-           settings, seed: int) -> tuple[list[dict], dict]:
-    """Attack-failure flags of an evaluation: black-box Square against the suite's white-box attacks,
-    then the gradient checks (robustedge/flags.py), all on the first ``settings.n`` examples."""
+           settings, seed: int, batch_size: int) -> tuple[list[dict], dict]:
+    """Attack-failure flags of an evaluation on the first ``settings.n`` examples: the gradient checks
+    (robustedge/flags.py), and, when an iterative attack is reported, black-box Square against it and
+    PGD-100 against its per-example worst case (never against FGSM, nor against this Square)."""
     import numpy as np
 
     from robustedge.export.runners import TorchRunner
     from robustedge.export.verify import square_examples
     from robustedge.flags import gradient_flags, model_correct
-    from robustedge.verify_core import comparison_flags, worst_case
+    from robustedge.verify_core import comparison_flags, reported_worst
 
     n = min(settings.n, len(y))
-    first = {"x": x[:n].cpu().numpy().astype(np.float32), "y": y[:n].cpu().numpy().astype(np.int64)}
-    square = square_examples(TorchRunner(model), first, eps, n, settings.square_queries, seed)
+    if pgd20 is None and "pgd20" in results:  # a resumed run: the same examples again (per-example seeds)
+        pgd20 = run_attack("pgd20", model, x[:n], y[:n], eps, batch_size, seed)[1]
     compared = {("clean" if k == "clean" else f"whitebox_{k}"): v[:n].cpu().numpy() for k, v in results.items()}
-    compared["square"] = model_correct(model)(torch.from_numpy(square).to(x.device), y[:n])
-    flags = comparison_flags(compared, settings.tolerance)
-    more, checks = gradient_flags(model, x, y, eps, model_correct(model), settings, seed, pgd20,
-                                  worst_case(compared))
-    checks["square_accuracy"] = float(compared["square"].mean())
-    return flags + more, checks
+    reported = reported_worst(compared)
+    flags, checks = [], {}
+    if reported is not None:
+        first = {"x": x[:n].cpu().numpy().astype(np.float32), "y": y[:n].cpu().numpy().astype(np.int64)}
+        square = square_examples(TorchRunner(model), first, eps, n, settings.square_queries, seed)
+        compared["square"] = model_correct(model)(torch.from_numpy(square).to(x.device), y[:n])
+        flags = comparison_flags(compared, settings.tolerance)
+        checks["square_accuracy"] = float(compared["square"].mean())
+    more, info = gradient_flags(model, x, y, eps, model_correct(model), settings, seed, pgd20, reported)
+    return flags + more, info | checks
+
+
+def _weak_attack_notes(attacks: list[str]) -> list[str]:
+    ran = [a for a in attacks if a != "clean"]
+    if not ran or any(SUITE[a].iterative for a in ran):
+        return []
+    return [f"{', '.join(ran)} alone is a weak attack (one step): its accuracy is an upper bound on robustness, "
+            f"far above PGD-20's or AutoAttack's; add pgd20 or autoattack for a number to report"]
+
+
+def _run_flags(report: EvalReport, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, results: dict,
+               pgd20: torch.Tensor | None, settings, seed: int, batch_size: int, world) -> None:
+    """The checks within their budget (robustedge/flags.py, :func:`checks_budget_n`), into ``report``."""
+    from dataclasses import replace
+
+    from robustedge.flags import check_passes, checks_budget_n
+
+    settings.validate()
+    ran = [a for a in results if a != "clean"]
+    if not ran:
+        report.checks = {"skipped": "no robustness attack ran"}
+        return
+    judged = any(SUITE[a].iterative for a in ran)
+    per_example = check_passes(settings, pgd20_given="pgd20" in ran, judge_reported=judged)
+    suite = report.suite_passes()
+    n = checks_budget_n(settings, len(y), suite, per_example)
+    if n == 0:
+        report.checks = {"skipped": f"on at least {settings.min_n} examples they would cost more than "
+                                    f"{settings.budget:g} x this suite's {suite:.0f} model passes "
+                                    f"({per_example:.0f} per example); --flags-budget allows more"}
+        return
+    start = time.perf_counter()
+    report.flags, report.checks = _on_rank_zero(
+        world, lambda: _flags(model, x, y, eps, results, pgd20, replace(settings, n=n), seed, batch_size))
+    report.checks |= {"n": n, "passes": n * per_example, "suite_passes": suite}
+    report.seconds["flags"] = time.perf_counter() - start
+
+
+def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, str]:
+    """SHA-256 of the model's state (names, dtypes, shapes, values) and of the examples: what must be the same
+    for a resumed evaluation to be the same evaluation."""
+    import hashlib
+
+    weights = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            weights.update(f"{key}:{value.dtype}:{tuple(value.shape)}".encode())
+            weights.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    data = hashlib.sha256()
+    for tensor in (x, y):
+        t = tensor.detach().cpu().contiguous()
+        data.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+        data.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return {"model_sha256": weights.hexdigest(), "data_sha256": data.hexdigest()}
+
+
+def check_resumable(saved: EvalReport, run: dict) -> None:
+    """A saved (partial) evaluation may be continued only by the same run: the same model, examples, attacks,
+    eps, seed and AutoAttack block (the batch size and the number of processes change no number)."""
+    before = saved.info.get("run")
+    if not isinstance(before, dict):
+        raise RobustEdgeError("the saved evaluation records no run settings (written before resumable evaluations); "
+                              "run it again without --resume")
+    differ = [f"{key} {before.get(key)!r} -> {value!r}" for key, value in run.items() if before.get(key) != value]
+    if differ:
+        raise RobustEdgeError("cannot resume: the saved evaluation was another run (" + "; ".join(differ)
+                              + "); run without --resume to start over, or with its settings")
+
+
+def _bits(correct: torch.Tensor) -> str:
+    return "".join("1" if c else "0" for c in correct.tolist())
+
+
+def _from_bits(bits: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor([c == "1" for c in bits], dtype=torch.bool, device=device)
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: list[str], eps: float,
              batch_size: int | str = 256, seed: int = 0, aa_batch_size: int | None = AUTOATTACK_BLOCK,
              show_progress: bool = True, fold_bn: bool = False,
              adversarial_out: dict[str, torch.Tensor] | None = None, flags=None,
-             distributed: bool = False) -> EvalReport:
+             distributed: bool = False, resume: EvalReport | None = None,
+             on_update: Callable[[EvalReport], None] | None = None, save_every: float = 2.0) -> EvalReport:
     """Run the suite on (x, y) already on the model's device; the model is put in eval mode.
 
     ``fold_bn`` attacks a conv+BN-folded copy in channels_last layout (the same function to ~1e-6;
@@ -320,6 +443,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     ``flags`` then lists those that fired and ``worst`` is the per-example worst case over the attacks.
     ``distributed`` shards the examples over the ranks of the initialised process group (every rank must
     call this, with the same inputs; robustedge/sharding.py); off, this process evaluates alone.
+    ``on_update(report)`` receives the unfinished report after each attack and, at most every ``save_every``
+    seconds, after a block (``report.info['complete']`` False, ``report.partial`` the attack under way):
+    saving it lets ``resume`` continue a killed evaluation from its last finished attack and block, with the
+    same per-example results as an uninterrupted run (:func:`check_resumable` refuses another run's report).
     """
     eps = check_eps(eps)
     if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
@@ -345,28 +472,65 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     world = World.current() if distributed else World()
     if batch_size == "auto":
         batch_size = agree_min(auto_batch_size(model, x[:1]), world)  # the same blocks on every rank
+    run = {"attacks": list(attacks), "n": int(len(y)), "eps": eps, "seed": seed, "aa_batch_size": aa_batch_size,
+           "fold_bn": fold_bn} | fingerprint(original, x, y)
+    if resume is not None:
+        check_resumable(resume, run)
+        if adversarial_out is not None:
+            raise RobustEdgeError("a resumed evaluation cannot return the adversarial examples of attacks it did "
+                                  "not run again; do not pass adversarial_out with resume")
+        if resume.complete:
+            return resume
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size,
-                                                      "aa_batch_size": aa_batch_size, "processes": world.size})
+                                                      "aa_batch_size": aa_batch_size, "processes": world.size,
+                                                      "run": run}, complete=False)
     results, examples = {}, {}
+    last_save = [time.perf_counter()]
+
+    def update(force: bool) -> None:
+        if on_update is not None and world.main and (force or time.perf_counter() - last_save[0] >= save_every):
+            on_update(report)
+            last_save[0] = time.perf_counter()
+
     try:
         results["clean"] = _clean(model, x, y, batch_size, world)  # also refuses NaN/Inf logits
         for name in attacks:
             start = time.perf_counter()
-            if name != "clean":
-                results[name], examples[name] = run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size,
-                                                           show_progress, world)
+            if resume is not None and len(resume.correct.get(name, "")) == len(y) and name in resume.accuracy:
+                results[name] = _from_bits(resume.correct[name], x.device)  # finished before: kept as it was
+                report.seconds[name] = resume.seconds.get(name, 0.0)
+            elif name != "clean":
+                partial = resume.partial if resume is not None and resume.partial else {}
+                done = partial.get("correct", "") if partial.get("attack") == name else ""
+                before = float(partial.get("seconds", 0.0)) if done else 0.0
+                prefix = [_from_bits(done, x.device)] if done else []
+
+                def on_block(stop: int, out: dict, name=name, prefix=prefix, start=start, before=before) -> None:
+                    prefix.append(out["correct"].to(x.device))
+                    report.partial = {"attack": name, "correct": _bits(torch.cat(prefix)),
+                                      "seconds": before + time.perf_counter() - start}
+                    update(False)
+
+                correct, adv = run_attack(name, model, x, y, eps, batch_size, seed, aa_batch_size, show_progress,
+                                          world, first=len(done), on_block=on_block)
+                results[name] = torch.cat([_from_bits(done, x.device), correct]) if done else correct
+                if not done:
+                    examples[name] = adv
+                report.seconds[name] = before + time.perf_counter() - start
+            else:
+                report.seconds[name] = time.perf_counter() - start
             report.accuracy[name] = float(results[name].float().mean())
-            report.correct[name] = "".join("1" if c else "0" for c in results[name].tolist())
-            report.seconds[name] = time.perf_counter() - start
+            report.correct[name] = _bits(results[name])
+            report.partial = None
+            update(True)
         if adversarial_out is not None:
             adversarial_out.update(examples)
         if len(results) > 2:
             report.worst = float(torch.stack(list(results.values())).all(0).float().mean())
+        report.notes = _weak_attack_notes(attacks)
         if flags is not None and eps > 0:
-            start = time.perf_counter()
-            report.flags, report.checks = _on_rank_zero(
-                world, lambda: _flags(model, x, y, eps, results, examples.get("pgd20"), flags, seed))
-            report.seconds["flags"] = time.perf_counter() - start
+            _run_flags(report, model, x, y, eps, results, examples.get("pgd20"), flags, seed, batch_size, world)
+        report.complete = True
     finally:
         original.train(was_training)
     return report

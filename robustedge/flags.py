@@ -12,9 +12,16 @@ on the first ``n`` examples (docs/design.md, "Attack-failure flags"):
 - ``large_radius``: accuracy at a radius of ``large_factor`` x eps (at most 1) is not near zero: every
   model is breakable at a large enough radius, so a high accuracy there means the attack is failing;
 - ``more_steps``: PGD-100 with random restarts lowers accuracy by more than a point, and on more than
-  one example, below the reported figure (the per-example worst case over every attack run, or PGD-20
-  alone): the evaluation had not converged. One example is not evidence: on 64 examples it is 1.6
-  points, and a stronger attack breaking one more example of a non-robust model is ordinary.
+  one example, below the reported figure (the per-example worst case over the reported iterative
+  attacks: PGD, CW, AutoAttack; never FGSM, nor the flags' own Square): the evaluation had not
+  converged. One example is not evidence: on 64 examples it is 1.6 points, and a stronger attack
+  breaking one more example of a non-robust model is ordinary. Without a reported iterative attack
+  there is nothing to judge, and the check does not run.
+
+The checks judge masking, not the user's choice of attacks: an evaluation of clean accuracy alone runs
+none, and FGSM alone is a note that it is weak, never a failure. Their cost is bounded by the suite's
+(:func:`checks_budget_n`): a fraction of it, counted in model passes, so the same evaluation runs the same
+checks on every machine.
 
 The comparisons that need only replays (black-box or transfer beating white-box) live in the
 torch-free :mod:`robustedge.verify_core`, so a bundle's own verifier recomputes them on the device.
@@ -35,6 +42,7 @@ from torch import nn
 
 from robustedge.attacks import pgd
 from robustedge.errors import RobustEdgeError
+from robustedge.options import parse_positive
 from robustedge.verify_core import make_flag
 
 Correct = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # (x, y) -> per-example correctness
@@ -53,21 +61,42 @@ class FlagSettings:
     more_steps_examples: int = 2  # ... and breaks at least this many more examples
     tolerance: float = 0.005  # zero_gradients / flat_loss fire above this fraction
     square_queries: int = 1000  # the black-box Square run of `robustedge eval` (on the same n examples)
+    budget: float = 0.5  # `robustedge eval`: the checks may cost at most this fraction of the suite's passes ...
+    min_n: int = 10  # ... and do not run on fewer examples than this (too few to judge anything)
 
     def validate(self) -> "FlagSettings":
-        for name in ("n", "steps", "restarts", "square_queries", "more_steps_examples"):
+        for name in ("n", "steps", "restarts", "square_queries", "more_steps_examples", "min_n"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RobustEdgeError(f"flag setting '{name}' must be an integer >= 1, got {value!r}")
         for name in ("large_threshold", "more_steps_points", "tolerance"):
             if not 0 <= getattr(self, name) <= 1:
                 raise RobustEdgeError(f"flag setting '{name}' must be a fraction in [0, 1]")
+        parse_positive(self.budget, "flag setting 'budget'")
         if not self.large_factor >= 1:
             raise RobustEdgeError("flag setting 'large_factor' must be >= 1")
         return self
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_passes(settings: FlagSettings, *, pgd20_given: bool, judge_reported: bool) -> float:
+    """Model passes (forward + input gradient = 1, a forward alone = 1/3) the checks cost per example:
+    the input gradient, PGD-20 unless the suite's examples are reused, the large radius, and, when there is a
+    reported iterative attack to judge, PGD-``steps`` x ``restarts`` and Square's queries."""
+    passes = 1 + (0 if pgd20_given else 20) + 20 + 2 / 3
+    if judge_reported:
+        passes += settings.steps * settings.restarts + settings.square_queries / 3
+    return passes
+
+
+def checks_budget_n(settings: FlagSettings, n_examples: int, suite_passes: float, per_example: float) -> int:
+    """How many examples the checks run on: ``settings.n``, the examples evaluated, and as many as fit in
+    ``settings.budget`` x the suite's passes, whichever is least; 0 (they do not run) below ``settings.min_n``."""
+    fit = int(settings.budget * suite_passes // per_example)
+    n = min(settings.n, n_examples, fit)
+    return n if n >= settings.min_n else 0
 
 
 def model_correct(model: nn.Module, batch_size: int = 256) -> Correct:
@@ -97,7 +126,8 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
 
     ``model`` is what the attacks differentiate (the model, or an artifact's twin); ``pgd20`` may pass
     the suite's PGD-20 examples for these inputs so they are not crafted twice; ``reported`` is the
-    per-example robustness the evaluation reports (its worst case), which ``more_steps`` must not beat.
+    per-example robustness the evaluation reports (the worst case over its iterative attacks), which
+    ``more_steps`` must not beat; None (no iterative attack reported): ``more_steps`` does not run.
     """
     settings.validate()
     x, y = x[:settings.n], y[:settings.n]
@@ -134,13 +164,16 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
         flags.append(make_flag("large_radius", large.sum(), n, f"{100 * large.mean():.1f}% accuracy at eps "
                                f"{radius:.4g} ({settings.large_factor:g} x eps); expected near 0"))
 
+    info["pgd20_accuracy"] = float(survived.mean())
+    if reported is None:
+        return flags, info
     strong = np.ones(n, dtype=bool)
     for restart in range(settings.restarts):
         restart_gen = torch.Generator(device=x.device).manual_seed(seed + 1 + restart)
         strong &= correct_fn(pgd(model, x, y, eps=eps, step_size=eps / 10, steps=settings.steps,
                                  generator=restart_gen), y)
-    base, label = (reported[:n], "the reported worst case") if reported is not None else (survived, "PGD-20")
-    info["pgd20_accuracy"], info["strong_pgd_accuracy"] = float(survived.mean()), float(strong.mean())
+    base, label = np.asarray(reported[:n], dtype=bool), "the reported worst case"
+    info["strong_pgd_accuracy"] = float(strong.mean())
     info["reported_accuracy"] = float(base.mean())
     if more_steps_fires(base, strong, settings):
         flags.append(make_flag("more_steps", int((base & ~strong).sum()), n,

@@ -120,15 +120,21 @@ def example_uniform(shape: tuple[int, ...], seed: int, start: int, stop: int, de
 
 
 def run_sharded(fn: Callable[[int, int], dict[str, torch.Tensor]], n: int, block: int, *, world: World,
-                desc: str, show_progress: bool = True, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+                desc: str, show_progress: bool = True, device: torch.device | str = "cpu", first: int = 0,
+                on_block: Callable[[int, dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
     """``fn(start, stop)`` on this rank's blocks of ``world`` (every rank of it must call this; ``World()``:
     this process alone); returns every block's outputs concatenated in index order, on every rank (on
-    ``device``). ``fn`` must return tensors whose first axis is the block."""
-    spans = blocks(n, block)
+    ``device``). ``fn`` must return tensors whose first axis is the block.
+
+    ``first`` skips the examples before it (a resumed evaluation: the blocks are cut from ``first``, so it
+    must be a block boundary of the full run wherever blocks matter, as for AutoAttack); the outputs then
+    cover ``[first, n)``. ``on_block(stop, this block's outputs)`` is called after each block when this
+    process runs alone (the blocks then finish in index order), for saving progress."""
+    spans = [(start, min(start + block, n)) for start in range(first, n, block)] if block >= 1 else blocks(n, block)
     from robustedge.runtime import progress
 
     mine: dict[int, dict[str, torch.Tensor]] = {}
-    bar = progress(None, desc + (f" ({world.size} processes)" if world.size > 1 else ""), total=n,
+    bar = progress(None, desc + (f" ({world.size} processes)" if world.size > 1 else ""), total=n - first,
                    enabled=show_progress and world.main)
     try:
         for round_ in range(math.ceil(len(spans) / world.size)):
@@ -138,6 +144,8 @@ def run_sharded(fn: Callable[[int, int], dict[str, torch.Tensor]], n: int, block
                 start, stop = spans[index]
                 mine[index] = {k: v.detach().cpu() for k, v in fn(start, stop).items()}
                 done = stop - start
+                if on_block is not None and world.size == 1:
+                    on_block(stop, mine[index])
             if world.size > 1:
                 count = torch.tensor([done], dtype=torch.int64, device=_comm_device())
                 dist.all_reduce(count)
@@ -151,5 +159,7 @@ def run_sharded(fn: Callable[[int, int], dict[str, torch.Tensor]], n: int, block
         gathered: list = [None] * world.size
         dist.all_gather_object(gathered, mine)
         mine = {index: out for part in gathered for index, out in part.items()}
+    if not spans:
+        return {}
     keys = mine[0].keys()
     return {k: torch.cat([mine[i][k] for i in range(len(spans))]).to(device) for k in keys}

@@ -647,13 +647,35 @@ def describe_flag(flag: dict) -> str:
     return f"{flag['check']} on {flag['examples']} of {flag['of']} examples ({flag['detail']})"
 
 
+# The iterative white-box attacks whose numbers are reported as robustness: what the flags judge. FGSM (one
+# step) is weak by design, and a stronger attack beating it is ordinary, not a sign of masking.
+ITERATIVE_ATTACKS = ("pgd20", "pgd20_trades", "cw", "autoattack", "diva")
+
+
+def iterative_columns(results: dict, prefix: str | None = None) -> list[str]:
+    """The ``whitebox_*``/``transfer_*`` columns of ``results`` whose attack is iterative (``prefix``: one kind)."""
+    kinds = (prefix,) if prefix else ("whitebox_", "transfer_")
+    return [k for k in results for p in kinds if k.startswith(p) and k[len(p):] in ITERATIVE_ATTACKS]
+
+
+def reported_worst(results: dict) -> np.ndarray | None:
+    """Per example: correct under every reported iterative attack (the artifact's own white-box ones where
+    it has them, else those crafted on the torch model), or None when none ran. Never the flags' own
+    Square, nor FGSM: the flags compare a stronger attack with what the evaluation reports."""
+    columns = iterative_columns(results, "whitebox_") or iterative_columns(results, "transfer_")
+    if not columns:
+        return None
+    return np.logical_and.reduce([np.asarray(results[k], dtype=bool) for k in columns])
+
+
 def comparison_flags(results: dict, tolerance: float = 0.005) -> list[dict]:
     """Attack-failure flags that need only replays (Carlini et al. 2019; Pintor et al. 2022): a weaker
     attack must not succeed where the stronger, white-box ones failed. The white-box reference is the
-    artifact's own (``whitebox_*``) where it has a twin, else the torch model's (``transfer_*``)."""
-    own = [k for k in results if k.startswith("whitebox_")]
+    artifact's own iterative attacks (``whitebox_*``) where it has a twin, else the torch model's
+    (``transfer_*``); with no iterative white-box attack there is nothing to judge (FGSM is weak by design)."""
+    own = iterative_columns(results, "whitebox_")
     transfer = [k for k in results if k.startswith("transfer_")]
-    reference = own or transfer
+    reference = own or iterative_columns(results, "transfer_")
     if not reference:
         return []
     robust = np.logical_and.reduce([results["clean"]] + [results[k] for k in reference])
