@@ -19,7 +19,9 @@ from torch import nn
 
 from robustedge.errors import RobustEdgeError
 from robustedge.loading import ModelFacts
-from robustedge.options import AUTOATTACK_BLOCK
+from robustedge.options import (AUTOATTACK_BLOCK, parse_batch_size, parse_eps, parse_fraction, parse_int,
+                                parse_seed)
+
 
 def load(source, *, arch: str | None = None, num_classes: int | None = None, in_channels: int | None = None,
          image_size: int | None = None, width: float = 1.0, mean: list[float] | None = None,
@@ -40,6 +42,16 @@ def load_dataset(name: str, root: str | None = None, **kwargs):
     """A registry dataset (``digits`` is embedded; CIFAR-10/100 and SVHN read their standard files)."""
     from robustedge.data import load_dataset as _load_dataset
 
+    if not isinstance(name, str):
+        raise RobustEdgeError(f"dataset name must be a string, got {name!r}")
+    root = None if root is None else str(_path_arg(root, "root"))
+    checks = {"image_size": lambda v: parse_int(v, "image_size", 8), "channels": lambda v: parse_int(v, "channels", 1),
+              "val_fraction": lambda v: parse_fraction(v, "val_fraction"), "seed": lambda v: parse_seed(v, "seed"),
+              "download": lambda v: _bool_arg(v, "download")}
+    unknown = sorted(set(kwargs) - set(checks))
+    if unknown:
+        raise RobustEdgeError(f"unknown load_dataset argument(s): {', '.join(unknown)}; valid: {', '.join(checks)}")
+    kwargs = {k: v if v is None and k in ("image_size", "channels") else checks[k](v) for k, v in kwargs.items()}
     return _load_dataset(name, root, **kwargs)
 
 
@@ -82,12 +94,29 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     from robustedge.evaluate import EvalReport, parse_attacks
     from robustedge.evaluate import evaluate as _evaluate
     from robustedge.flags import FlagSettings
-
     from robustedge.runtime import resolve_device
 
+    if not (isinstance(attacks, str) or isinstance(attacks, (list, tuple)) and all(isinstance(a, str) for a in attacks)):
+        raise RobustEdgeError(f"attacks must be a comma-separated string or a list of attack names, got {attacks!r}")
     attacks = parse_attacks(attacks)
+    eps = None if eps is None else parse_eps(eps, "eps")
+    n = None if n is None else parse_int(n, "n", 0) or None  # 0: the whole split, as `robustedge eval --n 0`
+    if split not in SPLITS:
+        raise RobustEdgeError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    data_root = None if data_root is None else str(_path_arg(data_root, "data_root"))
+    batch_size = parse_batch_size(batch_size, "batch_size")
+    aa_batch_size = None if aa_batch_size is None else parse_int(aa_batch_size, "aa_batch_size", 1)
+    seed = parse_seed(seed, "seed")
+    for name, value in (("fold_bn", fold_bn), ("show_progress", show_progress), ("distributed", distributed)):
+        _bool_arg(value, name)
+    if not (isinstance(flags, (bool, FlagSettings))):
+        raise RobustEdgeError(f"flags must be True, False or a FlagSettings, got {flags!r}")
+    if on_update is not None and not callable(on_update):
+        raise RobustEdgeError(f"on_update must be a function of the report, got {on_update!r}")
     if device is not None:
-        device = device if isinstance(device, torch.device) else resolve_device(str(device))
+        if not isinstance(device, (str, torch.device)):
+            raise RobustEdgeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
+        device = device if isinstance(device, torch.device) else resolve_device(device)
     else:
         device = _device_of(model) if isinstance(model, nn.Module) else resolve_device("auto")
     meta = None
@@ -104,9 +133,7 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
         x, y = data.float_images(device), data.labels.to(device)
     else:
         x = _as_images(x, device)
-        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y).long().to(device)
-        if y.shape != (len(x),):
-            raise RobustEdgeError(f"labels must have shape ({len(x)},), got {tuple(y.shape)}")
+        y = _as_labels(y, len(x), device)
     if eps is None:
         eps = meta.eps if meta is not None else None
         if eps is None:
@@ -115,10 +142,44 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     if resume is not None and not isinstance(resume, EvalReport):
         from robustedge.files import read_json
 
-        resume = EvalReport.from_dict(read_json(Path(resume)))
+        path = _path_arg(resume, "resume")
+        try:
+            resume = EvalReport.from_dict(read_json(path))
+        except (TypeError, KeyError, AttributeError):
+            raise RobustEdgeError(f"{path} is not an evaluation RobustEdge can resume") from None
     return _evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=batch_size, seed=seed,
                      aa_batch_size=aa_batch_size, show_progress=show_progress, fold_bn=fold_bn, flags=settings,
                      distributed=distributed, resume=resume, on_update=on_update)
+
+
+SPLITS = ("train", "val", "test")
+
+
+def _path_arg(value, name: str) -> Path:
+    if not isinstance(value, (str, os.PathLike)) or not str(value):
+        raise RobustEdgeError(f"{name} must be a path (a string or a Path), got {value!r}")
+    return Path(value)
+
+
+def _bool_arg(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise RobustEdgeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _as_labels(y, n: int, device) -> torch.Tensor:
+    """Integer class indices, one per image: float labels are refused, not truncated."""
+    try:
+        y = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    except (TypeError, ValueError, RuntimeError):
+        raise RobustEdgeError(f"labels must be integer class indices, got {type(y).__name__}") from None
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise RobustEdgeError(f"labels must be integer class indices, got {y.dtype} values")
+    if tuple(y.shape) != (n,):
+        raise RobustEdgeError(f"labels must have shape ({n},), got {tuple(y.shape)}")
+    if n and int(y.min()) < 0:
+        raise RobustEdgeError(f"labels must be class indices >= 0, got {int(y.min())}")
+    return y.long().to(device)
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -142,18 +203,31 @@ def export(model, out: str | os.PathLike, *, formats: str | list[str] = "onnx,on
         opts = ExportOptions(formats=formats, **options)
     except TypeError as exc:
         raise RobustEdgeError(f"unknown export option: {exc}") from None
-    facts = ModelFacts(arch=arch, dataset=dataset, eps=eps)
+    opts.validate()
+    out = _path_arg(out, "out")
+    _bool_arg(force, "force")
+    if progress is not None and not callable(progress):
+        raise RobustEdgeError(f"progress must be a function of one message, got {progress!r}")
+    if not isinstance(device, (str, torch.device)):
+        raise RobustEdgeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
+    facts = ModelFacts(arch=arch, dataset=dataset, eps=eps).checked()
     return export_bundle(model, out, opts, progress=progress or (lambda m: None), force=force, facts=facts,
                          device=device)
 
 
-def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=None):
-    """``robustedge verify``: re-check a bundle's files and numbers; returns ``(report, gate failures)``."""
+def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=None,
+           out: str | os.PathLike | None = None):
+    """``robustedge verify``: re-check a bundle's files and numbers; returns ``(report, gate failures)`` and
+    writes ``verify.json``/``verify.md`` to ``out`` (default ``<bundle>-verify`` beside it, never into it)."""
     from robustedge.export.bundle import verify_bundle
     from robustedge.verify_core import Gate, load_manifest
 
-    gate = Gate.from_dict(load_manifest(Path(bundle))["gate"])
-    return verify_bundle(bundle, gate, square_n, progress=progress or (lambda m: None))
+    bundle = _path_arg(bundle, "bundle")
+    if square_n is not None:
+        square_n = parse_int(square_n, "square_n", 0)
+    gate = Gate.from_dict(load_manifest(bundle)["gate"])
+    return verify_bundle(bundle, gate, square_n, progress=progress or (lambda m: None),
+                         out=None if out is None else _path_arg(out, "out"))
 
 
 def train(config: str | os.PathLike | Any, *, resume: bool = False, **overrides):

@@ -20,7 +20,7 @@ from torch import nn
 
 from robustedge import __version__
 from robustedge.errors import RobustEdgeError
-from robustedge.files import atomic_path
+from robustedge.files import save_safetensors
 from robustedge.models import Classifier, build_model
 
 FORMAT = "robustedge/1"
@@ -83,8 +83,12 @@ class ModelMeta:
                                                 for c in counts) and _finite(s.width) and s.width > 0):
             raise ValueError("spec needs arch (string), num_classes/in_channels/image_size (integers >= 1), width > 0")
         for stats in (s.mean, s.std):
-            if stats is not None and not (isinstance(stats, list) and all(_finite(v) for v in stats)):
+            if stats is not None and not (isinstance(stats, list) and stats and all(_finite(v) for v in stats)):
                 raise ValueError("spec mean/std must be lists of numbers")
+        if (s.mean is None) != (s.std is None) or s.mean is not None and (
+                len(s.mean) != len(s.std) or len(s.mean) not in (1, s.in_channels) or min(s.std) <= 0):
+            raise ValueError(f"spec mean/std must come together, one value per input channel ({s.in_channels}), "
+                             f"std > 0; got mean {s.mean}, std {s.std}")
         if self.eps is not None and not (_finite(self.eps) and 0 <= self.eps <= 1):
             raise ValueError(f"eps must be a number in [0, 1], got {self.eps!r}")
         if not isinstance(self.dataset, str) or not (self.method is None or isinstance(self.method, str)):
@@ -101,14 +105,19 @@ def _finite(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta) -> Path:
-    """Write weights + metadata to one safetensors file, atomically."""
-    from safetensors.torch import save_file
+def save_model(path: str | os.PathLike, model: nn.Module, meta: ModelMeta, exclusive: bool = False) -> Path:
+    """Write weights + metadata to one safetensors file, atomically (:func:`robustedge.files.save_safetensors`).
 
+    ``exclusive``: never replace a file at ``path``, even one another process created while this one
+    was written (``robustedge import``: two imports to the same ``--out`` both pass its exists-check);
+    then the existing file is left byte-identical and the refusal is one line.
+    """
     model = unwrap(model)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT, "robustedge": meta.to_json()})
+    try:
+        save_safetensors(path, tensors, {"format": FORMAT, "robustedge": meta.to_json()}, exclusive=exclusive)
+    except FileExistsError:
+        raise RobustEdgeError(f"{path} exists; choose another --out (import never overwrites)") from None
     return Path(path)
 
 

@@ -76,14 +76,21 @@ def _floats(name: str) -> Callable[[str], object]:
     return convert
 
 
+def _fact(field: str) -> Callable[[str], object]:
+    """The argparse type of a model fact: the rule the API applies to the same keyword (loading.FACT_RULES)."""
+    from robustedge.loading import check_fact
+
+    return _typed(lambda text: check_fact(field, text, cli=True))
+
+
 def _add_model_facts(p: argparse.ArgumentParser, dataset_and_eps: bool = False) -> None:
     """What a foreign model file does not say (robustedge/loading.py); RobustEdge checkpoints ignore these."""
     g = p.add_argument_group("foreign models (state dicts, RobustBench): what the file does not say")
     g.add_argument("--arch", help="registry architecture of a state dict file (robustedge models lists them)")
-    g.add_argument("--num-classes", type=_count(2, "--num-classes"), help="default: the dataset's")
-    g.add_argument("--in-channels", type=_count(1, "--in-channels"), help="default: the dataset's")
-    g.add_argument("--image-size", type=_count(8, "--image-size"), help="default: the dataset's")
-    g.add_argument("--width", type=_typed(options.parse_positive, "--width"), default=1.0, help="width multiplier")
+    g.add_argument("--num-classes", type=_fact("num_classes"), help="default: the dataset's")
+    g.add_argument("--in-channels", type=_fact("in_channels"), help="default: the dataset's")
+    g.add_argument("--image-size", type=_fact("image_size"), help="default: the dataset's")
+    g.add_argument("--width", type=_fact("width"), default=1.0, help="width multiplier")
     g.add_argument("--mean", type=_floats("--mean"), help="input normalisation the weights expect, e.g. "
                                                           "0.4914,0.4822,0.4465 (kuangliu's CIFAR-10)")
     g.add_argument("--std", type=_floats("--std"), help="with --mean, e.g. 0.2023,0.1994,0.2010")
@@ -98,7 +105,7 @@ def _facts(args: argparse.Namespace):
     from robustedge.loading import ModelFacts
 
     return ModelFacts(args.arch, args.num_classes, args.in_channels, args.image_size, args.width, args.mean,
-                      args.std, args.dataset, args.eps)
+                      args.std, args.dataset, args.eps).checked(cli=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -500,6 +507,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--square-n", type=_count(0, "--square-n"), default=None,
                    help="run a fresh Square attack on N examples of each runtime (default: replay the stored "
                         "Square examples; 0: leave Square out)")
+    p.add_argument("--out", default=None,
+                   help="folder for verify.json and verify.md (default: BUNDLE-verify beside the bundle; never "
+                        "inside it: the bundle stays as exported)")
     _add_gate(p)
     p.set_defaults(func=cmd_verify)
 
@@ -533,7 +543,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     model, meta = load(args.file, facts=_facts(args), device="cpu")  # read to be written back
     if meta.extra.get("source", {}).get("kind") != "state dict":
         raise RobustEdgeError(f"{args.file} is already a RobustEdge checkpoint")
-    save_model(out, model, meta)
+    save_model(out, model, meta, exclusive=True)  # another import to the same --out may have won meanwhile
     print(f"wrote {out} ({meta.spec.arch}, {meta.spec.num_classes} classes, {meta.spec.in_channels}x"
           f"{meta.spec.image_size}x{meta.spec.image_size}, dataset {meta.dataset}, eps {meta.eps})")
     return 0
@@ -582,14 +592,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from robustedge.export.bundle import verify_bundle
+    from robustedge.export.bundle import verify_bundle, verify_out
     from robustedge.verify_core import Gate, format_flags, format_table, load_manifest
 
     manifest = load_manifest(Path(args.bundle))
+    verify_out(args.bundle, args.out)  # refused before anything runs
     report, failures = verify_bundle(args.bundle, _gate(args, Gate.from_dict(manifest["gate"])), args.square_n,
-                                     progress=lambda m: print(m, file=sys.stderr))
+                                     progress=lambda m: print(m, file=sys.stderr), out=args.out)
     print(format_table(report["table"]))
     print(format_flags(report["flags"]), end="")
+    print(f"wrote {Path(report['out']) / 'verify.json'} and verify.md")
     return _report_gate(failures, Path(args.bundle))
 
 
@@ -616,6 +628,17 @@ def _add_app(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_app)
 
 
+def _check_host(host: str, port: int) -> None:
+    """An address the server can bind: resolved now, so a typo is one line rather than Streamlit's traceback."""
+    import socket
+
+    try:
+        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        raise RobustEdgeError(f"--host {host!r} cannot be resolved to an address ({exc}); use localhost, 0.0.0.0 "
+                              f"or an address of this machine") from None
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     import subprocess
 
@@ -625,7 +648,7 @@ def cmd_app(args: argparse.Namespace) -> int:
     from robustedge.app.logic import DATA_ROOT_ENV, MODELS_ENV, SOURCES_ENV, foreign_sources
     from robustedge.loading import ROBUSTBENCH_PREFIX, ModelFacts
 
-    given = [f.name for f in fields(ModelFacts) if getattr(args, f.name) != f.default]
+    given = [f.name for f in fields(ModelFacts) if f.name != "cli" and getattr(args, f.name) != f.default]
     if given and not args.sources:
         raise RobustEdgeError(f"--{given[0].replace('_', '-')} describes a foreign model: name it with --model SRC")
     if len(set(args.sources)) != len(args.sources):
@@ -637,6 +660,7 @@ def cmd_app(args: argparse.Namespace) -> int:
         raise RobustEdgeError(f"models folder {folder} does not exist; run `robustedge quickstart` first or pass --models")
     if args.data_root is not None and not Path(args.data_root).is_dir():
         raise RobustEdgeError(f"--data-root {args.data_root} is not a folder")
+    _check_host(args.host, args.port)
     # files go to the page as absolute paths: it runs in another process
     sources = [(s, s if s.startswith(ROBUSTBENCH_PREFIX) else str(Path(s).resolve())) for s in args.sources]
     env = {**os.environ, MODELS_ENV: str(folder.resolve()) if folder else "",

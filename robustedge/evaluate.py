@@ -492,6 +492,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             on_update(report)
             last_save[0] = time.perf_counter()
 
+    classes = _logits(model, x[:1], 1, "clean inputs").shape[1]
+    if int(y.min()) < 0 or int(y.max()) >= classes:
+        raise RobustEdgeError(f"labels must be class indices in [0, {classes - 1}] (the model predicts {classes} "
+                              f"classes), got {int(y.min())}..{int(y.max())}")
     try:
         results["clean"] = _clean(model, x, y, batch_size, world)  # also refuses NaN/Inf logits
         for name in attacks:

@@ -1,6 +1,6 @@
 """Files on disk: atomic writes, temp files that name their writer, and who owns an output folder.
 
-Three rules keep a user's data safe (docs/design.md, "Files"):
+Five rules keep a user's data safe (docs/design.md, "Files"):
 
 1. Every file is written to a temporary name beside its target and renamed over it, so a reader
    never sees half a file and a crash leaves the old one intact.
@@ -12,11 +12,19 @@ Three rules keep a user's data safe (docs/design.md, "Files"):
 3. A command replaces or writes into an output folder only if RobustEdge made it (its marker file
    says so) and the folder does not hold the command's own input: anything else is a one-line
    refusal, before any byte is written.
+4. Only RobustEdge's own writer creates files: a third-party writer that makes temporaries of its
+   own (safetensors >= 0.8 writes ``.tmpXXXXXX`` beside its target) is given bytes to hand to
+   :func:`atomic_write_bytes` instead (:func:`save_safetensors`), because a temporary whose name
+   does not say who wrote it can never be proven abandoned and so could never be cleaned up.
+5. A folder that one process writes for a long time (a training run) is held by a lock file naming
+   its writer (:func:`lock_folder`); a second writer is refused, and a lock whose writer is dead is
+   taken over.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -100,11 +108,14 @@ def clean_stale_temps(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+def atomic_path(path: str | os.PathLike, *, exclusive: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it to ``path`` only if the block succeeds.
 
     Readers never see a half-written file and a crash leaves the old file intact; the temporaries
-    of writers that died earlier in the same folder are removed first.
+    of writers that died earlier in the same folder are removed first. With ``exclusive`` the file
+    is never put over an existing one, even one that appeared while this one was written (two
+    writers racing past an exists-check): the last step is a hard link, which the kernel refuses
+    if ``path`` exists, and that raises :class:`FileExistsError` with nothing else changed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -112,11 +123,52 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(temp_name(path.name))
     try:
         yield tmp
-        os.replace(tmp, path)
+        if exclusive:
+            _link_new(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _link_new(src: Path, dst: Path) -> None:
+    """Create ``dst`` with ``src``'s content, failing with FileExistsError if ``dst`` exists.
+
+    A hard link does this atomically (readers see the whole file or none). On a filesystem without
+    hard links the name is claimed with ``O_CREAT | O_EXCL`` and the content copied into it: still
+    never over another file, only briefly visible before it is complete.
+    """
+    try:
+        os.link(src, dst)
+        return
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+            raise
+    out = open(dst, "xb")  # O_CREAT | O_EXCL: FileExistsError if the name is taken
+    try:
+        with out, open(src, "rb") as fh:
+            shutil.copyfileobj(fh, out)
+            out.flush()
+            os.fsync(out.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(dst)
+        raise
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every platform can open a folder)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def make_temp_dir(beside: Path) -> Path:
@@ -134,10 +186,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return Path(path)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-    return Path(path)
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, *, exclusive: bool = False) -> Path:
+    """``data`` to ``path`` through a temporary of ours, flushed to disk (fsync) before it is renamed
+    into place, so that even a power cut leaves the old file or the new one, never a torn one.
+    ``exclusive``: never over an existing file (FileExistsError), see :func:`atomic_path`."""
+    path = Path(path)
+    with atomic_path(path, exclusive=exclusive) as tmp:
+        with open(tmp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    _fsync_folder(path.parent)
+    return path
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None, *,
+                     exclusive: bool = False) -> Path:
+    """Every safetensors file RobustEdge writes goes through here (rule 4 of the module docstring).
+
+    ``safetensors.torch.save_file`` writes its own ``.tmpXXXXXX`` beside the target: a SIGKILL during
+    a save leaves it behind (as large as the model) under a name that says nothing of its writer, so
+    no cleanup could ever prove it abandoned. Serialising to bytes here and writing them with
+    :func:`atomic_write_bytes` leaves at most one of our own temporaries, which the next writer in
+    the folder removes once its writer is dead. Tensors must be contiguous CPU tensors.
+    """
+    from safetensors.torch import save
+
+    return atomic_write_bytes(path, save(tensors, metadata=metadata), exclusive=exclusive)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
@@ -162,6 +237,151 @@ def read_json(path: Path) -> Any:
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RobustEdgeError(f"{path} is not a readable JSON file ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Folder locks: one writer at a time in a long-lived output folder
+# --------------------------------------------------------------------------------------------
+
+LOCK_FILE = ".robustedge.lock"
+LOCK_FORMAT = "robustedge-lock/1"
+
+
+@dataclass
+class FolderLock:
+    """A lock taken by :func:`lock_folder`; :meth:`release` gives it up (also as a context manager)."""
+
+    folder: Path
+    path: Path
+    body: bytes  # what this holder wrote: only a lock file with exactly this content is removed
+    created: list[Path]  # the folders taking the lock made, deepest first
+
+    def release(self) -> None:
+        """Remove the lock file if it is still this one, then the folders taking it made if they are
+        still empty (a run refused before it wrote anything leaves no empty run folder behind)."""
+        with contextlib.suppress(OSError):
+            if self.path.read_bytes() == self.body:
+                self.path.unlink()
+        _remove_empty(self.created)
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty(folders: Sequence[Path]) -> None:
+    for path in folders:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # fails, harmlessly, on a folder that is not empty
+
+
+def _lock_writer(body: bytes) -> tuple[str, int, int] | None:
+    """(host, pid, start) of a lock file's writer, or None if it is not a RobustEdge lock."""
+    try:
+        data = json.loads(body.decode("utf-8"))
+        writer = data["writer"]
+        host, pid, start = writer["host"], writer["pid"], writer["start"]
+    except (UnicodeDecodeError, ValueError, TypeError, KeyError):
+        return None
+    if data.get("format") != LOCK_FORMAT or not isinstance(host, str) or \
+            not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (pid, start)):
+        return None
+    return host, pid, start
+
+
+@contextlib.contextmanager
+def _folder_mutex(folder: Path) -> Iterator[None]:
+    """Serialise lock taking in ``folder`` among the processes of this host (an ``flock`` on the folder).
+
+    Judging a lock stale and replacing it are two steps; without this, two runs could judge the same
+    stale lock and the slower one remove the lock the faster one had just made. The kernel drops an
+    ``flock`` when its process dies, so this mutex can never go stale itself; it is held only while a
+    lock is taken. Where ``fcntl`` is missing (Windows) the steps run unserialised.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def lock_folder(folder: str | os.PathLike, *, what: str = "run folder",
+                advice: str = "wait for it to finish or choose another --name/--out-dir") -> FolderLock:
+    """Take ``folder``'s lock (creating the folder if needed) or refuse in one line.
+
+    Two processes writing the same folder (two ``train`` runs with the same ``--name``) would each
+    replace the other's files and both report success. The lock is a file, created only if absent
+    (a hard link of a complete temporary, so no reader ever sees it half-written), holding its
+    writer's identity (:func:`writer_identity`). A lock whose writer is provably dead (same host, no
+    such process: a SIGKILL or a power cut) is stale and taken over; a live writer's, another
+    host's, or a file that is not a RobustEdge lock is a refusal (:class:`RobustEdgeError`).
+    Release it with :meth:`FolderLock.release`, also on errors.
+    """
+    folder = Path(folder)
+    created = _missing_folders(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)
+        raise RobustEdgeError(f"cannot create {what} {folder} ({exc.strerror or type(exc).__name__})") from None
+    lock = folder / LOCK_FILE
+    body = (json.dumps({"format": LOCK_FORMAT, "writer": writer_identity(), "token": secrets.token_hex(8)},
+                       sort_keys=True) + "\n").encode()
+    tmp = folder / temp_name(LOCK_FILE)
+    try:
+        try:
+            tmp.write_bytes(body)
+        except OSError as exc:
+            raise RobustEdgeError(f"cannot write in {what} {folder} ({exc.strerror or type(exc).__name__})") from None
+        with _folder_mutex(folder):
+            for _ in range(3):
+                try:
+                    _link_new(tmp, lock)
+                    return FolderLock(folder, lock, body, created)
+                except FileExistsError:
+                    pass
+                try:
+                    held = lock.read_bytes()
+                except FileNotFoundError:
+                    continue  # its holder released it meanwhile (releasing needs no mutex): try again
+                writer = _lock_writer(held)
+                if writer is None:
+                    raise RobustEdgeError(f"{what} {folder} is locked by {lock}, which is not a RobustEdge lock "
+                                          f"file; if no run is using the folder, delete that file")
+                host, pid, start = writer
+                if writer_alive(host, pid, start):
+                    elsewhere = "" if host == _HOST else " on another host"
+                    raise RobustEdgeError(f"{what} {folder} is in use by another run (pid {pid}{elsewhere}); "
+                                          f"{advice}")
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()  # stale: its writer died without releasing it
+        raise RobustEdgeError(f"{what} {folder}: could not take its lock {lock}; try again")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        _remove_empty(created)  # a refused run leaves no folder it made
+        raise
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from torch import nn
 
 from robustedge.checkpoint import ModelMeta, ModelSpec, check_file, is_robustedge_file, load_model
 from robustedge.errors import RobustEdgeError
+from robustedge.options import parse_eps, parse_int, parse_number, parse_positive
 from robustedge.teachers import ROBUSTBENCH_PREFIX
 
 # (classes, channels, image size, the field's L-inf eps) of each registry dataset's standard setting
@@ -30,6 +31,47 @@ DATASET_DEFAULTS = {
     "svhn": (10, 3, 32, 8 / 255),
     "digits": (10, 1, 16, 0.1),
 }
+
+
+# The rule for each numeric fact, shared by the CLI's flags (``--image-size``) and the API's keywords
+# (``image_size``): one check, the same message but for the spelling of the name.
+FACT_RULES = {
+    "num_classes": (parse_int, (2,)),
+    "in_channels": (parse_int, (1,)),
+    "image_size": (parse_int, (8,)),
+    "width": (parse_positive, ()),
+    "eps": (parse_eps, ()),
+}
+
+
+def fact_name(field: str, cli: bool) -> str:
+    return "--" + field.replace("_", "-") if cli else field
+
+
+def check_fact(field: str, value, cli: bool = False):
+    parse, args = FACT_RULES[field]
+    return parse(value, fact_name(field, cli), *args)
+
+
+def check_normalisation(mean, std, channels: int | None, cli: bool = False) -> None:
+    """Per-channel mean and std: given together, finite, std > 0, one value per input channel (or one for all)."""
+    m, s = fact_name("mean", cli), fact_name("std", cli)
+    if (mean is None) != (std is None):
+        raise RobustEdgeError(f"{m} and {s} must be given together")
+    if mean is None:
+        return
+    for name, values in ((m, mean), (s, std)):
+        if isinstance(values, (str, bytes)) or not hasattr(values, "__len__") or len(values) == 0:
+            raise RobustEdgeError(f"{name} must be a list of numbers, got {values!r}")
+        for v in values:
+            parse_number(v, name)
+    if any(float(v) <= 0 for v in std):
+        raise RobustEdgeError(f"{s} must be > 0 for every channel (inputs are divided by it), got {list(std)}")
+    if len(mean) != len(std):
+        raise RobustEdgeError(f"{m} has {len(mean)} values and {s} {len(std)}; give one per input channel")
+    if channels is not None and len(mean) not in (1, channels):
+        raise RobustEdgeError(f"{m}/{s} have {len(mean)} values but the model takes {channels} input channel"
+                              f"{'s' if channels != 1 else ''}; give one per channel")
 
 
 @dataclass
@@ -44,6 +86,22 @@ class ModelFacts:
     std: list[float] | None = None
     dataset: str | None = None
     eps: float | None = None
+    cli: bool = False  # name the facts as the CLI's flags (--image-size) in messages, else as keywords
+
+    def checked(self, cli: bool | None = None) -> "ModelFacts":
+        """The facts with every value checked (a bad one is a one-line error naming it, as the CLI's flags)."""
+        cli = self.cli if cli is None else cli
+        values = {f: None if getattr(self, f) is None else check_fact(f, getattr(self, f), cli) for f in FACT_RULES}
+        for field in ("arch", "dataset"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str):
+                raise RobustEdgeError(f"{fact_name(field, cli)} must be a name (a string), got {value!r}")
+        check_normalisation(self.mean, self.std, values["in_channels"], cli)
+        mean = None if self.mean is None else [float(v) for v in self.mean]
+        std = None if self.std is None else [float(v) for v in self.std]
+        return ModelFacts(self.arch, values["num_classes"], values["in_channels"], values["image_size"],
+                          1.0 if values["width"] is None else values["width"], mean, std, self.dataset, values["eps"],
+                          cli)
 
     def resolved(self, what: str) -> tuple[str, int, int, int, float | None]:
         """(dataset, classes, channels, image size, eps), refusing what neither the caller nor the dataset says."""
@@ -54,8 +112,7 @@ class ModelFacts:
         if classes is None or channels is None or size is None:
             raise RobustEdgeError(f"{what}: dataset '{dataset}' has no standard shape; pass --num-classes, "
                                   f"--in-channels and --image-size")
-        if (self.mean is None) != (self.std is None):
-            raise RobustEdgeError("--mean and --std must be given together")
+        check_normalisation(self.mean, self.std, int(channels), self.cli)
         return dataset, int(classes), int(channels), int(size), eps
 
 
@@ -70,8 +127,12 @@ def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = No
     keeps its device and its train/eval mode."""
     from robustedge.runtime import resolve_device
 
-    facts = facts or ModelFacts()
-    device = device if isinstance(device, torch.device) else resolve_device(str(device))
+    if facts is not None and not isinstance(facts, ModelFacts):
+        raise RobustEdgeError(f"facts must be a ModelFacts, got {type(facts).__name__}")
+    facts = (facts or ModelFacts()).checked()
+    if not isinstance(device, (str, torch.device)):
+        raise RobustEdgeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
+    device = device if isinstance(device, torch.device) else resolve_device(device)
     if isinstance(source, nn.Module):
         return _from_module(source, facts, device)
     if not isinstance(source, (str, os.PathLike)):

@@ -208,10 +208,8 @@ def _train_job(cfg: TrainConfig) -> float:
 def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     """Evaluate one student; writes eval.json/.md (and the adversarial examples of the B-MTARD one)."""
     s, name = job
-    from safetensors.torch import save_file
-
-    from robustedge.files import atomic_path
     from robustedge.data import split_for_model
+    from robustedge.files import save_safetensors
 
     model, meta = load_model(s.out / name / "best.safetensors")
     split = split_for_model(meta, None, None, "test", s.eval_n)
@@ -226,8 +224,8 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     report.info |= {"checkpoint": str(s.out / name / "best.safetensors"), "method": meta.method}
     report.save(s.out / name / "eval.json", s.out / name / "eval.md")
     if adversarial:
-        with atomic_path(s.out / name / ADVERSARIAL_FILE) as tmp:
-            save_file({k: v.contiguous() for k, v in adversarial.items()}, str(tmp))
+        save_safetensors(s.out / name / ADVERSARIAL_FILE,
+                         {k: v.detach().cpu().contiguous() for k, v in adversarial.items()})
     print(f"== {name} evaluated in {seconds:.0f} s ==", flush=True)
     return {"report": report.to_dict(), "seconds": seconds}
 

@@ -2,7 +2,8 @@
 
 What the trainer owns: optimiser and schedule, AMP, channels_last / torch.compile, the NaN guard,
 validation (clean + PGD-20 on the held-out split) with ``last`` and ``best`` checkpoints,
-per-epoch metrics (CSV, TensorBoard when installed), resume, and DDP.
+per-epoch metrics (CSV, TensorBoard when installed), resume, DDP, and the run folder's lock (one run
+writes a run folder at a time; see :meth:`Trainer._lock_run_dir`).
 
 Determinism by construction: the data order and augmentation of an epoch are a function of
 (seed, epoch) (see :class:`~robustedge.data.DeviceLoader`), the global RNG that drives the attack
@@ -21,6 +22,7 @@ import csv
 import hashlib
 import io
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -32,7 +34,8 @@ import torch.distributed as dist
 from torch import nn
 
 from robustedge.checkpoint import ModelMeta, ModelSpec, save_model, unwrap
-from robustedge.files import atomic_write_json, atomic_write_text, check_writable_folder
+from robustedge.files import (FolderLock, atomic_write_json, atomic_write_text, check_writable_folder,
+                              clean_stale_temps, lock_folder)
 from robustedge.teachers import load_teacher
 from robustedge.training_state import load_training_state, save_training_state
 from robustedge.weights import load_state_strict
@@ -163,14 +166,32 @@ class Trainer:
         if self.resume and not self.last_path.exists():
             raise RobustEdgeError(f"nothing to resume: {self.last_path} does not exist")
 
+    def _lock_run_dir(self) -> FolderLock | None:
+        """Hold the run folder for this run (rank 0 of a DDP group only: the ranks are one run).
+
+        Two runs with the same ``--name`` started together would both pass :meth:`_check_run_dir`
+        (neither has written ``last.safetensors`` yet), both train and both exit 0, one silently
+        replacing the other's checkpoints. With the lock the second is refused in one line before it
+        writes anything; a lock left by a killed run is taken over. Then the temporaries that writers
+        killed in this folder left behind are removed.
+        """
+        if _launch_rank() != 0:
+            return None
+        check_writable_folder(Path(self.cfg.out_dir), "--out-dir")
+        check_writable_folder(self.cfg.run_dir, "run folder")
+        lock = lock_folder(self.cfg.run_dir, what="run folder")
+        clean_stale_temps(self.cfg.run_dir)
+        return lock
+
     def run(self) -> TrainResult:
         from robustedge.sharding import leave
 
         validate_config(self.cfg)
-        self._check_run_dir()
+        lock = self._lock_run_dir()
         self.owns_group = False
         finished = False
         try:
+            self._check_run_dir()  # under the lock: no other run can write last.safetensors meanwhile
             run = self._prepare()
             t_run = time.perf_counter()
             for epoch in range(run.start_epoch, self.cfg.epochs):
@@ -179,8 +200,12 @@ class Trainer:
             finished = True
             return result
         finally:
-            if self.owns_group:
-                leave(wait=finished)  # after an error the other ranks may never reach a barrier
+            try:
+                if self.owns_group:
+                    leave(wait=finished)  # after an error the other ranks may never reach a barrier
+            finally:
+                if lock is not None:
+                    lock.release()
 
     def _prepare(self) -> _Run:
         """Data, parts, the resumed state and the metadata every checkpoint carries."""
@@ -462,6 +487,20 @@ def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int
                                   f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
         model = source  # the same architecture, with the trained weights (load_model checked them strictly)
     return prepare_qat(model, spec.input_shape, cfg.qat.activations)
+
+
+def _launch_rank() -> int:
+    """This process's rank, known before the process group is joined (torchrun's RANK), 0 alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    from robustedge.sharding import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return 0
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        raise RobustEdgeError(f"RANK={os.environ['RANK']!r} is not an integer; start DDP runs with torchrun") from None
 
 
 def _tensorboard(run_dir: Path):

@@ -18,7 +18,7 @@ from torch import nn
 
 from robustedge.checkpoint import (FORMAT, TRAINING_KIND, ModelMeta, model_part, read_robustedge_file, unwrap)
 from robustedge.errors import RobustEdgeError
-from robustedge.files import atomic_path
+from robustedge.files import save_safetensors
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
@@ -52,16 +52,12 @@ def save_training_state(path: str | os.PathLike, model: nn.Module, meta: ModelMe
 
     The file is also a valid model file: :func:`load_model` reads its ``model.`` part.
     """
-    from safetensors.torch import save_file
-
     model = unwrap(model)
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     tree = _flatten(state, "state", tensors)
     header = {"format": FORMAT, "robustedge": meta.to_json(), "kind": TRAINING_KIND,
               "training": json.dumps(tree, allow_nan=False)}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=header)
-    return Path(path)
+    return save_safetensors(path, tensors, header)
 
 
 def load_training_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ModelMeta, dict]:

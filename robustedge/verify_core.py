@@ -219,6 +219,8 @@ def load_manifest(bundle: Path) -> dict:
         manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RobustEdgeError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+    except RecursionError:  # nested deeper than the parser's stack: no manifest is
+        raise RobustEdgeError(f"{path} is not a manifest: nested too deeply to read") from None
     return check_manifest(manifest)
 
 

@@ -82,7 +82,27 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], *, so
         problems.append(f"shape mismatch: {_preview(shapes, 3)}")
     if problems:
         raise RobustEdgeError(f"{source} does not fit architecture '{arch}': " + "; ".join(problems))
+    check_weight_values(state, expected, source)
     model.load_state_dict(state, strict=True)
+
+
+# a QAT student's observers start at min_val = +inf, max_val = -inf (no batch seen yet): not weights
+_OBSERVER_STATISTICS = (".min_val", ".max_val")
+
+
+def check_weight_values(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], source: str) -> None:
+    """The model's input contract on the weights themselves: a float weight must come as floats (integers
+    cast to float are another model, silently evaluated) and every float value must be finite (NaN/Inf
+    weights give NaN logits or, worse, plausible-looking numbers from the finite part of the network)."""
+    kinds = [f"{k} ({state[k].dtype} in file, {v.dtype} in model)" for k, v in expected.items()
+             if state[k].is_floating_point() != v.is_floating_point() or state[k].is_complex()]
+    if kinds:
+        raise RobustEdgeError(f"{source}: weights of the wrong kind: {_preview(kinds, 3)}; the model needs "
+                              f"floating-point weights where it has them")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not k.endswith(_OBSERVER_STATISTICS)
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise RobustEdgeError(f"{source}: non-finite (NaN/Inf) weights in {_preview(bad)}; refusing to use them")
 
 
 def load_weights(spec: ModelSpec, path: str | os.PathLike, device: torch.device | str = "cpu") -> Classifier:

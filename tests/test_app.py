@@ -150,8 +150,8 @@ def test_a_model_with_nan_logits_is_an_error_not_a_prediction(digits_checkpoint,
     from robustedge.checkpoint import load_model, save_model
 
     model, meta = load_model(digits_checkpoint)
-    with torch.no_grad():
-        model.fc.bias.fill_(float("nan"))
+    with torch.no_grad():  # finite weights (NaN ones are refused at load) whose logits overflow to +-inf
+        model.fc.weight.fill_(3e38)
     (tmp_path / "nan").mkdir()
     save_model(tmp_path / "nan" / "best.safetensors", model, meta)
     at = app(tmp_path, model="nan/best.safetensors", attack="PGD")
@@ -255,4 +255,26 @@ def test_a_foreign_cifar_model_gets_its_test_images_from_data_root(tmp_path, wri
     at = app(None, sources, attack="FGSM", index="9")
     assert not at.exception and "attack took" in messages(at)
     assert at.number_input[0].value == 9 and at.number_input[0].max == 9  # the copy's 10 test images
+    assert at.get("image")[0].captions[0].endswith("(true 9)")  # the copy's test labels are 0..9 in order
+
+
+def test_a_checkpoint_cannot_make_the_page_read_a_folder_outside_its_reach(tmp_path, write_cifar10, monkeypatch):
+    """A checkpoint in --models records a data folder elsewhere: the page says it is not read and shows no
+    test image from it; the operator's --data-root (the same folder) makes it readable."""
+    from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+
+    write_cifar10(tmp_path / "elsewhere")
+    spec = ModelSpec("resnet20", 10, 3, 1.0, 32)
+    torch.manual_seed(0)
+    (tmp_path / "models" / "run").mkdir(parents=True)
+    save_model(tmp_path / "models" / "run" / "best.safetensors", spec.build(),
+               ModelMeta(spec, dataset="cifar10", eps=0.03, extra={"data": {"root": str(tmp_path / "elsewhere")}}))
+    monkeypatch.setenv(demo.DATA_ROOT_ENV, "")
+    at = app(tmp_path / "models", attack="FGSM")
+    text = messages(at)
+    assert not at.exception and "is outside the models folder and --data-root, so it is not read" in text
+    assert "No test data for this model; use Upload." in text and not at.get("image")
+    monkeypatch.setenv(demo.DATA_ROOT_ENV, str(tmp_path / "elsewhere"))
+    at = app(tmp_path / "models", attack="FGSM", index="9")
+    assert not at.exception and "attack took" in messages(at) and "not read" not in messages(at)
     assert at.get("image")[0].captions[0].endswith("(true 9)")  # the copy's test labels are 0..9 in order

@@ -62,8 +62,26 @@ CASES = [
     (["eval", "{docs}"], "checkpoint is not a file"),
     (["eval", "{foreign_safetensors}"], "is a safetensors file but not a RobustEdge model"),
     (["eval", "{bad_meta}"], "malformed RobustEdge metadata"),
-    ([a if a != "{ckpt}" else "{nan_ckpt}" for a in EVAL], "non-finite logits (NaN/Inf)"),
-    ([a if a != "{ckpt}" else "{inf_ckpt}" for a in EVAL], "non-finite logits (NaN/Inf)"),
+    ([a if a != "{ckpt}" else "{nan_ckpt}" for a in EVAL], "non-finite (NaN/Inf) weights in fc.bias"),
+    ([a if a != "{ckpt}" else "{inf_ckpt}" for a in EVAL], "non-finite (NaN/Inf) weights in fc.bias"),
+    ([a if a != "{ckpt}" else "{nan_logits}" for a in EVAL], "non-finite logits (NaN/Inf)"),
+    # --- the model's input contract: its weights, its normalisation, its metadata ------------------
+    (["eval", "{int_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits"], "weights of the wrong kind: "),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits", "--mean", "0.5,0.5", "--std",
+      "0.2,0.2"], "--mean/--std have 2 values but the model takes 1 input channel"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits", "--mean", "0.5", "--std", "0"],
+     "--std must be > 0 for every channel"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits", "--mean", "0.5", "--std", "-1"],
+     "--std must be > 0 for every channel"),
+    (["eval", "{state_pth}", "--arch", "wideresnet-10-1", "--mean", "0.5,0.5", "--std", "1"],
+     "--mean has 2 values and --std 1"),
+    (["eval", "{norm_meta}"], "one value per input channel"),
+    (["eval", "{eps_meta}"], "eps must be a number in [0, 1], got 2"),
+    (["import", "{nan_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits", "--out",
+      "{world}/imported.safetensors"], "non-finite (NaN/Inf) weights"),
+    (["app", "--model", "{nan_ckpt}"], "non-finite (NaN/Inf) weights"),
+    (["app", "--model", "{ckpt}", "--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' cannot be resolved"),
+    (TRAIN + ["--qat-from", "{nan_ckpt}"], "non-finite (NaN/Inf) weights"),
     (["eval"], "the following arguments are required: checkpoint"),
     # --- foreign models (state dicts with --arch, RobustBench) and `robustedge import` -----------
     (["eval", "{state_pth}"], "is not a RobustEdge checkpoint: pass --arch"),
@@ -119,7 +137,8 @@ CASES = [
     (EXPORT + ["--out", "{new}", "--flags-n", "0"], "--flags-n must be an integer >= 1, got 0"),
     (EXPORT + ["--out", "{new}", "--calibration-method", "foo"], "argument --calibration-method: invalid choice"),
     (EXPORT + ["--out", "{new}", "--seed", "x"], "--seed must be an integer, got 'x'"),
-    (["export", "{nan_ckpt}", "--out", "{new}"], "non-finite logits (NaN/Inf)"),
+    (["export", "{nan_ckpt}", "--out", "{new}"], "non-finite (NaN/Inf) weights in fc.bias"),
+    (["export", "{nan_logits}", "--out", "{new}"], "non-finite logits (NaN/Inf)"),
     (["export", "{ckpt}"], "the following arguments are required: --out"),
     # a QAT student exports only the INT8 formats whose runtime runs its scheme
     (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "executorch-int8"],
@@ -155,6 +174,10 @@ CASES = [
     (["verify", "{b_npz_labels}"], "verify.npz: 'y' must be int64 class indices"),
     (["verify", "{b_tampered}"], "model.int8.onnx does not match its manifest sha256"),
     (["verify", "{b_missing_file}"], "bundle file missing"),
+    (["verify", "{b_deep}"], "manifest.json is not a manifest: nested too deeply to read"),
+    (["verify", "{bundle}", "--out", "{md_dir}"], "verify.md exists and was not written by RobustEdge"),
+    (["verify", "{bundle}", "--out", "{bundle}/report"], "is inside the bundle"),
+    (["verify", "{bundle}", "--out", "{bundle}"], "is inside the bundle"),
     (["verify", "{bundle}", "--square-n", "-1"], "--square-n must be an integer >= 0, got -1"),
     (["verify", "{bundle}", "--max-drop", "2"], "--max-drop must be in [0, 1], got 2"),
     # --- train / distill: config values of the wrong type or range ------------------------------
@@ -305,6 +328,7 @@ def _bundle_variants(bundle: Path, root: Path) -> dict[str, Path]:
         "b_npz_shape": dict(edit_samples=lambda s: s.update(x=s["x"][:, :, :8, :8].copy())),
         "b_npz_labels": dict(edit_samples=lambda s: s.update(y=s["y"].astype(np.float32))),
         "b_symlink": dict(edit_manifest=symlinked),
+        "b_deep": dict(edit_manifest=lambda m: "[" * 200_000 + "]" * 200_000),
         "b_tampered": dict(),
         "b_missing_file": dict(),
     }
@@ -344,6 +368,23 @@ def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
 
     meta.extra["qat"] = {"activations": "uint8", "library": "torchao", "from_checkpoint": None}
     paths["qat_ckpt"] = save_model(root / "qat.safetensors", prepare_qat(model, meta.spec.input_shape).eval(), meta)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    meta = load_model(ckpt)[1]  # the float model's (the QAT row above changed this one)
+    paths["int_pth"] = root / "integer_weights.pth"
+    torch.save({k: (v * 100).round().long() if v.is_floating_point() else v for k, v in state.items()},
+               paths["int_pth"])
+    paths["nan_pth"] = root / "nan_weights.pth"
+    torch.save({k: v.clone().fill_(float("nan")) if k == "fc.bias" else v for k, v in state.items()}, paths["nan_pth"])
+    for name, edit in (("norm_meta", lambda raw: raw["spec"].update(mean=[0.5, 0.5], std=[0.2, 0.2])),
+                       ("eps_meta", lambda raw: raw.update(eps=2))):
+        raw = json.loads(meta.to_json())
+        edit(raw)
+        paths[name] = root / f"{name}.safetensors"
+        save_file(state, str(paths[name]), metadata={"format": "robustedge/1", "robustedge": json.dumps(raw)})
+    overflowing, _ = load_model(ckpt)  # finite weights whose logits overflow to Inf/NaN
+    with torch.no_grad():
+        overflowing.fc.weight.div_(overflowing.fc.weight.abs().max()).mul_(3e38)
+    paths["nan_logits"] = save_model(root / "nan_logits.safetensors", overflowing, meta)
     paths["bad_meta"] = root / "bad_meta.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(paths["bad_meta"]),
               metadata={"format": "robustedge/1", "robustedge": json.dumps({"spec": {"arch": "resnet20"},
@@ -399,6 +440,8 @@ def world(tmp_path_factory, digits_checkpoint):
     shutil.copy(ckpt, runs / "best.safetensors")
     (runs / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
     paths["runs"] = runs
+    paths["md_dir"] = root / "verify_report"
+    (paths["md_dir"] / "verify.md").mkdir(parents=True)  # a folder where the report file would go
     return paths
 
 

@@ -153,6 +153,8 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers, fr
     result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert result["world_size"] == 2 and result["ranks_identical"] is True
     assert proc.stdout.count("epoch 1/1") == 1  # logs from rank 0 only
+    # rank 0 alone held the run folder's lock (another rank taking it would have been refused), and let it go
+    assert not (tmp_path / "ddp" / ".robustedge.lock").exists()
 
 
 def test_cli_train_overrides_and_errors(tmp_path, capsys):

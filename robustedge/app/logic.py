@@ -4,8 +4,11 @@ Security: the app only ever opens files found by scanning its models folder, and
 its operator named on the command line (``robustedge app --model SRC``, passed to the page as
 ``ROBUSTEDGE_SOURCES``); names shown to the user are paths relative to that folder or those sources as
 given, and every folder path is resolved and checked to stay inside it (no ``..`` or symlink escapes).
-A page visitor can only pick from that list. Uploads are size-limited and decoded by PIL with its
-decompression-bomb guard.
+A page visitor can only pick from that list. Test images come only from the embedded digits, the
+models folder, or the ``--data-root`` the operator passed (:func:`choose_test_data`): a data folder
+that a checkpoint records is metadata inside a file, not the operator's choice, so one pointing
+elsewhere is ignored with a note. Uploads are size-limited and decoded by PIL with its
+decompression-bomb guard; any failure to decode one is a one-line message (:func:`prepare_upload`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -214,6 +218,67 @@ def resolve_entry(folder: str | Path | None, name: str, sources: str | None = No
     raise RobustEdgeError(f"no model named {name!r} in the models folder")
 
 
+@dataclass
+class DataChoice:
+    """Where the page may take a model's test images from, and why not from where it records."""
+
+    dataset: str
+    root: str | None  # a folder the page may read (None: the embedded digits, or no test data)
+    seed: int = 0
+    val_fraction: float = 0.1
+    notes: list[str] = field(default_factory=list)  # one line each, shown on the page
+
+
+def choose_test_data(meta, info: dict | None, models_folder: str | Path | None,
+                     data_root: str | None) -> DataChoice:
+    """The test data the page loads for a model: its dataset and a data folder it is allowed to read.
+
+    ``meta`` is the model's :class:`~robustedge.checkpoint.ModelMeta` (None for an ONNX file without
+    its source), ``info`` the scan's facts, ``models_folder`` the app's folder and ``data_root`` the
+    ``--data-root`` of ``robustedge app`` (``ROBUSTEDGE_DATA_ROOT``). The folder a checkpoint records
+    (``extra.data.root``) is only a hint written into a file: anyone who can drop a checkpoint into the
+    models folder could point it at any folder on the server and the page would show its images. So
+    it is used only when it lies inside the models folder or ``data_root``; otherwise it is ignored
+    with a one-line note and ``data_root`` (or nothing) is used. Digits are embedded and read nothing.
+    Malformed split settings fall back to the defaults with a note rather than breaking the page.
+    """
+    info = info or {}
+    dataset = (meta.dataset if meta else info.get("dataset")) or "digits"
+    recorded_data = meta.extra.get("data") if meta is not None else None
+    data = recorded_data if isinstance(recorded_data, dict) else {}
+    out = DataChoice(str(dataset), None)
+    seed, fraction = data.get("seed", 0), data.get("val_fraction", 0.1)
+    if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**31:
+        out.seed = seed
+    else:
+        out.notes.append(f"the model records data seed {seed!r}, not an integer in [0, 2^31); using 0")
+    if isinstance(fraction, (int, float)) and not isinstance(fraction, bool) and 0 <= fraction < 1:
+        out.val_fraction = float(fraction)
+    else:
+        out.notes.append(f"the model records val_fraction {fraction!r}, not a number in [0, 1); using 0.1")
+    if out.dataset == "digits":
+        return out  # embedded in scikit-learn: no folder is read
+    given = data_root or None
+    recorded = data.get("root")
+    if recorded in (None, ""):
+        out.root = given
+        return out
+    allowed = [Path(f) for f in (models_folder, given) if f]
+    if isinstance(recorded, str):
+        try:
+            place = Path(recorded).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            place = None
+        if place is not None and any(_inside(folder, place) for folder in allowed):
+            out.root = str(place)
+            return out
+    instead = f"using --data-root {given}" if given else "start the app with --data-root to show its test images"
+    out.notes.append(f"the model's recorded data folder {recorded!r} is outside the models folder and --data-root, "
+                     f"so it is not read; {instead}")
+    out.root = given
+    return out
+
+
 class Predictor:
     """A torch model or an ONNX Runtime session behind one call: [0, 1] images -> probabilities."""
 
@@ -276,18 +341,37 @@ def prepare_upload(data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tens
     if len(data) > MAX_UPLOAD_BYTES:
         raise RobustEdgeError(f"the upload is {len(data) / 2**20:.1f} MB; the limit is {MAX_UPLOAD_BYTES // 2**20} MB")
     Image.MAX_IMAGE_PIXELS = MAX_UPLOAD_PIXELS
+    channels, height, width = shape
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            if img.width * img.height > MAX_UPLOAD_PIXELS:
-                raise RobustEdgeError(f"the image is {img.width}x{img.height}; at most {MAX_UPLOAD_PIXELS} pixels")
-            original = f"{img.width}x{img.height} {img.mode}"
-            channels, height, width = shape
-            img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            array = np.asarray(img, dtype=np.float32).reshape(height, width, channels) / 255.0
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as exc:
-        raise RobustEdgeError(f"the upload is not a readable image ({type(exc).__name__})") from None
+        with warnings.catch_warnings():
+            # PIL only warns between one and two times its limit; the size check below refuses instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > MAX_UPLOAD_PIXELS:
+                    raise RobustEdgeError(f"the image is {img.width}x{img.height}; at most {MAX_UPLOAD_PIXELS} "
+                                          f"pixels")
+                original = f"{img.width}x{img.height} {img.mode}"
+                img = img.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+                array = np.asarray(img, dtype=np.float32).reshape(height, width, channels) / 255.0
+    except RobustEdgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see below
+        # The bytes are a stranger's, and PIL's decoders fail in many ways on them: OSError (truncated),
+        # UnidentifiedImageError, DecompressionBombError, SyntaxError, ValueError ("Decompressed Data Too
+        # Large" from a text or ICC chunk past PngImagePlugin.MAX_TEXT_CHUNK), struct.error, EOFError,
+        # and whatever a plugin raises next. Every one means the same to the visitor: not an image we can
+        # read. Listing types fixed one example at a time; the class is "the decoder failed".
+        detail = "no image format PIL knows" if isinstance(exc, UnidentifiedImageError) else _one_line(exc)
+        raise RobustEdgeError(f"the upload is not a readable image ({detail})") from None
     note = f"{original} -> {width}x{height} {'grey' if channels == 1 else 'RGB'}, scaled to [0, 1]"
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous(), note
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """``Type: first line of the message``, shortened: what a one-line error may say about ``exc``."""
+    text = str(exc).splitlines()[0].strip() if str(exc).strip() else ""
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def attack(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, steps: int,

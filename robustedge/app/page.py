@@ -3,9 +3,10 @@
 Settings come from the environment (Streamlit passes no arguments to a page): ROBUSTEDGE_MODELS is the
 models folder (default runs/quickstart; empty: none), ROBUSTEDGE_SOURCES the foreign models named with
 ``robustedge app --model`` and ROBUSTEDGE_DATA_ROOT where test images of datasets other than digits live
-when a model does not record it. Query parameters preselect widgets, e.g.
-``?model=student_bmtard/best.safetensors&attack=PGD&eps=0.1&index=3`` (used by the browser test); one
-that does not parse or is out of range falls back to its default with a warning.
+(a data folder a model records is read only when it lies inside the models folder or that one). Query
+parameters preselect widgets, e.g. ``?model=student_bmtard/best.safetensors&attack=PGD&eps=0.1&index=3``
+(used by the browser test); one that does not parse or is out of range falls back to its default with a
+warning.
 """
 
 from __future__ import annotations
@@ -117,23 +118,24 @@ def _sidebar(where: tuple, entries, params, predictor, warnings: list[str]) -> C
     return Choice(model, choice, second, source, attack, eps, steps)
 
 
-def _input(c: Choice, params, test_split, warnings: list[str]):
-    """(x, y, test split or None) from a test sample or an upload; None when the page should stop."""
+def _input(c: Choice, folder: str | None, params, test_split, warnings: list[str]):
+    """(x, y, test split or None) from a test sample or an upload; None when the page should stop.
+
+    Test images come only from where :func:`demo.choose_test_data` allows (the embedded digits, the
+    models ``folder`` or the operator's --data-root), never from a folder a checkpoint merely records."""
     import streamlit as st
 
     meta = c.model.meta or (c.source.meta if c.source else None)
-    dataset = (meta.dataset if meta else c.model.entry.info.get("dataset")) or "digits"
-    data_cfg = meta.extra.get("data", {}) if meta and isinstance(meta.extra.get("data"), dict) else {}
+    data = demo.choose_test_data(meta, c.model.entry.info, folder, os.environ.get(demo.DATA_ROOT_ENV) or None)
+    warnings.extend(data.notes)
     with st.sidebar:
         st.header("Input")
         mode = st.radio("Image", ["Test sample", "Random test sample", "Upload"],
                         index=2 if params.get("input") == "upload" else 0)
     split = None
-    root = data_cfg.get("root") or os.environ.get(demo.DATA_ROOT_ENV) or None
-    if dataset == "digits" or root:
+    if data.dataset == "digits" or data.root:
         try:
-            split = test_split(dataset, root, tuple(c.model.input_shape), int(data_cfg.get("seed", 0)),
-                               float(data_cfg.get("val_fraction", 0.1)))
+            split = test_split(data.dataset, data.root, tuple(c.model.input_shape), data.seed, data.val_fraction)
         except RobustEdgeError as exc:
             st.info(f"Test data not available ({exc}); upload an image instead.")
     if mode == "Upload":
@@ -250,7 +252,7 @@ def render() -> None:
         return
     try:
         choice = _sidebar(where, entries, params, predictor, warnings)
-        picked = _input(choice, params, test_split, warnings) if choice else None
+        picked = _input(choice, folder, params, test_split, warnings) if choice else None
         for warning in warnings:
             st.warning(warning)
         if picked is None:

@@ -12,6 +12,7 @@ RobustEdge bundle and does not hold the source checkpoint (docs/design.md, "File
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import shutil
@@ -69,8 +70,12 @@ class ExportOptions:
         if self.int8_activations not in convert.INT8_ACTIVATIONS:
             raise RobustEdgeError(f"INT8 activations must be one of {', '.join(convert.INT8_ACTIVATIONS)}, "
                                   f"got '{self.int8_activations}'")
-        self.transfer_attacks = check_transfer_attacks(tuple(self.transfer_attacks))
-        self.whitebox_attacks = check_whitebox_attacks(tuple(self.whitebox_attacks))
+        self.transfer_attacks = check_transfer_attacks(_names_arg(self.transfer_attacks, "transfer_attacks"))
+        self.whitebox_attacks = check_whitebox_attacks(_names_arg(self.whitebox_attacks, "whitebox_attacks"))
+        from robustedge.flags import FlagSettings
+
+        if not isinstance(self.flags, FlagSettings):
+            raise RobustEdgeError(f"flags must be a FlagSettings, got {self.flags!r}")
         self.flags.validate()
         if not (isinstance(self.parity_tol, (int, float)) and math.isfinite(self.parity_tol) and self.parity_tol > 0):
             raise RobustEdgeError(f"parity tolerance must be a positive number, got {self.parity_tol!r}")
@@ -86,8 +91,17 @@ QAT_SCHEME = {  # QAT formats whose runtime needs one activation scheme: (--qat-
                                 "student leaves convolutions outside it)")}
 
 
+def _names_arg(value, name: str) -> tuple[str, ...]:
+    """A list of names from a comma-separated string or a list/tuple of strings (the API's and the CLI's forms)."""
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(v.strip() for v in value if v.strip())
+    raise RobustEdgeError(f"{name} must be a comma-separated string or a list of names, got {value!r}")
+
+
 def parse_formats(text: str | list[str]) -> list[str]:
-    names = [f.strip() for f in (text.split(",") if isinstance(text, str) else text) if f.strip()]
+    names = list(_names_arg(text, "formats"))
     bad = [f for f in names if f not in FORMATS]
     if bad or not names:
         raise RobustEdgeError(f"unknown export format '{(bad or [''])[0]}'; valid formats: {', '.join(FORMATS)}")
@@ -355,14 +369,49 @@ def _manifest(checkpoint: Path | None, out: Path, meta, opts: ExportOptions, tmp
     }
 
 
+def verify_out(bundle: str | Path, out: str | Path | None = None) -> Path:
+    """Where `robustedge verify` writes its report: ``out``, by default ``<bundle>-verify`` beside the bundle;
+    never inside the bundle, whose files its manifest hashes and which a device may hold read-only."""
+    bundle = Path(bundle)
+    folder = Path(out) if out is not None else bundle.parent / f"{bundle.name}-verify"
+    inside = folder.resolve()
+    if inside == bundle.resolve() or bundle.resolve() in inside.parents:
+        raise RobustEdgeError(f"--out {folder} is inside the bundle {bundle}; verify never writes into a bundle, "
+                              f"choose a folder outside it")
+    from robustedge.files import check_output_files
+
+    check_output_files(folder, VERIFY_OUTPUTS)
+    return folder
+
+
+def _is_verify_json(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and {"table", "flags", "gate", "gate_failures", "verified"} <= set(data)
+
+
+def _is_verify_md(path: Path) -> bool:
+    try:
+        return path.read_text(encoding="utf-8").startswith("| format |")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+VERIFY_OUTPUTS = {"verify.json": _is_verify_json, "verify.md": _is_verify_md}  # what verify may overwrite
+
+
 def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | None = None,
-                  progress=print) -> tuple[dict, list[str]]:
+                  progress=print, out: str | Path | None = None) -> tuple[dict, list[str]]:
     """Re-run a bundle's checks through each runtime: replays of every stored example set (the same
     as the bundle's own ``verify.py``), the comparison flags recomputed, the gradient checks as recorded
     at export. ``square_n`` > 0 runs a fresh Square attack on each runtime instead of replaying the
-    stored one; the torch row comes from the manifest."""
+    stored one; the torch row comes from the manifest. The report goes to :func:`verify_out` (``out``,
+    default ``<bundle>-verify`` beside the bundle), never into the bundle."""
     bundle = Path(bundle)
     manifest, samples = read_bundle(bundle)
+    folder = verify_out(bundle, out)
     options = manifest["options"]
     gate = gate or Gate.from_dict(manifest["gate"])
     if square_n is not None and (not isinstance(square_n, int) or square_n < 0):
@@ -394,6 +443,8 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     failures = gate.check(table, flags)
     report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
               "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    atomic_write_json(bundle / "verify.json", report)
-    atomic_write_text(bundle / "verify.md", format_table(table) + "\n" + format_flags(flags))
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "verify.json", report)
+    atomic_write_text(folder / "verify.md", format_table(table) + "\n" + format_flags(flags))
+    report["out"] = str(folder)
     return report, failures
