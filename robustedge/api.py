@@ -61,6 +61,8 @@ def _as_images(x, device) -> torch.Tensor:
         x = torch.from_numpy(x)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise RobustEdgeError("images must be a 4-d (N, C, H, W) tensor or array")
+    if len(x) == 0:
+        raise RobustEdgeError("nothing to evaluate: no examples")
     x = x.to(device)
     if x.dtype == torch.uint8:
         return x.float().div_(255.0)
@@ -91,7 +93,7 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     ``on_update(report)``: called with the unfinished report after each attack and block (save it, e.g.
     ``report.save('eval.json')``); ``resume``: such a report (or the path of its ``eval.json``) to continue
     from its last finished attack and block, as ``robustedge eval --resume``."""
-    from robustedge.evaluate import EvalReport, parse_attacks
+    from robustedge.evaluate import EvalReport, parse_attacks, resumable_report
     from robustedge.evaluate import evaluate as _evaluate
     from robustedge.flags import FlagSettings
     from robustedge.runtime import resolve_device
@@ -111,12 +113,16 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
         _bool_arg(value, name)
     if not (isinstance(flags, (bool, FlagSettings))):
         raise RobustEdgeError(f"flags must be True, False or a FlagSettings, got {flags!r}")
+    if isinstance(flags, FlagSettings):
+        flags.validate()
+    if resume is not None and not isinstance(resume, (EvalReport, str, os.PathLike)):
+        raise RobustEdgeError(f"resume must be an EvalReport or the path of an eval.json, got {resume!r}")
     if on_update is not None and not callable(on_update):
         raise RobustEdgeError(f"on_update must be a function of the report, got {on_update!r}")
     if device is not None:
         if not isinstance(device, (str, torch.device)):
             raise RobustEdgeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
-        device = device if isinstance(device, torch.device) else resolve_device(device)
+        device = resolve_device(str(device))
     else:
         device = _device_of(model) if isinstance(model, nn.Module) else resolve_device("auto")
     meta = None
@@ -134,6 +140,9 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     else:
         x = _as_images(x, device)
         y = _as_labels(y, len(x), device)
+        if meta is not None and tuple(x.shape[1:]) != tuple(meta.spec.input_shape):
+            raise RobustEdgeError(f"images must be {meta.spec.input_shape} (channels, height, width) for this "
+                                  f"model, got {tuple(x.shape[1:])}")
     if eps is None:
         eps = meta.eps if meta is not None else None
         if eps is None:
@@ -143,10 +152,7 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
         from robustedge.files import read_json
 
         path = _path_arg(resume, "resume")
-        try:
-            resume = EvalReport.from_dict(read_json(path))
-        except (TypeError, KeyError, AttributeError):
-            raise RobustEdgeError(f"{path} is not an evaluation RobustEdge can resume") from None
+        resume = resumable_report(read_json(path), str(path))
     return _evaluate(model, x, y, attacks=attacks, eps=eps, batch_size=batch_size, seed=seed,
                      aa_batch_size=aa_batch_size, show_progress=show_progress, fold_bn=fold_bn, flags=settings,
                      distributed=distributed, resume=resume, on_update=on_update)
@@ -223,11 +229,13 @@ def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=N
     from robustedge.verify_core import Gate, load_manifest
 
     bundle = _path_arg(bundle, "bundle")
+    if progress is not None and not callable(progress):
+        raise RobustEdgeError(f"progress must be a function of one message, got {progress!r}")
     if square_n is not None:
         square_n = parse_int(square_n, "square_n", 0)
     gate = Gate.from_dict(load_manifest(bundle)["gate"])
     return verify_bundle(bundle, gate, square_n, progress=progress or (lambda m: None),
-                         out=None if out is None else _path_arg(out, "out"))
+                         out=None if out is None else _path_arg(out, "out"), out_flag="out")
 
 
 def train(config: str | os.PathLike | Any, *, resume: bool = False, **overrides):

@@ -152,7 +152,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                         "4 x eps, PGD-100 x 2 restarts)")
     p.add_argument("--flags-budget", type=_typed(options.parse_positive, "--flags-budget"), default=0.5,
                    help="the checks may cost at most this multiple of the suite's model passes (fewer examples "
-                        "when it is cheap; none for clean accuracy alone or under --flags-min-n examples)")
+                        "when it is cheap; none for clean accuracy alone or on fewer than 10 examples)")
     p.add_argument("--no-flags", action="store_true", help="skip the attack-failure checks")
     p.add_argument("--allow-flags", action="store_true",
                    help="exit 0 even when an attack-failure flag fires (default: exit 1; a weak attack choice "
@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _saved_eval(out: Path, resume: bool):
     """The evaluation saved in ``out`` to continue (``--resume``), or None; without ``--resume`` an unfinished
     one there is started over, which is said."""
-    from robustedge.evaluate import EvalReport
+    from robustedge.evaluate import resumable_report
     from robustedge.files import read_json
 
     path = out / "eval.json"
@@ -218,11 +218,7 @@ def _saved_eval(out: Path, resume: bool):
         return None
     if not path.is_file():
         raise RobustEdgeError(f"nothing to resume: {path} does not exist (run without --resume)")
-    raw = read_json(path)
-    try:
-        return EvalReport.from_dict(raw)
-    except (TypeError, KeyError, AttributeError):
-        raise RobustEdgeError(f"{path} is not an evaluation RobustEdge can resume") from None
+    return resumable_report(read_json(path), str(path))
 
 
 def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device) -> int:

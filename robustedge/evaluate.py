@@ -36,7 +36,7 @@ def _is_eval_json(path: Path) -> bool:
         return True
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and {"n", "eps", "accuracy", "seconds", "info"} <= set(data)
 
@@ -96,9 +96,8 @@ def parse_attacks(text: str | list[str]) -> list[str]:
             raise unknown_name("attack", name, DEFAULT_ATTACKS + ["all"])
     if not names:
         raise RobustEdgeError("no attacks given")
-    if "clean" not in names:  # W-Robust needs clean accuracy
-        names.insert(0, "clean")
-    return list(dict.fromkeys(names))
+    # clean first, always: W-Robust needs clean accuracy, from the first saved report on
+    return list(dict.fromkeys(["clean"] + names))
 
 
 @dataclass
@@ -369,6 +368,10 @@ def _run_flags(report: EvalReport, model: nn.Module, x: torch.Tensor, y: torch.T
     judged = any(SUITE[a].iterative for a in ran)
     per_example = check_passes(settings, pgd20_given="pgd20" in ran, judge_reported=judged)
     suite = report.suite_passes()
+    if min(settings.n, len(y)) < settings.min_n:
+        report.checks = {"skipped": f"fewer than {settings.min_n} examples to check (--flags-n {settings.n}, "
+                                    f"{len(y)} evaluated): too few to judge"}
+        return
     n = checks_budget_n(settings, len(y), suite, per_example)
     if n == 0:
         report.checks = {"skipped": f"on at least {settings.min_n} examples they would cost more than "
@@ -400,9 +403,43 @@ def fingerprint(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str,
     return {"model_sha256": weights.hexdigest(), "data_sha256": data.hexdigest()}
 
 
+def resumable_report(raw, where: str = "the saved evaluation") -> EvalReport:
+    """An :class:`EvalReport` from a saved ``eval.json`` whose every field a resume reads has the right type
+    (a hand-edited or damaged file is one line, never a traceback or a silently wrong number)."""
+    def bad(why: str) -> RobustEdgeError:
+        return RobustEdgeError(f"{where} is not an evaluation RobustEdge can resume ({why}); run without --resume")
+
+    if not isinstance(raw, dict):
+        raise bad("not a JSON object")
+    for key in ("accuracy", "seconds", "correct", "info"):
+        if not isinstance(raw.get(key, {}), dict):
+            raise bad(f"'{key}' is not an object")
+    if not isinstance(raw.get("info", {}).get("run"), dict):
+        raise bad("it records no run settings: written before resumable evaluations")
+    if not all(isinstance(v, str) and set(v) <= {"0", "1"} for v in raw.get("correct", {}).values()):
+        raise bad("'correct' must map attacks to strings of 0 and 1")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               for key in ("accuracy", "seconds") for v in raw.get(key, {}).values()):
+        raise bad("'accuracy' and 'seconds' must hold finite numbers")
+    partial = raw.get("partial")
+    if partial is not None and not (
+            isinstance(partial, dict) and isinstance(partial.get("attack"), str)
+            and isinstance(partial.get("correct"), str) and set(partial["correct"]) <= {"0", "1"}
+            and isinstance(partial.get("seconds", 0.0), (int, float)) and math.isfinite(partial.get("seconds", 0.0))):
+        raise bad("'partial' must be {attack, correct: 0/1 string, seconds}")
+    if not isinstance(raw.get("complete", True), bool) or not isinstance(raw.get("n"), int):
+        raise bad("'complete' must be true or false and 'n' an integer")
+    try:
+        return EvalReport.from_dict(raw)
+    except TypeError as exc:
+        raise bad(str(exc)) from None
+
+
 def check_resumable(saved: EvalReport, run: dict) -> None:
     """A saved (partial) evaluation may be continued only by the same run: the same model, examples, attacks,
-    eps, seed and AutoAttack block (the batch size and the number of processes change no number)."""
+    eps, seed, AutoAttack block and device type (the batch size and the number of processes change no
+    number), and only from what that run could have saved: finished results of length n, a prefix of the
+    attack under way that ends on one of its blocks."""
     before = saved.info.get("run")
     if not isinstance(before, dict):
         raise RobustEdgeError("the saved evaluation records no run settings (written before resumable evaluations); "
@@ -411,6 +448,17 @@ def check_resumable(saved: EvalReport, run: dict) -> None:
     if differ:
         raise RobustEdgeError("cannot resume: the saved evaluation was another run (" + "; ".join(differ)
                               + "); run without --resume to start over, or with its settings")
+    n, attacks = run["n"], run["attacks"]
+    wrong = [a for a, bits in saved.correct.items() if a not in attacks or len(bits) != n]
+    wrong += [a for a in saved.accuracy if a not in saved.correct]
+    if saved.partial:
+        name, done = saved.partial["attack"], len(saved.partial["correct"])
+        block = run["aa_batch_size"] if name == "autoattack" else 1
+        if name not in attacks or name in saved.correct or done > n or done % block and done != n:
+            wrong.append(f"partial {name}")
+    if saved.n != n or wrong:
+        raise RobustEdgeError(f"cannot resume: the saved evaluation does not fit this run ({', '.join(wrong) or 'n'}: "
+                              f"not {n} results, or a prefix that is not a finished block); run without --resume")
 
 
 def _bits(correct: torch.Tensor) -> str:
@@ -444,7 +492,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     ``distributed`` shards the examples over the ranks of the initialised process group (every rank must
     call this, with the same inputs; robustedge/sharding.py); off, this process evaluates alone.
     ``on_update(report)`` receives the unfinished report after each attack and, at most every ``save_every``
-    seconds, after a block (``report.info['complete']`` False, ``report.partial`` the attack under way):
+    seconds, after a block (``report.complete`` False, ``report.partial`` the attack under way):
     saving it lets ``resume`` continue a killed evaluation from its last finished attack and block, with the
     same per-example results as an uninterrupted run (:func:`check_resumable` refuses another run's report).
     """
@@ -457,6 +505,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         aa_batch_size = AUTOATTACK_BLOCK
     if isinstance(aa_batch_size, bool) or not isinstance(aa_batch_size, int) or aa_batch_size < 1:
         raise RobustEdgeError(f"AutoAttack batch size must be an integer >= 1, got {aa_batch_size!r}")
+    if flags is not None:
+        flags.validate()
     original, was_training = model, model.training
     model.eval()
     from robustedge.models import fold_if_possible
@@ -473,13 +523,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
     if batch_size == "auto":
         batch_size = agree_min(auto_batch_size(model, x[:1]), world)  # the same blocks on every rank
     run = {"attacks": list(attacks), "n": int(len(y)), "eps": eps, "seed": seed, "aa_batch_size": aa_batch_size,
-           "fold_bn": fold_bn} | fingerprint(original, x, y)
+           "fold_bn": fold_bn, "device": x.device.type} | fingerprint(original, x, y)
     if resume is not None:
-        check_resumable(resume, run)
-        if adversarial_out is not None:
-            raise RobustEdgeError("a resumed evaluation cannot return the adversarial examples of attacks it did "
-                                  "not run again; do not pass adversarial_out with resume")
+        try:
+            check_resumable(resume, run)
+            if adversarial_out is not None:
+                raise RobustEdgeError("a resumed evaluation cannot return the adversarial examples of attacks it did "
+                                      "not run again; do not pass adversarial_out with resume")
+        except RobustEdgeError:
+            original.train(was_training)
+            raise
         if resume.complete:
+            original.train(was_training)
             return resume
     report = EvalReport(n=int(len(y)), eps=eps, info={"fold_bn": fold_bn, "batch_size": batch_size,
                                                       "aa_batch_size": aa_batch_size, "processes": world.size,
@@ -492,11 +547,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
             on_update(report)
             last_save[0] = time.perf_counter()
 
-    classes = _logits(model, x[:1], 1, "clean inputs").shape[1]
-    if int(y.min()) < 0 or int(y.max()) >= classes:
-        raise RobustEdgeError(f"labels must be class indices in [0, {classes - 1}] (the model predicts {classes} "
-                              f"classes), got {int(y.min())}..{int(y.max())}")
     try:
+        classes = _logits(model, x[:1], 1, "clean inputs").shape[1]
+        if int(y.min()) < 0 or int(y.max()) >= classes:
+            raise RobustEdgeError(f"labels must be class indices in [0, {classes - 1}] (the model predicts {classes} "
+                                  f"classes), got {int(y.min())}..{int(y.max())}")
         results["clean"] = _clean(model, x, y, batch_size, world)  # also refuses NaN/Inf logits
         for name in attacks:
             start = time.perf_counter()
@@ -532,6 +587,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, attacks: lis
         if len(results) > 2:
             report.worst = float(torch.stack(list(results.values())).all(0).float().mean())
         report.notes = _weak_attack_notes(attacks)
+        if flags is not None and eps == 0:
+            report.checks = {"skipped": "eps is 0: there is no attack to check"}
         if flags is not None and eps > 0:
             _run_flags(report, model, x, y, eps, results, examples.get("pgd20"), flags, seed, batch_size, world)
         report.complete = True

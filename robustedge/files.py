@@ -234,6 +234,8 @@ def read_json(path: Path) -> Any:
     """JSON from a file, or a one-line error naming the file."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise RobustEdgeError(f"{path} is not a readable JSON file (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise RobustEdgeError(f"{path} is not a readable JSON file ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
@@ -480,7 +482,7 @@ def check_output_files(folder: Path, owned: dict[str, Callable[[Path], bool]], f
 def json_has_format(path: Path, fmt: str) -> bool:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return False
     return isinstance(data, dict) and data.get("format") == fmt
 

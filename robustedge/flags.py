@@ -32,6 +32,7 @@ runtime (replaying examples crafted on the twin) when an exported artifact is ch
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -42,7 +43,7 @@ from torch import nn
 
 from robustedge.attacks import pgd
 from robustedge.errors import RobustEdgeError
-from robustedge.options import parse_positive
+from robustedge.options import check_range, parse_fraction, parse_number, parse_positive
 from robustedge.verify_core import make_flag
 
 Correct = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # (x, y) -> per-example correctness
@@ -70,11 +71,9 @@ class FlagSettings:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RobustEdgeError(f"flag setting '{name}' must be an integer >= 1, got {value!r}")
         for name in ("large_threshold", "more_steps_points", "tolerance"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise RobustEdgeError(f"flag setting '{name}' must be a fraction in [0, 1]")
+            parse_fraction(getattr(self, name), f"flag setting '{name}'")
         parse_positive(self.budget, "flag setting 'budget'")
-        if not self.large_factor >= 1:
-            raise RobustEdgeError("flag setting 'large_factor' must be >= 1")
+        check_range(parse_number(self.large_factor, "flag setting 'large_factor'"), "flag setting 'large_factor'", 1)
         return self
 
     def to_dict(self) -> dict:
@@ -94,7 +93,8 @@ def check_passes(settings: FlagSettings, *, pgd20_given: bool, judge_reported: b
 def checks_budget_n(settings: FlagSettings, n_examples: int, suite_passes: float, per_example: float) -> int:
     """How many examples the checks run on: ``settings.n``, the examples evaluated, and as many as fit in
     ``settings.budget`` x the suite's passes, whichever is least; 0 (they do not run) below ``settings.min_n``."""
-    fit = int(settings.budget * suite_passes // per_example)
+    allowed = settings.budget * suite_passes
+    fit = int(allowed // per_example) if math.isfinite(allowed) else settings.n
     n = min(settings.n, n_examples, fit)
     return n if n >= settings.min_n else 0
 

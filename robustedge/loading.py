@@ -132,7 +132,7 @@ def load(source: str | os.PathLike | nn.Module, *, facts: ModelFacts | None = No
     facts = (facts or ModelFacts()).checked()
     if not isinstance(device, (str, torch.device)):
         raise RobustEdgeError(f"device must be a string such as 'auto', 'cpu' or 'cuda:0', got {device!r}")
-    device = device if isinstance(device, torch.device) else resolve_device(device)
+    device = resolve_device(str(device))  # a torch.device too: CUDA asked for where there is none is one line
     if isinstance(source, nn.Module):
         return _from_module(source, facts, device)
     if not isinstance(source, (str, os.PathLike)):

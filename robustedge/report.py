@@ -124,6 +124,9 @@ def _read_evaluation(path: Path, warnings: Warnings) -> dict | None:
     if not (isinstance(acc, dict) and "clean" in acc and all(is_number(v) and 0 <= v <= 1 for v in acc.values())):
         warnings.skip(path, "no accuracy table of numbers in [0, 1] with a 'clean' entry")
         return None
+    if data.get("complete") is False:  # saved while it ran and never finished: not a result
+        warnings.skip(path, "an unfinished evaluation (`robustedge eval ... --resume` finishes it)")
+        return None
     return data
 
 

@@ -123,3 +123,61 @@ def test_eval_killed_by_sigkill_resumes_with_the_same_results(digits_checkpoint,
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "nothing to resume" in again.stderr
     assert not (tmp_path / "none").exists()
+
+
+def _saved(digits, digits_model):
+    x, y = _first(digits, 12)
+    saved = []
+
+    def crash(report):
+        saved.append(json.loads(json.dumps(report.to_dict())))
+        if report.partial and report.partial["attack"] == "autoattack":
+            raise Killed
+
+    with pytest.raises(Killed):
+        evaluate(digits_model, x, y, attacks=["clean", "fgsm", "autoattack"], eps=0.08, seed=3, aa_batch_size=4,
+                 show_progress=False, on_update=crash, save_every=0)
+    return saved[-1], x, y
+
+
+def _set(path, value):
+    def edit(raw):
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        node[path[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set(["partial"], "autoattack"), "'partial' must be {attack, correct: 0/1 string, seconds}"),
+    (lambda r: r["partial"].pop("attack"), "'partial' must be"),
+    (_set(["partial", "correct"], 12345678), "'partial' must be"),
+    (_set(["partial", "correct"], "xyz1"), "'partial' must be"),
+    (_set(["partial", "seconds"], "abc"), "'partial' must be"),
+    (_set(["info"], []), "'info' is not an object"),
+    (_set(["correct"], ["clean"]), "'correct' is not an object"),
+    (_set(["accuracy"], 5), "'accuracy' is not an object"),
+    (_set(["correct", "fgsm"], "x" * 12), "'correct' must map attacks to strings of 0 and 1"),
+    (_set(["correct", "fgsm"], "1" * 13), "does not fit this run (fgsm"),
+    (_set(["partial", "correct"], "1" * 20), "does not fit this run (partial autoattack"),
+    (_set(["partial", "correct"], "10101"), "does not fit this run (partial autoattack"),  # not a block's end
+    (_set(["n"], 11), "does not fit this run"),
+])
+def test_a_damaged_saved_evaluation_is_one_line_never_a_wrong_number(digits, digits_model, edit, message):
+    from robustedge.evaluate import resumable_report
+
+    raw, x, y = _saved(digits, digits_model)
+    edit(raw)
+    with pytest.raises(RobustEdgeError, match="resume") as info:
+        evaluate(digits_model, x, y, attacks=["clean", "fgsm", "autoattack"], eps=0.08, seed=3, aa_batch_size=4,
+                 show_progress=False, resume=resumable_report(raw))
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not digits_model.training  # the caller's mode (eval here) is as it was
+
+
+def test_clean_comes_first_whatever_the_order_given():
+    from robustedge.evaluate import parse_attacks
+
+    assert parse_attacks("pgd20,clean,fgsm") == ["clean", "pgd20", "fgsm"]
+    assert parse_attacks(["fgsm"]) == ["clean", "fgsm"]

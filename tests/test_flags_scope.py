@@ -65,3 +65,8 @@ def test_the_checks_cost_a_fraction_of_the_suite(suite_passes, n_examples, expec
     assert per_example == pytest.approx(1 + 20 + 2 / 3 + 200 + 1000 / 3)
     n = checks_budget_n(settings, n_examples, suite_passes, per_example)
     assert n == expected and n * per_example <= max(settings.budget * suite_passes, 0) + 1e-9 or n == 0
+
+
+def test_an_unbounded_budget_checks_the_configured_examples():
+    settings = FlagSettings(budget=1e308)
+    assert checks_budget_n(settings, 1000, 1e10, 555.0) == 100

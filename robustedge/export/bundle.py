@@ -369,18 +369,23 @@ def _manifest(checkpoint: Path | None, out: Path, meta, opts: ExportOptions, tmp
     }
 
 
-def verify_out(bundle: str | Path, out: str | Path | None = None) -> Path:
+def verify_out(bundle: str | Path, out: str | Path | None = None, flag: str = "--out") -> Path:
     """Where `robustedge verify` writes its report: ``out``, by default ``<bundle>-verify`` beside the bundle;
     never inside the bundle, whose files its manifest hashes and which a device may hold read-only."""
-    bundle = Path(bundle)
-    folder = Path(out) if out is not None else bundle.parent / f"{bundle.name}-verify"
+    absolute = Path(os.path.abspath(bundle))  # `verify .` is named for the folder itself; a link keeps its name
+    if out is not None and not str(out).strip():
+        raise RobustEdgeError(f"{flag} must be a folder path, got an empty one")
+    folder = Path(out) if out is not None else absolute.parent / f"{absolute.name}-verify"
     inside = folder.resolve()
-    if inside == bundle.resolve() or bundle.resolve() in inside.parents:
-        raise RobustEdgeError(f"--out {folder} is inside the bundle {bundle}; verify never writes into a bundle, "
+    if inside == absolute.resolve() or absolute.resolve() in inside.parents:
+        raise RobustEdgeError(f"{flag} {folder} is inside the bundle {bundle}; verify never writes into a bundle, "
                               f"choose a folder outside it")
     from robustedge.files import check_output_files
 
-    check_output_files(folder, VERIFY_OUTPUTS)
+    check_output_files(folder, VERIFY_OUTPUTS, flag)
+    parent = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise RobustEdgeError(f"{flag} {folder}: {parent} is not a folder this process can write into")
     return folder
 
 
@@ -403,7 +408,7 @@ VERIFY_OUTPUTS = {"verify.json": _is_verify_json, "verify.md": _is_verify_md}  #
 
 
 def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | None = None,
-                  progress=print, out: str | Path | None = None) -> tuple[dict, list[str]]:
+                  progress=print, out: str | Path | None = None, out_flag: str = "--out") -> tuple[dict, list[str]]:
     """Re-run a bundle's checks through each runtime: replays of every stored example set (the same
     as the bundle's own ``verify.py``), the comparison flags recomputed, the gradient checks as recorded
     at export. ``square_n`` > 0 runs a fresh Square attack on each runtime instead of replaying the
@@ -411,7 +416,7 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     default ``<bundle>-verify`` beside the bundle), never into the bundle."""
     bundle = Path(bundle)
     manifest, samples = read_bundle(bundle)
-    folder = verify_out(bundle, out)
+    folder = verify_out(bundle, out, out_flag)
     options = manifest["options"]
     gate = gate or Gate.from_dict(manifest["gate"])
     if square_n is not None and (not isinstance(square_n, int) or square_n < 0):
@@ -443,7 +448,10 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     failures = gate.check(table, flags)
     report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
               "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RobustEdgeError(f"cannot create {folder}: {exc.strerror or exc}") from None
     atomic_write_json(folder / "verify.json", report)
     atomic_write_text(folder / "verify.md", format_table(table) + "\n" + format_flags(flags))
     report["out"] = str(folder)
