@@ -90,7 +90,7 @@ def test_a_robustbench_model_and_a_live_module_give_the_checkpoints_numbers(monk
     ("{pth}", {}, "pass --arch"),
     ("{pth}", {"arch": "resnet34"}, "does not fit architecture 'resnet34'"),
     ("{pth}", {"arch": "resnet18", "dataset": "imagefolder"}, "no standard shape"),
-    ("{pth}", {"arch": "resnet18", "mean": [0.5]}, "--mean and --std must be given together"),
+    ("{pth}", {"arch": "resnet18", "mean": [0.5]}, "^mean and std must be given together"),
     ("{pth}", {"arch": "nosuchnet"}, "unknown model"),
 ])
 def test_a_foreign_model_that_cannot_load_says_why_in_one_line(tmp_path, resnet18_files, source, facts, message):
