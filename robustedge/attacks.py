@@ -178,13 +178,21 @@ def _route_autoattack_logs() -> None:
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, version: str = "standard",
                attacks: list[str] | None = None, seed: int = 0, batch_size: int = 250,
                device: torch.device | str | None = None, apgd_iters: int | None = None,
-               apgd_restarts: int | None = None, square_queries: int | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               apgd_restarts: int | None = None, square_queries: int | None = None,
+               query_model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run pyautoattack's ``AutoAttack`` (``standard`` = APGD-CE, APGD-T, FAB-T, Square 5000).
 
     ``version='custom'`` with ``attacks`` picks a subset (for example ``['square']`` for a
     query-only attack). ``apgd_iters``/``apgd_restarts``/``square_queries`` change the budgets
     for interactive use and the export's black-box check; evaluations leave them unset. Returns ``(x_adv, y_adv)`` exactly as the package does.
+
+    ``query_model`` (default: ``model.query_model`` where ``model`` has one, see
+    :class:`robustedge.export.runners.QueriedTwin`) answers the Square stage's queries instead of
+    ``model``: the runtime of an exported file whose differentiable twin ``model`` is. Square uses
+    outputs only, so it can ask the function being measured itself, exactly and far faster than the
+    interpreted twin (5,000 queries per surviving example); APGD and FAB keep differentiating ``model``,
+    and AutoAttack's own bookkeeping (which examples each stage broke) stays on ``model`` as the package
+    does it. Where ``query_model`` returns ``model``'s logits, the result is the package's, per example.
     """
     try:
         from pyautoattack import AutoAttack
@@ -205,6 +213,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                            attacks=attacks if version == "custom" else None, device=device, seed=seed)
     if square_queries is not None:
         adversary.square.n_queries = square_queries
+    query_model = query_model if query_model is not None else getattr(model, "query_model", None)
+    if query_model is not None:
+        adversary.square.predict = query_model  # SquareAttack calls only self.predict (pyautoattack/square.py)
     for apgd in (adversary.apgd, adversary.apgd_targeted):
         if apgd_iters is not None:
             apgd.n_iter = apgd_iters

@@ -84,6 +84,126 @@ def test_the_twin_refuses_what_it_cannot_reproduce(tmp_path):
         OnnxTwin(tmp_path / "junk.onnx")
 
 
+def _interpret(path, x: torch.Tensor) -> torch.Tensor:
+    """The ONNX file's graph node by node through the twin's operator rules, names looked up per node,
+    QuantizeLinear and DequantizeLinear as separate nodes, the weights' too: nothing folded, fused or
+    compiled. Written independently of the twin's load pipeline, as the reference it must equal."""
+    from onnx import helper, numpy_helper
+
+    from robustedge.export.twin import OPS
+
+    graph = onnx.load(str(path)).graph
+    env = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
+    env[next(i.name for i in graph.input if i.name not in env)] = x
+    for node in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Constant":
+            env[node.output[0]] = torch.from_numpy(numpy_helper.to_array(attrs["value"]).copy())
+            continue
+        env[node.output[0]] = OPS[node.op_type](attrs, *[env[i] if i else None for i in node.input])
+    return env[graph.output[0].name]
+
+
+def test_the_compiled_twin_is_bit_identical_to_the_file_interpreted_node_by_node(student, int8_file):
+    """The twin is fast because it is compiled at load (issue 24): activation Q -> DQ pairs as one
+    fake-quantise step with its constants worked out once, attributes parsed once, values in numbered
+    slots freed after their last use. None of that may change a single bit of what it computes."""
+    _, data = student
+    _, int8 = int8_file
+    twin = OnnxTwin(int8)
+    graph = onnx.load(str(int8)).graph
+    assert twin.op_counts["FakeQuantize"] == sum(n.op_type == "QuantizeLinear" for n in graph.node)
+    assert "DequantizeLinear" not in twin.op_counts and len(twin._program) == len(twin.nodes) < len(graph.node) / 2
+    clean = data.test.float_images()[:64]
+    noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(0))
+    for x in (clean, (clean + 0.1 * (2 * noise - 1)).clamp(0, 1), noise):
+        with torch.no_grad():
+            fast, reference = twin(x), _interpret(int8, x)
+        assert torch.equal(fast, reference), (fast - reference).abs().max()
+        assert torch.equal(twin(x), fast)  # the same slots again: nothing left over from the last forward
+    # gradients: the same straight-through rule, fused (g * mask) instead of Q's g * mask / s then DQ's g * s
+    x, y = clean[:16].clone().requires_grad_(True), data.test.labels[:16]
+    fast = torch.autograd.grad(torch.nn.functional.cross_entropy(twin(x), y), x)[0]
+    reference = torch.autograd.grad(torch.nn.functional.cross_entropy(_interpret(int8, x), y), x)[0]
+    assert fast.abs().sum() > 0 and (fast.sign() == reference.sign()).float().mean() > 0.999
+    assert torch.allclose(fast, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()))
+    with torch.no_grad():  # a float64 twin runs the same program (its constants are Python floats)
+        assert (OnnxTwin(int8, dtype=torch.float64)(clean) - twin(clean)).abs().max() < 0.5
+
+
+class _Counting(torch.nn.Module):
+    """A model that counts its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+class _CountingRunner:
+    """A runtime's runner that counts its queries."""
+
+    def __init__(self, runner):
+        self.runner, self.calls = runner, 0
+
+    def __call__(self, x):
+        self.calls += 1
+        return self.runner(x)
+
+
+def _short_autoattack(monkeypatch, attacks: list[str]) -> None:
+    """The export's AutoAttack cut to ``attacks`` with small budgets (APGD 2 steps, Square 300 queries),
+    to run in seconds: on the student at eps 0.1 APGD leaves examples that Square then breaks."""
+    import functools
+    import importlib
+
+    from robustedge.attacks import autoattack
+
+    evaluate_module = importlib.import_module("robustedge.evaluate")  # robustedge.evaluate is also a function
+    monkeypatch.setattr(evaluate_module, "autoattack", functools.partial(
+        autoattack, version="custom", attacks=attacks, apgd_iters=2, square_queries=300))
+
+
+def test_autoattack_on_a_twin_asks_the_runtime_for_square_and_finds_the_same_examples(student, monkeypatch):
+    """Square needs outputs only: the export hands AutoAttack's Square stage the artifact's runtime (the
+    function being measured) and keeps the twin for gradients. With a runtime that computes the twin's
+    function exactly, the examples are the package's own, per example, and no query reached the twin."""
+    from robustedge.export.runners import RunnerModule, TorchRunner
+    from robustedge.export.verify import _attack
+
+    model, data = student
+    x, y = data.test.float_images()[:16], data.test.labels[:16]
+    _short_autoattack(monkeypatch, ["apgd-ce"])
+    robust_before_square = (model(_attack("autoattack", model, x, y, 0.1, seed=0)).argmax(1) == y).sum()
+    _short_autoattack(monkeypatch, ["apgd-ce", "square"])
+    twin = _Counting(model.eval())
+    alone = _attack("autoattack", twin, x, y, 0.1, seed=0)
+    calls_alone, twin.calls = twin.calls, 0
+    runtime = _CountingRunner(TorchRunner(model))
+    routed = _attack("autoattack", twin, x, y, 0.1, seed=0, runtime=RunnerModule(runtime))
+    assert runtime.calls >= 300  # Square's queries, one per iteration at least ...
+    assert twin.calls == calls_alone - runtime.calls  # ... none of which reached the twin
+    assert torch.equal(routed, alone)
+    assert (model(routed).argmax(1) == y).sum() < robust_before_square  # and Square did break examples
+
+
+def test_the_square_stage_on_an_int8_file_queries_onnx_runtime(student, int8_file, monkeypatch):
+    from robustedge.export.runners import RunnerModule
+    from robustedge.export.verify import _attack
+
+    _, data = student
+    _, int8 = int8_file
+    x, y = data.test.float_images()[:16], data.test.labels[:16]
+    _short_autoattack(monkeypatch, ["apgd-ce", "square"])
+    twin, runtime = _Counting(OnnxTwin(int8)), _CountingRunner(OrtRunner(int8))
+    adv = _attack("autoattack", twin, x, y, 0.1, seed=0, runtime=RunnerModule(runtime, "onnx-int8"))
+    assert runtime.calls >= 300 and twin.calls < runtime.calls  # the twin: APGD's steps and AutoAttack's checks
+    assert (adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+
+
 class InputQuantizer(torch.nn.Module):
     """Gradient masking by a non-differentiable input quantiser (Athalye et al.'s shattered gradients)."""
 
@@ -115,7 +235,7 @@ def test_gradient_masking_is_flagged_and_an_ordinary_model_is_not(digits, digits
     model = wrapper(digits_model) if wrapper else digits_model
     x, y = digits.test.float_images()[:64], digits.test.labels[:64]
     report = evaluate(model, x, y, attacks=["clean", "pgd20"], eps=0.1, show_progress=False,
-                      flags=FlagSettings(n=64, square_queries=300))
+                      flags=FlagSettings(n=64, square_queries=300, budget=20))  # all 64: more than PGD-20's cost
     fired = {f["check"] for f in report.flags}
     assert expected <= fired and (fired == set() if wrapper is None else True), report.flags
     for flag in report.flags:

@@ -4,7 +4,8 @@ The exported runtimes' runners (ONNX Runtime, TensorRT) live in the torch-free
 :mod:`robustedge.verify_core`, which every bundle carries as its own verifier; this module adds what
 needs torch: :class:`TorchRunner`, so torch is timed and queried exactly like the runtimes, and
 :class:`RunnerModule`, so pyautoattack's Square attack can query a runtime directly (Square needs
-outputs only, no gradients).
+outputs only, no gradients), and :class:`QueriedTwin`, an artifact's differentiable twin that hands
+query-only attacks to the artifact's runtime.
 """
 
 from __future__ import annotations
@@ -47,3 +48,23 @@ class RunnerModule(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = check_finite(self.runner(x.detach().cpu().numpy()), self.what)
         return torch.from_numpy(logits).to(x.device)
+
+
+class QueriedTwin(torch.nn.Module):
+    """An exported file's differentiable twin for gradients, its runtime for queries.
+
+    ``forward`` is the twin's (what gradient attacks differentiate); ``query_model`` is the runtime as a
+    module, which :func:`robustedge.attacks.autoattack` hands to AutoAttack's Square stage. Why that is
+    exact, not an approximation: the number reported for the file is its runtime's accuracy on the
+    examples, and Square is a search on outputs alone, so querying the runtime runs Square against the
+    very function being measured; the twin only ever stood in for it (equal up to a quantisation step
+    where a value lands on a rounding boundary). It is also far cheaper: the twin interprets the graph in
+    torch, the runtime runs fused integer kernels, and Square makes up to 5,000 queries per example.
+    """
+
+    def __init__(self, twin: torch.nn.Module, runtime: torch.nn.Module) -> None:
+        super().__init__()
+        self.twin, self.query_model = twin, runtime
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.twin(x)

@@ -12,6 +12,16 @@ int8 weights, scales, zero points and nodes) and computes the same function:
 - gradients: straight-through for the rounding (the derivative of the line it approximates) and the
   true derivative (zero) where the quantiser saturates.
 
+Speed (issue 24): ``forward`` is not a node-by-node interpreter any more. At load, constant
+sub-expressions (the int8 weights through their DequantizeLinear, biases) are evaluated once, every
+QuantizeLinear -> DequantizeLinear pair of an activation becomes one fake-quantise step, and the graph
+is compiled into a flat list of steps whose attributes are parsed once and whose values live in
+numbered slots (no dictionary lookups, no attribute parsing, intermediates freed after their last
+use). Outputs are bit-identical to the node-by-node interpretation of the file
+(tests/test_whitebox.py).
+Query-only attacks do not use the twin at all: they ask the runtime (robustedge/export/runners.py,
+``QueriedTwin``).
+
 ONNX Runtime runs fused integer kernels instead (``QLinearConv`` etc.: int32 accumulation, then a
 float requantisation multiplier), so a float emulation can differ from it by one quantisation step
 where a value lands within float rounding of a .5 boundary. :func:`agreement` measures how often that
@@ -21,6 +31,8 @@ a stated tolerance (docs/design.md, "White-box robustness of the artifact").
 
 from __future__ import annotations
 
+import functools
+import operator
 from pathlib import Path
 from typing import Callable
 
@@ -53,6 +65,51 @@ class _QuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad):
         inside, scale = ctx.saved_tensors
         return (grad * inside if ctx.dequantize else grad * inside / scale), None, None, None, None, None
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """:class:`_QuantizeSTE` with ``dequantize`` for a constant per-tensor scale and zero point, with
+    everything that does not depend on ``x`` worked out once at load: four kernels forward (six before,
+    eleven with the gradient mask and the zero point's tensor arithmetic), one fused kernel backward (two
+    before, one of them a slow bool-to-float conversion).
+
+    Values: ``round(x / scale) + zp`` clamped to ``[qmin, qmax]`` minus ``zp`` equals ``round(x / scale)``
+    clamped to ``[qmin - zp, qmax - zp]`` (integers, exact in float below 2**24, and beyond that both
+    saturate), so they are bit-identical to QuantizeLinear -> DequantizeLinear. The division stays a
+    division by a tensor: not a multiplication by ``1 / scale``, nor
+    ``torch.fake_quantize_per_tensor_affine``, which multiplies by the reciprocal and can round a value on
+    a .5 boundary the other way, and whose CPU kernel measured 6-14x slower than these four kernels.
+
+    Gradient: ``grad`` where ``lo <= x / scale <= hi`` (``round(q) + zp`` inside the range, as
+    :class:`_QuantizeSTE`), else 0. Instead of a saved bool mask it keeps ``q`` and asks
+    ``hardtanh_backward``, which passes ``grad`` where ``open_lo < q < open_hi`` strictly: with the bounds
+    moved one representable step outwards in ``q``'s dtype (``open_lo``, ``open_hi``), that is exactly
+    ``lo <= q <= hi``. (``q`` is a float per value where the mask was a byte: the backward pass holds
+    about as much again as the convolutions already hold for their inputs; no concern at attack batches.)"""
+
+    @staticmethod
+    def forward(ctx, x, scale, open_lo: float, open_hi: float, qlo: float, qhi: float):
+        q = x / scale
+        if not ctx.needs_input_grad[0]:
+            return q.round_().clamp_(qlo, qhi).mul_(scale)  # a fresh tensor: in place is safe here
+        ctx.save_for_backward(q)
+        ctx.bounds = open_lo, open_hi
+        return q.round().clamp_(qlo, qhi).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (q,) = ctx.saved_tensors
+        return torch.ops.aten.hardtanh_backward(grad, q, *ctx.bounds), None, None, None, None, None
+
+
+def _open_bounds(lo: float, hi: float, dtype: torch.dtype) -> tuple[float, float] | None:
+    """``(lo, hi)`` moved one representable step outwards in ``dtype``, or None where ``dtype`` cannot
+    hold them exactly (never for float32/64 and the integer + 0.5 bounds of 8- and 16-bit ranges)."""
+    lo_t, hi_t = torch.tensor(lo, dtype=dtype), torch.tensor(hi, dtype=dtype)
+    if float(lo_t) != lo or float(hi_t) != hi:
+        return None
+    return (float(torch.nextafter(lo_t, torch.tensor(-float("inf"), dtype=dtype))),
+            float(torch.nextafter(hi_t, torch.tensor(float("inf"), dtype=dtype))))
 
 
 def _per_axis(param: torch.Tensor, x: torch.Tensor, axis: int) -> torch.Tensor:
@@ -244,11 +301,112 @@ def _prepared(node: tuple, consts: dict) -> tuple:
     return op, attrs | {"qrange": _qrange(zp)}, [inputs[0]] + names, outputs
 
 
+def _fake_quantize_step(attrs: dict, inputs: list, consts: dict, dtype: torch.dtype
+                        ) -> tuple[Callable, list] | None:
+    """A prepared per-tensor fake-quantise node as a step on (x, scale), or None (the generic rule)."""
+    if "qrange" not in attrs:
+        return None
+    qmin, qmax = attrs["qrange"]
+    zp = float(consts[inputs[2]])
+    bounds, qlo, qhi = _open_bounds(qmin - 0.5 - zp, qmax + 0.5 - zp, dtype), qmin - zp, qmax - zp
+    if bounds is None:
+        return None
+
+    def fake_quantize(x, scale):
+        if x.requires_grad:
+            return _FakeQuantize.apply(x, scale, *bounds, qlo, qhi)
+        return (x / scale).round_().clamp_(qlo, qhi).mul_(scale)  # no graph to record: no Function call
+    return fake_quantize, inputs[:2]
+
+
+def _conv_step(attrs: dict, inputs: list, consts: dict) -> tuple[Callable, list] | None:
+    """A Conv with a constant weight as a step with its attributes parsed once, or None."""
+    w = consts.get(inputs[1])
+    if w is None or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+        return None  # the generic rule decides (and refuses auto_pad)
+    dims = w.dim() - 2
+    pads = list(attrs.get("pads", [0] * (2 * dims)))
+    pre_pad = []
+    if pads[:dims] != pads[dims:]:
+        for begin, end in reversed(list(zip(pads[:dims], pads[dims:]))):
+            pre_pad += [begin, end]
+        pads = [0] * (2 * dims)
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    stride, padding = list(attrs.get("strides", [1])), pads[:dims]
+    dilation, groups = list(attrs.get("dilations", [1])), attrs.get("group", 1)
+
+    if pre_pad:
+        def step(x, w, b=None):
+            return conv(F.pad(x, pre_pad), w, b, stride, padding, dilation, groups)
+    else:
+        def step(x, w, b=None):
+            return conv(x, w, b, stride, padding, dilation, groups)
+    return step, inputs
+
+
+_ELEMENTWISE = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv,
+                "Relu": torch.relu}
+
+
+def _step(op: str, attrs: dict, inputs: list, consts: dict, dtype: torch.dtype) -> tuple[Callable, list]:
+    """One node as (a function of its input tensors alone, the input names it reads): the fast rules
+    for what small CNNs are made of, and the generic rule of :data:`OPS` with the attributes bound."""
+    if op == "FakeQuantize":
+        step = _fake_quantize_step(attrs, inputs, consts, dtype)
+        if step is not None:
+            return step
+    elif op == "Conv":
+        step = _conv_step(attrs, inputs, consts)
+        if step is not None:
+            return step
+    elif op in _ELEMENTWISE:
+        return _ELEMENTWISE[op], inputs
+    return functools.partial(OPS[op], attrs), inputs
+
+
+def _compile(nodes: list, constants: list[str], input_name: str, output_name: str, consts: dict,
+             dtype: torch.dtype, where: str) -> tuple[list, int, int]:
+    """The nodes as a flat program over numbered slots: ``(steps, slots, output slot)``.
+
+    Slots ``0 .. len(constants) - 1`` hold the module's buffers in registration order, then the input,
+    then a slot that is always None (an omitted optional input), then one slot per node output. Each
+    step is ``(function, input slots, output slot, slots to free)``: a value is dropped after its last
+    use, so a forward without gradients holds only what is still needed."""
+    slot = {name: i for i, name in enumerate(constants)}
+    slot[input_name] = len(slot)
+    none_slot = len(slot)
+    steps, reads = [], []
+    for op, attrs, inputs, outputs in nodes:
+        fn, names = _step(op, attrs, inputs, consts, dtype)
+        missing = [n for n in names if n and n not in slot]
+        if missing:
+            raise RobustEdgeError(f"{where}: the twin cannot compute '{missing[0]}' (read by an {op} node)")
+        ins = tuple(slot[n] if n else none_slot for n in names)
+        slot[outputs[0]] = none_slot + 1 + len(steps)
+        steps.append((fn, ins, slot[outputs[0]]))
+        reads.append(ins)
+    if output_name not in slot:
+        raise RobustEdgeError(f"{where}: the twin cannot compute the output '{output_name}'")
+    out, first_free = slot[output_name], none_slot + 1
+    last_use = {}
+    for index, ins in enumerate(reads):
+        for i in ins:
+            if i >= first_free:
+                last_use[i] = index
+    frees = [[] for _ in steps]
+    for i, index in last_use.items():
+        if i != out:
+            frees[index].append(i)
+    program = [(fn, ins, o, tuple(frees[k])) for k, (fn, ins, o) in enumerate(steps)]
+    return program, first_free + len(steps), out
+
+
 class OnnxTwin(nn.Module):
     """The function of an ONNX file (fp32 or QDQ INT8) as a differentiable torch module.
 
     Constant sub-expressions (int8 weights through their DequantizeLinear, biases) are evaluated once
-    at load; ``forward`` interprets the remaining nodes in the file's (topological) order.
+    at load; the remaining nodes, in the file's (topological) order, are compiled into a flat program
+    of steps (:func:`_compile`) that ``forward`` runs.
     """
 
     def __init__(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
@@ -294,6 +452,9 @@ class OnnxTwin(nn.Module):
         self.op_counts = {}
         for op, *_ in self.nodes:
             self.op_counts[op] = self.op_counts.get(op, 0) + 1
+        self._program, self._slots, self._output_slot = _compile(
+            self.nodes, self._names, self.input_name, self.output_name, consts, dtype, self.path.name)
+        self._blank = [None] * (self._slots - len(self._names) - 1)  # the None slot and the node outputs
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(np.array(array, copy=True))
@@ -304,13 +465,13 @@ class OnnxTwin(nn.Module):
         return "QuantizeLinear" in self.op_counts or "FakeQuantize" in self.op_counts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        env = {name: getattr(self, f"c{i}") for i, name in enumerate(self._names)}
-        env[self.input_name] = x.to(self.dtype)
-        for op, attrs, inputs, outputs in self.nodes:
-            outs = OPS[op](attrs, *[env[i] if i else None for i in inputs])
-            for name, value in zip(outputs, outs if isinstance(outs, tuple) else (outs,)):
-                env[name] = value
-        return env[self.output_name].float()
+        # the buffers are exactly the constants, registered in slot order (and kept in it by .to())
+        env = [*self._buffers.values(), x.to(self.dtype), *self._blank]
+        for fn, ins, out, free in self._program:
+            env[out] = fn(*[env[i] for i in ins])
+            for i in free:
+                env[i] = None
+        return env[self._output_slot].float()
 
 
 def agreement(twin: nn.Module, runner, x: np.ndarray, batch_size: int = 256) -> dict:
