@@ -84,8 +84,8 @@ class _FakeQuantize(torch.autograd.Function):
     :class:`_QuantizeSTE`), else 0. Instead of a saved bool mask it keeps ``q`` and asks
     ``hardtanh_backward``, which passes ``grad`` where ``open_lo < q < open_hi`` strictly: with the bounds
     moved one representable step outwards in ``q``'s dtype (``open_lo``, ``open_hi``), that is exactly
-    ``lo <= q <= hi``. (``q`` is a float per value where the mask was a byte: the backward pass holds
-    about as much again as the convolutions already hold for their inputs; no concern at attack batches.)"""
+    ``lo <= q <= hi``. (``q`` is a float per value where the mask was a byte: for the backward pass
+    each such step now holds about as much as a convolution holds for its input.)"""
 
     @staticmethod
     def forward(ctx, x, scale, open_lo: float, open_hi: float, qlo: float, qhi: float):
