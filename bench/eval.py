@@ -6,7 +6,7 @@
 For each checkpoint the suite runs twice on the same test examples, alternating ``--repeats``
 times: the model as given (eval mode, NCHW), and ``fold_bn`` (conv+BN folded, channels_last),
 which is what the quickstart and `robustedge eval --fold-bn` use. Batch size: ``auto``
-(robustedge.evaluate.auto_batch_size: measured bytes per example against free memory). The
+(robustedge.suite.auto_batch_size: measured bytes per example against free memory). The
 accuracies of both must agree (same function; checked to 1 example in n), the table gives the
 median examples/s and the speed-up.
 """
@@ -22,9 +22,9 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
     from robustedge.data import split_for_model
-    from robustedge.evaluate import auto_batch_size, evaluate, parse_attacks
+    from robustedge.suite import auto_batch_size, evaluate, parse_attacks
     from robustedge.models import fold_batchnorm
     from robustedge.runtime import resolve_device
 

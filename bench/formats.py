@@ -21,7 +21,7 @@ FORMATS = ["onnx", "onnx-fp16", "onnx-int8", "ort", "ort-int8", "executorch", "e
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.files import atomic_write_text
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

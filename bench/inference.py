@@ -5,7 +5,7 @@
     python bench/inference.py --students mobilenetv2 --repeats 5
 
 Each student (random weights: latency does not depend on their values) is exported with the
-library's own path (robustedge.export.convert): ONNX opset 18 of the conv+BN-folded model, fp16
+library's own path (robustedge.edge.convert): ONNX opset 18 of the conv+BN-folded model, fp16
 with fp32 I/O, static INT8 QDQ per-channel calibrated on 256 synthetic images, in both activation
 types (int8 = S8S8, what `robustedge export` writes, and uint8 = U8S8). Latency: median over
 ``--iters`` calls after warm-up, taken ``--repeats`` times round-robin across formats so that
@@ -27,8 +27,8 @@ import torch
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robustedge.export.convert import convert_fp16, export_onnx, quantize_int8, tensorrt_available
-    from robustedge.export.runners import TorchRunner
+    from robustedge.edge.convert import convert_fp16, export_onnx, quantize_int8, tensorrt_available
+    from robustedge.runners import TorchRunner
     from robustedge.verify_core import OrtRunner, median_latency_ms
     from robustedge.models import build_model, fold_batchnorm
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                      "onnx int8 (U8S8)": quantize_int8(fp32, folder / "int8u.onnx", calib, activations="uint8")}
             runners = {name: OrtRunner(path) for name, path in files.items()}
             if trt_ok:  # pragma: no cover - GPU only
-                from robustedge.export.convert import build_tensorrt
+                from robustedge.edge.convert import build_tensorrt
                 from robustedge.verify_core import TrtRunner
 
                 for precision in ("fp16", "int8"):

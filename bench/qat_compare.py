@@ -25,11 +25,11 @@ import time
 from pathlib import Path
 
 from robustedge.config import QATConfig, TrainConfig, load_config
-from robustedge.export.bundle import ExportOptions, export_bundle
+from robustedge.edge.bundle import ExportOptions, export_bundle
 from robustedge.files import atomic_write_json, atomic_write_text
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs
-from robustedge.train import train
+from robustedge.trainer import train
 
 
 def _train_once(cfg: TrainConfig) -> tuple[Path, float]:

@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from robustedge.checkpoint import load_model
+from robustedge.weights import load_model
 from robustedge.files import atomic_write_json, atomic_write_text
 from robustedge.data import split_for_model
-from robustedge.evaluate import DEFAULT_ATTACKS, evaluate, parse_attacks
+from robustedge.suite import DEFAULT_ATTACKS, evaluate, parse_attacks
 from robustedge.methods import get_method, method_names
 from robustedge.quickstart import DIGITS_LR, QuickstartSettings, quickstart_configs
 from robustedge.runtime import cpu_cores, iter_jobs, parallel_plan, resolve_device, run_jobs
-from robustedge.train import train
+from robustedge.trainer import train
 
 START, END = "<!-- replicate_digits:start -->", "<!-- replicate_digits:end -->"
 

@@ -32,7 +32,7 @@ from robustedge.files import atomic_write_text
 from robustedge.methods import get_method, method_names
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
 from robustedge.runtime import cpu_cores, iter_jobs, parallel_plan, resolve_device, run_jobs
-from robustedge.train import train
+from robustedge.trainer import train
 
 START, END = "<!-- tune_digits:start -->", "<!-- tune_digits:end -->"
 DIVERGED = {"val_wrobust": 0.0, "val_clean": 0.0, "val_pgd20": 0.0, "epoch": 0, "diverged": True}  # scored as 0

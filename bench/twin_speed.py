@@ -21,15 +21,15 @@ import torch
 
 
 def load_twin_class(checkout: str):
-    """``OnnxTwin`` from ``checkout``'s robustedge/export/twin.py (it imports only robustedge.errors)."""
-    spec = importlib.util.spec_from_file_location("twin_before", f"{checkout}/robustedge/export/twin.py")
+    """``OnnxTwin`` from ``checkout``'s robustedge/edge/twin.py (it imports only robustedge.errors)."""
+    spec = importlib.util.spec_from_file_location("twin_before", f"{checkout}/robustedge/edge/twin.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.OnnxTwin
 
 
 def main(argv: list[str] | None = None) -> int:
-    from robustedge.export.twin import OnnxTwin
+    from robustedge.edge.twin import OnnxTwin
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("onnx", help="a QDQ INT8 ONNX file (a bundle's model.int8.onnx)")

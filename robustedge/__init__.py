@@ -1,38 +1,26 @@
 """RobustEdge: robust distillation, robustness evaluation and verified edge export for small networks.
 
 The Python API (robustedge/api.py) mirrors the CLI: ``load``, ``load_dataset``, ``evaluate``, ``export``,
-``verify``, ``train``, ``distill``. It is imported on first use, so ``import robustedge`` stays light.
-Three of those names are also modules of the library (``robustedge/evaluate.py``, ``train.py``,
-``export/``); on the package they always mean the API functions, and the modules stay importable by
-their dotted names (``from robustedge.evaluate import EvalReport``).
+``verify``, ``train``, ``distill``, plus ``register_model`` / ``register_dataset`` / ``register_method``
+for a user's own pieces. The API is imported on first use, so ``import robustedge`` stays light: no
+library module shares a name with an API function (the suite is ``robustedge.suite``, the trainer
+``robustedge.trainer``, the export machinery ``robustedge.edge``).
 """
 
-import sys
-import types
-
-__version__ = "0.1.0"
-
-from robustedge.errors import RobustEdgeError  # noqa: E402
+from robustedge._version import __version__
+from robustedge.errors import RobustEdgeError
 
 API = ("load", "load_dataset", "evaluate", "export", "verify", "train", "distill")
 __all__ = ["RobustEdgeError", "__version__", *API]
 
 
-class _Package(types.ModuleType):
-    """Importing ``robustedge.evaluate`` (the module) would set the package attribute ``evaluate`` to it;
-    the API function keeps that name instead (the module is in ``sys.modules`` either way)."""
+def __getattr__(name: str):
+    if name in API:
+        from robustedge import api
 
-    def __setattr__(self, name: str, value) -> None:
-        if name in API and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-    def __getattr__(self, name: str):
-        if name in API:
-            from robustedge import api
-
-            return getattr(api, name)
-        raise AttributeError(f"module 'robustedge' has no attribute '{name}'")
+        return getattr(api, name)
+    raise AttributeError(f"module 'robustedge' has no attribute '{name}'")
 
 
-sys.modules[__name__].__class__ = _Package
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(API))

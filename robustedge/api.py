@@ -77,7 +77,7 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
              aa_batch_size: int | None = AUTOATTACK_BLOCK, seed: int = 0, fold_bn: bool = False, flags: Any = True,
              show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False,
              resume=None, on_update=None):
-    """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.evaluate.EvalReport`
+    """The robustness suite (``robustedge eval``); returns the :class:`~robustedge.suite.EvalReport`
     (``.accuracy``, ``.w_robust(attack)``, ``.worst``, ``.flags``, ``.correct`` per example, ``.to_text()``).
 
     ``model``: a model or any source :func:`load` takes. ``x``/``y``: images in [0, 1] (or uint8) and labels;
@@ -93,8 +93,8 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     ``on_update(report)``: called with the unfinished report after each attack and block (save it, e.g.
     ``report.save('eval.json')``); ``resume``: such a report (or the path of its ``eval.json``) to continue
     from its last finished attack and block, as ``robustedge eval --resume``."""
-    from robustedge.evaluate import EvalReport, parse_attacks, resumable_report
-    from robustedge.evaluate import evaluate as _evaluate
+    from robustedge.suite import EvalReport, parse_attacks, resumable_report
+    from robustedge.suite import evaluate as _evaluate
     from robustedge.flags import FlagSettings
     from robustedge.runtime import resolve_device
 
@@ -189,7 +189,7 @@ def _as_labels(y, n: int, device) -> torch.Tensor:
 
 
 def _device_of(model: nn.Module) -> torch.device:
-    from robustedge.export.runners import model_device
+    from robustedge.runners import model_device
 
     return model_device(model)
 
@@ -202,8 +202,8 @@ def export(model, out: str | os.PathLike, *, formats: str | list[str] = "onnx,on
     ``model``: a checkpoint, a state dict file with ``arch``, ``robustbench:<name>`` or an ``nn.Module``
     (with ``dataset`` and ``eps`` where it does not say; a module is copied, not moved). ``device``: where
     the torch side runs (``auto``: CUDA when present). ``options``: the fields of
-    :class:`~robustedge.export.bundle.ExportOptions` (``n``, ``calibration_n``, ``whitebox_attacks``, ...)."""
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    :class:`~robustedge.edge.bundle.ExportOptions` (``n``, ``calibration_n``, ``whitebox_attacks``, ...)."""
+    from robustedge.edge.bundle import ExportOptions, export_bundle
 
     try:
         opts = ExportOptions(formats=formats, **options)
@@ -225,7 +225,7 @@ def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=N
            out: str | os.PathLike | None = None):
     """``robustedge verify``: re-check a bundle's files and numbers; returns ``(report, gate failures)`` and
     writes ``verify.json``/``verify.md`` to ``out`` (default ``<bundle>-verify`` beside it, never into it)."""
-    from robustedge.export.bundle import verify_bundle
+    from robustedge.edge.bundle import verify_bundle
     from robustedge.verify_core import Gate, load_manifest
 
     bundle = _path_arg(bundle, "bundle")
@@ -243,7 +243,7 @@ def train(config: str | os.PathLike | Any, *, resume: bool = False, **overrides)
     ``overrides`` set fields by dotted name with ``__`` for the dot (``epochs=2``, ``optim__lr=0.01``),
     as ``--set optim.lr=0.01`` does. Returns the run's ``TrainResult``."""
     from robustedge.config import TrainConfig, apply_values, load_config, validate_config
-    from robustedge.train import train as _train
+    from robustedge.trainer import train as _train
 
     cfg = config if isinstance(config, TrainConfig) else load_config(str(config))
     cfg = apply_values(cfg, {k.replace("__", "."): v for k, v in overrides.items()})

@@ -187,7 +187,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     for interactive use and the export's black-box check; evaluations leave them unset. Returns ``(x_adv, y_adv)`` exactly as the package does.
 
     ``query_model`` (default: ``model.query_model`` where ``model`` has one, see
-    :class:`robustedge.export.runners.QueriedTwin`) answers the Square stage's queries instead of
+    :class:`robustedge.runners.QueriedTwin`) answers the Square stage's queries instead of
     ``model``: the runtime of an exported file whose differentiable twin ``model`` is. Square uses
     outputs only, so it can ask the function being measured itself, exactly and far faster than the
     interpreted twin (5,000 queries per surviving example); APGD and FAB keep differentiating ``model``,

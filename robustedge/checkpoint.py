@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robustedge import __version__
+from robustedge._version import __version__
 from robustedge.errors import RobustEdgeError
 from robustedge.files import save_safetensors
 from robustedge.models import Classifier, build_model
@@ -189,30 +189,3 @@ def read_robustedge_file(path: Path) -> tuple[dict[str, str], ModelMeta, dict[st
 def model_part(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The model weights of a training state (stored under a ``model.`` prefix)."""
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-
-
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
-    """Rebuild the model a RobustEdge file describes and load its weights strictly (eval mode).
-
-    A run's ``last.safetensors`` (a training state) works too: its model part is used. A QAT student
-    comes back as its fake-quantised :class:`robustedge.qat.QATStudent`.
-    """
-    from robustedge.weights import load_state_strict
-
-    path = Path(path)
-    header, meta, state = read_robustedge_file(path)
-    if header.get("kind") == TRAINING_KIND:
-        state = model_part(state)
-    try:
-        model = meta.spec.build()
-    except TypeError as exc:  # a spec with values of the wrong type
-        raise RobustEdgeError(f"{path}: malformed model spec ({exc})") from None
-    qat = meta.extra.get("qat")
-    if qat:  # a QAT student: the same fake-quantised graph, rebuilt, then its weights and learned ranges
-        from robustedge.qat import prepare_qat
-
-        if not isinstance(qat, dict):
-            raise RobustEdgeError(f"{path}: malformed QAT metadata")
-        model = prepare_qat(model, meta.spec.input_shape, qat.get("activations", "uint8"))
-    load_state_strict(model, state, source=str(path), arch=meta.spec.arch)
-    return model.to(device).eval(), meta

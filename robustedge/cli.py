@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from robustedge import __version__, options
+from robustedge import options
+from robustedge._version import __version__
 from robustedge.errors import RobustEdgeError
 
 EXAMPLES = """examples:
@@ -113,7 +114,7 @@ def _facts(args: argparse.Namespace):
 # --------------------------------------------------------------------------------------------
 
 def _add_eval(sub: argparse._SubParsersAction) -> None:
-    from robustedge.evaluate import DEFAULT_ATTACKS, SUITE
+    from robustedge.suite import DEFAULT_ATTACKS, SUITE
     from robustedge.options import AUTOATTACK_BLOCK
 
     p = sub.add_parser(
@@ -182,7 +183,7 @@ def _eval_out(args: argparse.Namespace) -> Path:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from robustedge.evaluate import EVAL_OUTPUTS, parse_attacks
+    from robustedge.suite import EVAL_OUTPUTS, parse_attacks
     from robustedge.files import check_output_files
     from robustedge.runtime import resolve_device
     from robustedge.sharding import init_from_env, leave
@@ -204,7 +205,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _saved_eval(out: Path, resume: bool):
     """The evaluation saved in ``out`` to continue (``--resume``), or None; without ``--resume`` an unfinished
     one there is started over, which is said."""
-    from robustedge.evaluate import resumable_report
+    from robustedge.suite import resumable_report
     from robustedge.files import read_json
 
     path = out / "eval.json"
@@ -374,7 +375,7 @@ def resolve_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from robustedge.train import train
+    from robustedge.trainer import train
 
     cfg = resolve_train_config(args)
     if args.dry_run:
@@ -421,7 +422,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from robustedge.evaluate import parse_attacks
+    from robustedge.suite import parse_attacks
     from robustedge.quickstart import QuickstartSettings, run_quickstart
 
     run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
@@ -452,7 +453,7 @@ def _gate(args: argparse.Namespace, base=None):
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    from robustedge.export.convert import CALIBRATION_METHODS, INT8_ACTIVATIONS
+    from robustedge.edge.convert import CALIBRATION_METHODS, INT8_ACTIVATIONS
     from robustedge.verify_core import FORMATS
 
     p = sub.add_parser(
@@ -558,7 +559,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.runtime import resolve_device
     from robustedge.flags import FlagSettings
     from robustedge.verify_core import format_flags, format_table
@@ -588,7 +589,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from robustedge.export.bundle import verify_bundle, verify_out
+    from robustedge.edge.bundle import verify_bundle, verify_out
     from robustedge.verify_core import Gate, format_flags, format_table, load_manifest
 
     manifest = load_manifest(Path(args.bundle))

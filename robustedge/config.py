@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from robustedge.attack_table import AttackConfig
 from robustedge.errors import RobustEdgeError
 from robustedge.options import check_range, parse_int, parse_number, parse_seed
 
@@ -58,21 +59,6 @@ class TeacherConfig:
     mean: list[float] | None = None
     std: list[float] | None = None
     precision: str = "auto"  # auto (bf16 where native, else fp32) | fp32 | bf16 | fp16: teachers only infer
-
-
-@dataclass
-class AttackConfig:
-    """The inner maximisation used during training."""
-
-    eps: float = 8 / 255
-    steps: int = 10
-    step_size: float = 2 / 255
-    # auto: the method's released start (gaussian x + init_std * N(0, I) for TRADES/RSLAD/MTARD/B-MTARD,
-    # uniform_unprojected for ARD, uniform for PGD-AT); or gaussian, uniform, uniform_unprojected, none
-    start: str = "auto"
-    init_std: float = 0.001
-    # the student's mode while attacked. auto: the method's released code (train for ARD, eval otherwise)
-    mode: str = "auto"
 
 
 @dataclass

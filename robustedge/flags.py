@@ -180,3 +180,16 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
                                f"PGD-{settings.steps} x {settings.restarts} restarts: {100 * strong.mean():.1f}% vs "
                                f"{label} {100 * base.mean():.1f}%"))
     return flags, info
+
+
+def square_examples(run, samples: dict[str, np.ndarray], eps: float, n: int, queries: int, seed: int,
+                    what: str = "the model") -> np.ndarray:
+    """pyautoattack's Square attack querying ``run`` (outputs only) on the first ``n`` examples."""
+    from robustedge.attacks import autoattack
+    from robustedge.runners import RunnerModule
+
+    x = torch.from_numpy(samples["x"][:n])
+    y = torch.from_numpy(samples["y"][:n])
+    x_adv, _ = autoattack(RunnerModule(run, what), x, y, eps=eps, version="custom", attacks=["square"], seed=seed,
+                          batch_size=max(1, n), device="cpu", square_queries=queries)
+    return x_adv.numpy().astype(np.float32)

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from robustedge.checkpoint import ModelMeta, ModelSpec, check_file, is_robustedge_file, load_model
+from robustedge.checkpoint import ModelMeta, ModelSpec, check_file, is_robustedge_file
+from robustedge.weights import load_model
 from robustedge.errors import RobustEdgeError
 from robustedge.options import parse_eps, parse_int, parse_number, parse_positive
-from robustedge.teachers import ROBUSTBENCH_PREFIX
+from robustedge.robustbench_zoo import ROBUSTBENCH_PREFIX
 
 # (classes, channels, image size, the field's L-inf eps) of each registry dataset's standard setting
 DATASET_DEFAULTS = {
@@ -179,7 +180,7 @@ def _from_state_dict(path: Path, facts: ModelFacts, device) -> tuple[nn.Module, 
 
 
 def _from_robustbench(name: str, facts: ModelFacts, device) -> tuple[nn.Module, ModelMeta]:
-    from robustedge.teachers import load_robustbench
+    from robustedge.robustbench_zoo import load_robustbench
 
     dataset, classes, channels, size, eps = facts.resolved(ROBUSTBENCH_PREFIX + name)
     model = load_robustbench(name, dataset, str(cache_dir() / "robustbench"), device)

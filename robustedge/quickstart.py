@@ -41,17 +41,17 @@ from pathlib import Path
 
 import torch
 
-from robustedge.checkpoint import load_model
+from robustedge.loading import load
 from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, QATConfig, TeacherConfig,
                                TrainConfig, validate_config)
 from robustedge.errors import RobustEdgeError
-from robustedge.evaluate import DEFAULT_ATTACKS, EvalReport, evaluate, parse_attacks
+from robustedge.suite import DEFAULT_ATTACKS, EvalReport, evaluate, parse_attacks
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, read_json,
                               writer_alive, writer_identity)
 from robustedge.flags import FlagSettings
 from robustedge.options import parse_eps, parse_int, parse_seed
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs, worker_pool
-from robustedge.train import train
+from robustedge.trainer import train
 
 DIGITS_EPS = 0.1
 # the students' learning rate per method, chosen on the validation split by bench/tune_digits.py
@@ -211,7 +211,7 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
     from robustedge.data import split_for_model
     from robustedge.files import save_safetensors
 
-    model, meta = load_model(s.out / name / "best.safetensors")
+    model, meta = load(s.out / name / "best.safetensors", device="cpu")
     split = split_for_model(meta, None, None, "test", s.eval_n)
     print(f"== evaluating {name} on {len(split)} test digits, eps={s.eps} ==", flush=True)
     keep = name == "student_bmtard"  # the exported student: its adversarial examples are reused
@@ -231,7 +231,7 @@ def _eval_job(job: tuple[QuickstartSettings, str]) -> dict:
 
 
 def _export_options(s: QuickstartSettings, transfer: tuple[str, ...], **overrides):
-    from robustedge.export.bundle import ExportOptions
+    from robustedge.edge.bundle import ExportOptions
 
     return ExportOptions(n=s.eval_n, transfer_attacks=transfer, square_n=100, square_queries=s.square_queries,
                          seed=s.seed, whitebox_attacks=_whitebox_attacks(s), **overrides)
@@ -241,7 +241,7 @@ def _whitebox_attacks(s: QuickstartSettings) -> tuple[str, ...]:
     """The white-box attacks on each INT8 file: those of the evaluation (``--attacks``) that have a
     white-box form, and DIVA, which exists only for a quantised model. With the default attacks that is
     every white-box attack; a shorter ``--attacks`` shortens the export's verification the same way."""
-    from robustedge.export.verify import WHITEBOX_ATTACKS
+    from robustedge.edge.verify import WHITEBOX_ATTACKS
 
     return tuple(a for a in WHITEBOX_ATTACKS if a in s.attacks or a == "diva")
 
@@ -250,7 +250,7 @@ def _export_float(s: QuickstartSettings) -> dict:
     """The B-MTARD student to ONNX fp32 / fp16 / INT8 (PTQ), verified; reuses its evaluation's examples."""
     from safetensors.torch import load_file
 
-    from robustedge.export.bundle import export_bundle
+    from robustedge.edge.bundle import export_bundle
 
     adversarial: dict[str, torch.Tensor] = {}
     if (s.out / "student_bmtard" / ADVERSARIAL_FILE).exists():
@@ -271,7 +271,7 @@ def _qat_job(job: tuple[QuickstartSettings, TrainConfig]) -> dict:
     AutoAttack): the gate compares worst cases, and a reference attacked more weakly would fail it for
     the wrong reason."""
     s, cfg = job
-    from robustedge.export.bundle import export_bundle
+    from robustedge.edge.bundle import export_bundle
 
     print(f"\n== QAT: fine-tuning student_bmtard as its INT8 function, {cfg.epochs} epochs ==", flush=True)
     t0 = time.perf_counter()

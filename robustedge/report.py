@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustedge.checkpoint import load_model
+from robustedge.loading import load
 from robustedge.errors import RobustEdgeError
 from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
                               check_output_folder)
@@ -148,7 +148,7 @@ def _bundle_for(run: Path, warnings: Warnings) -> dict | None:
 
 def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
     """Batch-1 latency of the folded model in torch eager (the export table's ``torch`` row's way)."""
-    from robustedge.export.runners import TorchRunner
+    from robustedge.runners import TorchRunner
     from robustedge.models import fold_if_possible
     from robustedge.verify_core import median_latency_ms
 
@@ -183,7 +183,7 @@ def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | 
     if not meta.eps:
         return None
     from robustedge.data import split_for_model
-    from robustedge.evaluate import evaluate
+    from robustedge.suite import evaluate
     from robustedge.models import fold_if_possible
 
     split = split_for_model(meta, None, data_root, "test", n)
@@ -210,7 +210,7 @@ def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: War
     best = run / "best.safetensors"
     if best.exists():
         try:
-            model, meta = load_model(best)
+            model, meta = load(best, device="cpu")
         except RobustEdgeError as exc:
             warnings.skip(best, str(exc))
         else:
@@ -349,7 +349,7 @@ def _pct(v) -> str:
 
 
 def robustness_table(runs: list[RunInfo]) -> list[list[str]]:
-    from robustedge.evaluate import DEFAULT_ATTACKS
+    from robustedge.suite import DEFAULT_ATTACKS
 
     found = {a for r in runs if r.evaluation for a in r.evaluation["accuracy"]}
     attacks = [a for a in DEFAULT_ATTACKS if a in found] + sorted(found - set(DEFAULT_ATTACKS))

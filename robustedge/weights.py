@@ -15,7 +15,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from robustedge.checkpoint import ModelSpec, check_file
+from robustedge.checkpoint import TRAINING_KIND, ModelMeta, ModelSpec, check_file, model_part, read_robustedge_file
 from robustedge.errors import RobustEdgeError
 from robustedge.models import Classifier
 
@@ -113,3 +113,28 @@ def load_weights(spec: ModelSpec, path: str | os.PathLike, device: torch.device 
 
 
 #
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, ModelMeta]:
+    """Rebuild the model a RobustEdge file describes and load its weights strictly (eval mode).
+
+    A run's ``last.safetensors`` (a training state) works too: its model part is used. A QAT student
+    comes back as its fake-quantised :class:`robustedge.qat.QATStudent`.
+    """
+    path = Path(path)
+    header, meta, state = read_robustedge_file(path)
+    if header.get("kind") == TRAINING_KIND:
+        state = model_part(state)
+    try:
+        model = meta.spec.build()
+    except TypeError as exc:  # a spec with values of the wrong type
+        raise RobustEdgeError(f"{path}: malformed model spec ({exc})") from None
+    qat = meta.extra.get("qat")
+    if qat:  # a QAT student: the same fake-quantised graph, rebuilt, then its weights and learned ranges
+        from robustedge.qat import prepare_qat
+
+        if not isinstance(qat, dict):
+            raise RobustEdgeError(f"{path}: malformed QAT metadata")
+        model = prepare_qat(model, meta.spec.input_shape, qat.get("activations", "uint8"))
+    load_state_strict(model, state, source=str(path), arch=meta.spec.arch)
+    return model.to(device).eval(), meta

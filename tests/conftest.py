@@ -103,7 +103,7 @@ def models_folder(digits_checkpoint, tmp_path_factory):
     """A demo models folder: the digits checkpoint and an export bundle made from it."""
     import shutil
 
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
 
     folder = tmp_path_factory.mktemp("models")
     (folder / "natural").mkdir()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import robustedge
-from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, save_model
+from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+from robustedge.weights import load_model
 from robustedge.cli import main
 
 EVAL = ["--attacks", "clean,fgsm,pgd20", "--n", "24", "--batch-size", "8", "--no-flags", "--no-progress"]

@@ -147,7 +147,8 @@ def test_bad_query_parameters_fall_back_to_defaults_with_a_warning(models_folder
 
 
 def test_a_model_with_nan_logits_is_an_error_not_a_prediction(digits_checkpoint, tmp_path):
-    from robustedge.checkpoint import load_model, save_model
+    from robustedge.checkpoint import save_model
+    from robustedge.weights import load_model
 
     model, meta = load_model(digits_checkpoint)
     with torch.no_grad():  # finite weights (NaN ones are refused at load) whose logits overflow to +-inf
@@ -162,7 +163,7 @@ def test_a_model_with_nan_logits_is_an_error_not_a_prediction(digits_checkpoint,
 @pytest.fixture(scope="module")
 def foreign_sources(digits_checkpoint, tmp_path_factory):
     """The digits checkpoint's weights as a bare state dict, named the way `robustedge app --model` names it."""
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
     from robustedge.loading import ModelFacts
 
     model, _ = load_model(digits_checkpoint)
@@ -219,7 +220,7 @@ def test_the_app_command_hands_its_named_models_to_the_page(models_folder, digit
     the page, run with that environment, offers the model (the server itself: tests/test_browser.py)."""
     import subprocess
 
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
     from robustedge.cli import main
 
     model, _ = load_model(digits_checkpoint)

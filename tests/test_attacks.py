@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from robustedge import RobustEdgeError
 from robustedge.attacks import autoattack, cw_inf, cw_margin, fgsm, pgd
-from robustedge.evaluate import SUITE, evaluate
+from robustedge.suite import SUITE, evaluate
 
 EPS = 0.1
 

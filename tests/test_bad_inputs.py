@@ -346,7 +346,8 @@ def _bundle_variants(bundle: Path, root: Path) -> dict[str, Path]:
 def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
 
-    from robustedge.checkpoint import load_model, save_model
+    from robustedge.checkpoint import save_model
+    from robustedge.weights import load_model
 
     model, meta = load_model(ckpt)
     paths = {}
@@ -395,7 +396,7 @@ def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, digits_checkpoint):
     """Everything the rows refer to, in one folder whose every byte is compared before and after."""
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.files import writer_identity
 
     root = tmp_path_factory.mktemp("world")

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, read_meta, save_model
+from robustedge.checkpoint import ModelMeta, ModelSpec, read_meta, save_model
+from robustedge.weights import load_model
 from robustedge.files import atomic_path
 from robustedge.weights import load_weights, read_state_dict
 from robustedge.models import build_model

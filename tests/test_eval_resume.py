@@ -1,6 +1,7 @@
 """A killed evaluation continues where it stopped (`robustedge eval --resume`), with the same per-example
 results as a run that was never interrupted, and refuses to continue another run's file."""
 
+import importlib
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from robustedge.errors import RobustEdgeError
-from robustedge.evaluate import EvalReport, evaluate
+from robustedge.suite import EvalReport, evaluate
 
 ATTACKS = ["clean", "fgsm", "autoattack"]  # at eps 0.08 AutoAttack breaks all 12 fast (no Square queries)
 
@@ -26,7 +27,7 @@ def _first(digits, n):
 
 
 def test_a_crash_inside_autoattack_resumes_from_its_last_block(digits, digits_model, monkeypatch):
-    ev = sys.modules["robustedge.evaluate"]  # the module (robustedge.evaluate is also the API function)
+    ev = importlib.import_module("robustedge.suite")
 
     x, y = _first(digits, 12)
     common = dict(attacks=ATTACKS, eps=0.08, seed=3, aa_batch_size=4, show_progress=False)
@@ -171,7 +172,7 @@ def _set(path, value):
     (_set(["n"], 11), "does not fit this run"),
 ])
 def test_a_damaged_saved_evaluation_is_one_line_never_a_wrong_number(digits, digits_model, edit, message):
-    from robustedge.evaluate import resumable_report
+    from robustedge.suite import resumable_report
 
     raw, x, y = _saved(digits, digits_model)
     edit(raw)
@@ -183,7 +184,7 @@ def test_a_damaged_saved_evaluation_is_one_line_never_a_wrong_number(digits, dig
 
 
 def test_clean_comes_first_whatever_the_order_given():
-    from robustedge.evaluate import parse_attacks
+    from robustedge.suite import parse_attacks
 
     assert parse_attacks("pgd20,clean,fgsm") == ["clean", "pgd20", "fgsm"]
     assert parse_attacks(["fgsm"]) == ["clean", "fgsm"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.export.bundle import ExportOptions, export_bundle, parse_formats, verify_bundle
-from robustedge.export.convert import export_onnx
+from robustedge.edge.bundle import ExportOptions, export_bundle, parse_formats, verify_bundle
+from robustedge.edge.convert import export_onnx
 from robustedge.verify_core import Gate, OrtRunner, check_input_shape, read_bundle
 OPTS = dict(n=64, calibration_n=128, transfer_attacks=("pgd20",), square_n=8, square_queries=50)
 
@@ -154,7 +154,7 @@ def test_cli_export_verify_and_bad_inputs(digits_checkpoint, bundle, tmp_path, c
 
 
 def test_wrong_input_shape_and_missing_calibration_are_clear_errors(bundle):
-    from robustedge.export.convert import quantize_int8
+    from robustedge.edge.convert import quantize_int8
 
     out, _, _ = bundle
     runner = OrtRunner(out / "model.onnx")
@@ -295,7 +295,7 @@ def test_a_corrupted_pte_is_refused_by_both_verifiers(executorch_bundle, tmp_pat
 
 def test_executorch_formats_are_skipped_with_the_install_line_without_the_extra(digits_checkpoint, tmp_path,
                                                                                  monkeypatch):
-    from robustedge.export import executorch
+    from robustedge.edge import executorch
 
     monkeypatch.setattr(executorch, "available", lambda: (False, executorch.INSTALL))
     opts = ExportOptions(**(OPTS | dict(formats=["executorch"], whitebox_attacks=(), square_n=0)))

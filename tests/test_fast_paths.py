@@ -15,7 +15,7 @@ from robustedge.teachers import FrozenTeacher, teacher_dtype
 from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
 from robustedge.models import build_model, fold_batchnorm
 from robustedge.runtime import parallel_plan, run_jobs
-from robustedge.train import build_parts
+from robustedge.trainer import build_parts
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2", "preact_resnet18", "wideresnet-10-2"])
 def test_linked_twin_follows_the_training_model(arch):
@@ -90,7 +90,7 @@ def _ours(method, teacher_files, fast: bool):
 
 @pytest.mark.parametrize("method", ["natural", "pgd_at", "trades", "ard", "rslad", "mtard", "bmtard"])
 def test_trainer_step_matches_the_reference_loop(method, teacher_files):
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
     from robustedge.runtime import seed_everything
 
     gen = torch.Generator().manual_seed(5)
@@ -113,7 +113,7 @@ def test_trainer_step_matches_the_reference_loop(method, teacher_files):
 
 
 def test_bmtard_reference_and_ours_keep_the_same_balance_state(teacher_files):
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
     from robustedge.runtime import seed_everything
 
     parts = _ours("bmtard", teacher_files, False)
@@ -137,7 +137,7 @@ def test_bmtard_reference_and_ours_keep_the_same_balance_state(teacher_files):
 # ---- evaluation batch size, worker pool ------------------------------------------------------
 
 def test_auto_batch_size_fits_memory_and_does_not_change_results(digits_model, digits):
-    from robustedge.evaluate import attack_bytes_per_example, auto_batch_size, evaluate
+    from robustedge.suite import attack_bytes_per_example, auto_batch_size, evaluate
 
     x, y = digits.test.take(64).float_images(), digits.test.take(64).labels
     per_example = attack_bytes_per_example(digits_model, x[:1])
@@ -183,7 +183,7 @@ def test_int8_activation_types(tmp_path):
     import onnx
     from onnx import numpy_helper
 
-    from robustedge.export.convert import export_onnx, quantize_int8
+    from robustedge.edge.convert import export_onnx, quantize_int8
 
     torch.manual_seed(0)
     model = build_model("resnet20", 10, 1, width=0.25).eval()

@@ -87,7 +87,7 @@ def test_output_folders_are_replaced_only_when_ours(tmp_path):
 def test_two_exports_racing_to_the_same_new_folder(digits_checkpoint, tmp_path):
     """The second export finishes while the first is still working: the first loses with one line,
     the winner's bundle is kept whole and the loser leaves nothing behind."""
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.verify_core import read_bundle
 
     out = tmp_path / "bundle"

@@ -31,7 +31,7 @@ class DeviceRecorder(nn.Module):
 
 
 def test_the_torch_runner_feeds_the_models_device_and_returns_host_arrays():
-    from robustedge.export.runners import TorchRunner, model_device
+    from robustedge.runners import TorchRunner, model_device
 
     model = DeviceRecorder()
     out = TorchRunner(model, device="meta")(np.zeros((2, 1, 8, 8), np.float32))
@@ -87,7 +87,7 @@ def test_the_api_defaults_are_the_clis():
 
 def test_qat_never_trains_under_autocast():
     from robustedge.config import TrainConfig, validate_config
-    from robustedge.train import _amp_settings
+    from robustedge.trainer import _amp_settings
 
     cfg = TrainConfig(method="natural")
     cfg.data.name = "digits"
@@ -206,7 +206,7 @@ def test_a_training_step_on_cuda_under_amp_keeps_the_fp32_loss_of_the_reference(
     """One B-MTARD step on the GPU (bf16 autocast, channels_last, folded twin) against the same step in fp32."""
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
     from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
-    from robustedge.train import build_parts
+    from robustedge.trainer import build_parts
 
     spec = ModelSpec("resnet20", 10, 3, 0.5, 32)
     files = {}

@@ -10,11 +10,12 @@ import torch
 import torch.nn.functional as F
 
 from robustedge import RobustEdgeError
-from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, save_model
+from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+from robustedge.weights import load_model
 from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, QATConfig, TeacherConfig,
                                TrainConfig)
 from robustedge.qat import QATStudent, prepare_qat
-from robustedge.train import build_parts, state_digest, train
+from robustedge.trainer import build_parts, state_digest, train
 
 SPEC = ModelSpec("mobilenetv2", 10, 1, 0.25, 8)
 
@@ -261,7 +262,7 @@ def test_qat_fine_tuning_starts_from_the_ptq_model(float_student, digits):
 
 @pytest.fixture(scope="module")
 def qat_bundle(tmp_path_factory, float_student):
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.flags import FlagSettings
 
     root = tmp_path_factory.mktemp("qat")
@@ -299,7 +300,8 @@ def test_symmetric_qat_gives_zero_points_tensorrt_accepts(tmp_path, float_studen
     import onnx
     from onnx import numpy_helper
 
-    from robustedge.qat import convert, to_qdq_onnx
+    from robustedge.edge.qat_onnx import to_qdq_onnx
+    from robustedge.qat import convert
 
     model, _ = load_model(float_student)
     student = prepare_qat(model, SPEC.input_shape, "int8-symmetric")
@@ -319,7 +321,7 @@ def test_a_student_under_the_xnnpack_scheme_ships_as_a_pte_attacked_through_its_
     (A QAT checkpoint made the way `train` makes one, from the PTQ start, to keep the test short.)"""
     pytest.importorskip("executorch", reason="the mobile extra (executorch) is not installed")
     from robustedge.data import calibration_images, load_dataset
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.flags import FlagSettings
     from robustedge.qat import calibrate, library_version
     from robustedge.verify_core import open_runner, predict

@@ -100,7 +100,7 @@ def test_tiny_imagenet_folder_trains_a_64x64_model(tmp_path):
     from PIL import Image
 
     from robustedge.config import TrainConfig
-    from robustedge.train import train
+    from robustedge.trainer import train
 
     rng = np.random.default_rng(0)
     classes = ["n01443537", "n01629819", "n01641577"]
@@ -122,7 +122,7 @@ def test_tiny_imagenet_folder_trains_a_64x64_model(tmp_path):
     cfg.model.arch, cfg.model.width = "mobilenetv2", 0.25
     cfg.attack.steps = 2
     result = train(cfg)
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
 
     model, meta = load_model(result.best_path)
     assert meta.spec.image_size == 64 and meta.spec.num_classes == 3 and model.conv1.stride == (2, 2)
@@ -153,7 +153,7 @@ def test_distill_dry_run_prints_config_parameters_and_epoch_time(digits_checkpoi
 def report_runs(models_folder, digits_model, digits, tmp_path):
     """A folder of runs: the demo's checkpoint with a B-MTARD-like history, an evaluation and the
     export bundle beside it (as the quickstart lays them out)."""
-    from robustedge.evaluate import evaluate
+    from robustedge.suite import evaluate
 
     root = tmp_path / "runs"
     shutil.copytree(models_folder / "natural", root / "student")

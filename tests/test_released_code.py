@@ -320,7 +320,7 @@ def test_the_balances_follow_the_released_block_over_hundreds_of_steps(name, fac
     at every step. A flat robust and a sharp clean teacher make the temperatures move."""
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
     from robustedge.config import TeacherConfig, TrainConfig
-    from robustedge.train import build_parts
+    from robustedge.trainer import build_parts
 
     spec = ModelSpec("resnet20", 10, 1, 0.25, 8)
     files = {}
@@ -406,7 +406,7 @@ def released_ard_lrs(epochs: int = 200) -> list[float]:
                                     "cifar100_mobilenetv2_ard"])
 def test_the_recipes_learning_rate_is_the_scripts_at_every_epoch(recipe):
     from robustedge.config import load_config
-    from robustedge.train import lr_factor
+    from robustedge.trainer import lr_factor
 
     cfg = load_config(recipe)
     released = released_ard_lrs(cfg.epochs) if cfg.method == "ard" else released_rslad_mtard_lrs(cfg.epochs)

@@ -12,7 +12,7 @@ import pytest
 from robustedge import RobustEdgeError
 from robustedge.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from robustedge.files import LOCK_FILE, LOCK_FORMAT, lock_folder, writer_identity
-from robustedge.train import Trainer, train
+from robustedge.trainer import Trainer, train
 
 
 def _dead_pid() -> int:

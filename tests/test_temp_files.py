@@ -76,7 +76,7 @@ def _plant(folder):
 
 def _train_start(tmp_path):
     from robustedge.config import DataConfig, ModelConfig, TrainConfig
-    from robustedge.train import Trainer
+    from robustedge.trainer import Trainer
 
     cfg = TrainConfig(name="run", method="natural", data=DataConfig(name="digits"), model=ModelConfig(arch="resnet20"),
                       device="cpu", out_dir=str(tmp_path))

@@ -8,11 +8,12 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.checkpoint import ModelMeta, ModelSpec, load_model, save_model
+from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+from robustedge.weights import load_model
 from robustedge.training_state import load_training_state
 from robustedge.config import (RECIPES, AttackConfig, DataConfig, ModelConfig, OptimConfig, TeacherConfig,
                                TrainConfig, config_to_dict, load_config)
-from robustedge.train import state_digest, train
+from robustedge.trainer import state_digest, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,9 +13,9 @@ import torch
 
 from robustedge import RobustEdgeError
 from robustedge.attacks import pgd
-from robustedge.evaluate import evaluate
-from robustedge.export.convert import export_onnx, quantize_int8
-from robustedge.export.twin import OnnxTwin, agreement
+from robustedge.suite import evaluate
+from robustedge.edge.convert import export_onnx, quantize_int8
+from robustedge.edge.twin import OnnxTwin, agreement
 from robustedge.flags import FlagSettings
 from robustedge.verify_core import OrtRunner, comparison_flags, worst_case
 
@@ -90,7 +90,7 @@ def _interpret(path, x: torch.Tensor) -> torch.Tensor:
     compiled. Written independently of the twin's load pipeline, as the reference it must equal."""
     from onnx import helper, numpy_helper
 
-    from robustedge.export.twin import OPS
+    from robustedge.edge.twin import OPS
 
     graph = onnx.load(str(path)).graph
     env = {i.name: torch.from_numpy(numpy_helper.to_array(i).copy()) for i in graph.initializer}
@@ -162,7 +162,7 @@ def _short_autoattack(monkeypatch, attacks: list[str]) -> None:
 
     from robustedge.attacks import autoattack
 
-    evaluate_module = importlib.import_module("robustedge.evaluate")  # robustedge.evaluate is also a function
+    evaluate_module = importlib.import_module("robustedge.suite")
     monkeypatch.setattr(evaluate_module, "autoattack", functools.partial(
         autoattack, version="custom", attacks=attacks, apgd_iters=2, square_queries=300))
 
@@ -171,8 +171,8 @@ def test_autoattack_on_a_twin_asks_the_runtime_for_square_and_finds_the_same_exa
     """Square needs outputs only: the export hands AutoAttack's Square stage the artifact's runtime (the
     function being measured) and keeps the twin for gradients. With a runtime that computes the twin's
     function exactly, the examples are the package's own, per example, and no query reached the twin."""
-    from robustedge.export.runners import RunnerModule, TorchRunner
-    from robustedge.export.verify import _attack
+    from robustedge.runners import RunnerModule, TorchRunner
+    from robustedge.edge.verify import _attack
 
     model, data = student
     x, y = data.test.float_images()[:16], data.test.labels[:16]
@@ -191,8 +191,8 @@ def test_autoattack_on_a_twin_asks_the_runtime_for_square_and_finds_the_same_exa
 
 
 def test_the_square_stage_on_an_int8_file_queries_onnx_runtime(student, int8_file, monkeypatch):
-    from robustedge.export.runners import RunnerModule
-    from robustedge.export.verify import _attack
+    from robustedge.runners import RunnerModule
+    from robustedge.edge.verify import _attack
 
     _, data = student
     _, int8 = int8_file
@@ -274,7 +274,7 @@ def test_more_steps_needs_more_than_a_point_and_more_than_one_example():
 @pytest.fixture(scope="module")
 def student_bundle(student, tmp_path_factory):
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
-    from robustedge.export.bundle import ExportOptions, export_bundle
+    from robustedge.edge.bundle import ExportOptions, export_bundle
 
     model, data = student
     folder = tmp_path_factory.mktemp("wb_bundle")
@@ -319,7 +319,7 @@ def test_the_bundle_verifier_replays_the_white_box_numbers(student_bundle):
 def test_a_flagged_bundle_fails_the_gate_unless_flags_are_allowed(student_bundle, tmp_path):
     import shutil
 
-    from robustedge.export.bundle import verify_bundle
+    from robustedge.edge.bundle import verify_bundle
     from robustedge.verify_core import Gate
 
     out, manifest, _ = student_bundle

@@ -329,7 +329,7 @@ class Predictor:
     def module(self) -> torch.nn.Module:
         if self.torch_model is not None:
             return self.torch_model
-        from robustedge.export.runners import RunnerModule
+        from robustedge.runners import RunnerModule
 
         return RunnerModule(self.runner)
 

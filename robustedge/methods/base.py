@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from robustedge.attacks import pgd
-from robustedge.config import AttackConfig
+from robustedge.attack_table import AttackConfig
 from robustedge.errors import RobustEdgeError
 from robustedge.options import parse_number
 

@@ -19,7 +19,7 @@ is compiled into a flat list of steps whose attributes are parsed once and whose
 numbered slots (no dictionary lookups, no attribute parsing, intermediates freed after their last
 use). Outputs are bit-identical to the node-by-node interpretation of the file
 (tests/test_whitebox.py).
-Query-only attacks do not use the twin at all: they ask the runtime (robustedge/export/runners.py,
+Query-only attacks do not use the twin at all: they ask the runtime (robustedge/runners.py,
 ``QueriedTwin``).
 
 ONNX Runtime runs fused integer kernels instead (``QLinearConv`` etc.: int32 accumulation, then a
@@ -478,7 +478,7 @@ def agreement(twin: nn.Module, runner, x: np.ndarray, batch_size: int = 256) -> 
     """Top-1 agreement and max |logit difference| of the twin against the runtime on ``x``."""
     from robustedge.verify_core import predict
 
-    from robustedge.export.runners import model_device
+    from robustedge.runners import model_device
 
     runtime = predict(runner, x, batch_size, what="the runtime")
     device = model_device(twin)

@@ -24,7 +24,7 @@ from robustedge.errors import RobustEdgeError
 OPSET = 18
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-logger = logging.getLogger("robustedge.export")
+logger = logging.getLogger("robustedge.edge")
 
 
 def onnx_proto(model: torch.nn.Module, input_shape: tuple[int, int, int], what: str = "this model"):

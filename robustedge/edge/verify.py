@@ -6,10 +6,10 @@ What every artifact gets (docs/design.md, "Export, bundles and verification"):
   torch model (``transfer_*``);
 - white-box attacks on the artifact itself where it is a quantised ONNX file: PGD-20, CW-inf,
   AutoAttack (pyautoattack, standard) and a DIVA-style float-vs-INT8 disagreement attack, all run on
-  its exact differentiable twin (:mod:`robustedge.export.twin`) and then replayed on the runtime: the
+  its exact differentiable twin (:mod:`robustedge.edge.twin`) and then replayed on the runtime: the
   runtime's accuracy on them is what is reported (``whitebox_*``). The twin serves gradients only:
   AutoAttack's query-only Square stage asks the runtime itself
-  (:class:`~robustedge.export.runners.QueriedTwin`). When the twin disagrees with the runtime beyond
+  (:class:`~robustedge.runners.QueriedTwin`). When the twin disagrees with the runtime beyond
   the gate's tolerance, these numbers are refused, not printed;
 - black-box Square examples found by querying the runtime itself (``square``);
 - ``worst``: per example, robust only if every attack left it correct;
@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from robustedge.errors import RobustEdgeError
-from robustedge.export.runners import QueriedTwin, RunnerModule, TorchRunner, model_device
-from robustedge.flags import FlagSettings, gradient_flags, model_correct
+from robustedge.runners import QueriedTwin, RunnerModule, TorchRunner, model_device
+from robustedge.flags import FlagSettings, gradient_flags, model_correct, square_examples
 from robustedge.verify_core import (FORMATS, Gate, artifact_row, comparison_flags, median_latency_ms,
                                     predict, replay, reported_worst, square_key, whitebox_key)
 
@@ -61,7 +61,7 @@ def _attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     query-only stage (Square) then queries it instead of the twin (:class:`QueriedTwin`: the runtime is
     the function being measured, and it answers 5,000 queries per example far faster than the twin)."""
     from robustedge.attacks import disagreement
-    from robustedge.evaluate import run_attack
+    from robustedge.suite import run_attack
 
     if name == "autoattack" and runtime is not None:
         model = QueriedTwin(model, runtime)
@@ -84,18 +84,6 @@ def craft_samples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
         adv = precomputed[name] if precomputed and name in precomputed else _attack(name, model, x, y, eps, seed)
         samples[f"adv_{name}"] = adv.detach().cpu().numpy().astype(np.float32)
     return samples
-
-
-def square_examples(run, samples: dict[str, np.ndarray], eps: float, n: int, queries: int, seed: int,
-                    what: str = "the model") -> np.ndarray:
-    """pyautoattack's Square attack querying ``run`` (outputs only) on the first ``n`` examples."""
-    from robustedge.attacks import autoattack
-
-    x = torch.from_numpy(samples["x"][:n])
-    y = torch.from_numpy(samples["y"][:n])
-    x_adv, _ = autoattack(RunnerModule(run, what), x, y, eps=eps, version="custom", attacks=["square"], seed=seed,
-                          batch_size=max(1, n), device="cpu", square_queries=queries)
-    return x_adv.numpy().astype(np.float32)
 
 
 def runtime_correct(runner, what: str):
@@ -135,7 +123,7 @@ def twin_source(fmt: str, qat: bool = False) -> str:
     """The format whose ONNX graph is ``fmt``'s function: itself, the file an ORT-format one came from,
     or, for a QAT student's ExecuTorch program, its QDQ ONNX file (both are ``convert_pt2e`` of the same
     fake-quantised graph; the twin must still agree with the ``.pte`` runtime to be used)."""
-    from robustedge.export.convert import ORT_SOURCES
+    from robustedge.edge.convert import ORT_SOURCES
 
     if qat and fmt == "executorch-int8":
         return "onnx-int8"
@@ -145,7 +133,7 @@ def twin_source(fmt: str, qat: bool = False) -> str:
 def quantized_twin(path: Path, fmt: str, qat: bool = False):
     """The differentiable twin of an INT8 artifact read from the QDQ ONNX graph of its function
     (:func:`twin_source`), or None for formats without one."""
-    from robustedge.export.twin import OnnxTwin
+    from robustedge.edge.twin import OnnxTwin
 
     source = path.with_name(FORMATS[twin_source(fmt, qat)][0])
     if not source.name.endswith(".onnx") or not source.is_file():
@@ -160,7 +148,7 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
                     progress=print) -> tuple[dict, list[dict], dict]:
     """One artifact's row, flags and diagnostics; adds its adversarial examples to ``samples``.
     ``qat``: the artifact is a QAT student's, whose ExecuTorch program shares its ONNX file's twin."""
-    from robustedge.export.twin import agreement
+    from robustedge.edge.twin import agreement
     from robustedge.verify_core import open_runner
 
     runner = open_runner(path, fmt)

@@ -324,9 +324,8 @@ def _flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, resul
     PGD-100 against its per-example worst case (never against FGSM, nor against this Square)."""
     import numpy as np
 
-    from robustedge.export.runners import TorchRunner
-    from robustedge.export.verify import square_examples
-    from robustedge.flags import gradient_flags, model_correct
+    from robustedge.runners import TorchRunner
+    from robustedge.flags import gradient_flags, model_correct, square_examples
     from robustedge.verify_core import comparison_flags, reported_worst
 
     n = min(settings.n, len(y))

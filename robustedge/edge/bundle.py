@@ -23,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustedge import __version__, verify_core
+from robustedge import verify_core
+from robustedge._version import __version__
 from robustedge.errors import RobustEdgeError
-from robustedge.export import convert
-from robustedge.export.verify import (TRANSFER_ATTACKS, WHITEBOX_ATTACKS, check_transfer_attacks,
-                                      check_whitebox_attacks, craft_samples, square_examples, torch_row,
+from robustedge.edge import convert
+from robustedge.edge.verify import (TRANSFER_ATTACKS, WHITEBOX_ATTACKS, check_transfer_attacks,
+                                      check_whitebox_attacks, craft_samples, torch_row,
                                       verify_artifact)
-from robustedge.flags import FlagSettings
+from robustedge.flags import FlagSettings, square_examples
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, make_temp_dir,
                               replace_folder)
 from robustedge.verify_core import (BUNDLE_FORMAT, FORMATS, MANIFEST_FILE, SAMPLES_FILE, VERIFIER_FILE, Gate,
@@ -141,7 +142,7 @@ def _calibration(meta, opts: ExportOptions, model: torch.nn.Module) -> np.ndarra
         raise RobustEdgeError("no training images to calibrate INT8 with")
     x = calibration_images(train, opts.calibration_n, opts.seed)
     if opts.calibrate_adversarial:  # half clean, half PGD-20 examples of the float model
-        from robustedge.evaluate import run_attack
+        from robustedge.suite import run_attack
 
         half = len(x) // 2
         y = train.labels[calibration_indices(train, opts.calibration_n, opts.seed)][half:]
@@ -153,7 +154,7 @@ def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -
     """Max |logit difference| of an ONNX file against torch on test and random inputs, and top-1 agreement
     on the test inputs (random noise has near-tied logits, whose order a rounding step flips: it would
     measure the noise, not the file)."""
-    from robustedge.export.runners import TorchRunner
+    from robustedge.runners import TorchRunner
     from robustedge.verify_core import OrtRunner, predict
 
     runner, reference = OrtRunner(onnx_path), TorchRunner(model)
@@ -177,10 +178,11 @@ def _convert(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, x:
     scales; the ORT-format and TensorRT files derive from either the same way."""
     if meta.extra.get("qat"):
         from robustedge import qat
+        from robustedge.edge import qat_onnx
 
         progress("QAT student: its INT8 function to QDQ ONNX with the learned scales (no calibration)")
         converted = qat.convert(model)
-        first = qat.to_qdq_onnx(converted, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
+        first = qat_onnx.to_qdq_onnx(converted, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
         # checked like any artifact (the table's agreement with the fake-quantised model, the gate), not by a
         # bound here: the file's int32 biases are a rounding PT2E cannot simulate (measured 99.5-100% top-1)
         parity = _parity(model, first, x.numpy(), opts.seed) | {"format": "onnx-int8",
@@ -231,7 +233,7 @@ def _ort(formats: list[str], tmp: Path, progress) -> None:
 
 
 def _executorch_available() -> tuple[bool, str]:
-    from robustedge.export import executorch
+    from robustedge.edge import executorch
 
     return executorch.available()
 
@@ -239,7 +241,7 @@ def _executorch_available() -> tuple[bool, str]:
 def _executorch(formats: list[str], model, meta, calibration, tmp: Path, progress) -> dict[str, str]:
     """ExecuTorch programs (XNNPACK) where the ``mobile`` extra is installed; {format: why} otherwise.
     ``model``: the float student, or a QAT student's converted INT8 graph."""
-    from robustedge.export import executorch
+    from robustedge.edge import executorch
 
     if not formats:
         return {}

@@ -42,7 +42,7 @@ from robustedge.weights import load_state_strict
 from robustedge.config import TrainConfig, config_to_dict, dump_config, validate_config
 from robustedge.data import DeviceLoader, calibration_images, load_dataset
 from robustedge.errors import RobustEdgeError
-from robustedge.evaluate import evaluate
+from robustedge.suite import evaluate
 from robustedge.methods import get_method
 from robustedge.runtime import progress, resolve_device, seed_everything
 from robustedge.seeds import attack_seed
@@ -471,7 +471,7 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
 
 def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:
     """The student under fake quantisation; with ``qat.from_checkpoint``, from a trained float student."""
-    from robustedge.checkpoint import load_model
+    from robustedge.weights import load_model
     from robustedge.qat import prepare_qat
 
     if world > 1:
