@@ -24,7 +24,8 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from robustedge.weights import load_model
     from robustedge.data import split_for_model
-    from robustedge.suite import auto_batch_size, evaluate, parse_attacks
+    from robustedge.eval_report import parse_attacks
+    from robustedge.suite import auto_batch_size, evaluate
     from robustedge.models import fold_batchnorm
     from robustedge.runtime import resolve_device
 

@@ -295,7 +295,7 @@ def _step_flops(arch: str, teachers: dict[str, str], c: Check) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from robustedge.checkpoint import ModelSpec
-    from robustedge.trainer import build_parts
+    from robustedge.training_parts import build_parts
 
     bench = _bench_module()
     batch = min(c.sizes.step_batch, 16)
@@ -396,7 +396,7 @@ def stage_profile(c: Check) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from robustedge.checkpoint import ModelSpec
-    from robustedge.trainer import build_parts
+    from robustedge.training_parts import build_parts
 
     bench = _bench_module()
     s = c.sizes

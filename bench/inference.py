@@ -29,7 +29,7 @@ import torch
 def main(argv: list[str] | None = None) -> int:
     from robustedge.edge.convert import convert_fp16, export_onnx, quantize_int8, tensorrt_available
     from robustedge.runners import TorchRunner
-    from robustedge.verify_core import OrtRunner, median_latency_ms
+    from robustedge.verifier import OrtRunner, median_latency_ms
     from robustedge.models import build_model, fold_batchnorm
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             runners = {name: OrtRunner(path) for name, path in files.items()}
             if trt_ok:  # pragma: no cover - GPU only
                 from robustedge.edge.convert import build_tensorrt
-                from robustedge.verify_core import TrtRunner
+                from robustedge.verifier import TrtRunner
 
                 for precision in ("fp16", "int8"):
                     engine = build_tensorrt(fp32, folder / f"{precision}.engine", precision, shape, calib)

@@ -29,7 +29,8 @@ import torch
 from robustedge.weights import load_model
 from robustedge.files import atomic_write_json, atomic_write_text
 from robustedge.data import split_for_model
-from robustedge.suite import DEFAULT_ATTACKS, evaluate, parse_attacks
+from robustedge.eval_report import DEFAULT_ATTACKS, parse_attacks
+from robustedge.suite import evaluate
 from robustedge.methods import get_method, method_names
 from robustedge.quickstart import DIGITS_LR, QuickstartSettings, quickstart_configs
 from robustedge.runtime import cpu_cores, iter_jobs, parallel_plan, resolve_device, run_jobs

@@ -13,7 +13,7 @@ table gives medians over ``--repeats`` and the ratio of the medians.
 
 - *reference*: robustedge/reference.py — per-sample DataLoader + torchvision transforms, fp32,
   unfolded models, one forward pass per use, teachers in fp32 under no_grad.
-- *ours*: robustedge.trainer.build_parts + TrainingParts.step, the trainer's own code, with a
+- *ours*: robustedge.training_parts.build_parts + TrainingParts.step, the trainer's own code, with a
   config's defaults: on-device data and augmentation (DeviceLoader), channels_last, the attack on
   a conv+BN-folded twin of the student, teachers folded and in bf16 where the hardware has it,
   AMP bf16 on CUDA, no host syncs in the loop (``--compile`` adds torch.compile).
@@ -86,7 +86,7 @@ def measure(job: dict) -> dict:
     from robustedge.data import DeviceLoader, Split
     from robustedge.methods import get_method
     from robustedge.runtime import resolve_device, seed_everything
-    from robustedge.trainer import build_parts
+    from robustedge.training_parts import build_parts
 
     device = resolve_device(job["device"])
     method, arch, batch = job["method"], job["arch"], job["batch"]

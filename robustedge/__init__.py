@@ -10,7 +10,8 @@ library module shares a name with an API function (the suite is ``robustedge.sui
 from robustedge._version import __version__
 from robustedge.errors import RobustEdgeError
 
-API = ("load", "load_dataset", "evaluate", "export", "verify", "train", "distill")
+API = ("load", "load_dataset", "evaluate", "export", "verify", "train", "distill", "register_model",
+       "register_dataset", "register_method")
 __all__ = ["RobustEdgeError", "__version__", *API]
 
 

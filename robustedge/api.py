@@ -93,7 +93,7 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
     ``on_update(report)``: called with the unfinished report after each attack and block (save it, e.g.
     ``report.save('eval.json')``); ``resume``: such a report (or the path of its ``eval.json``) to continue
     from its last finished attack and block, as ``robustedge eval --resume``."""
-    from robustedge.suite import EvalReport, parse_attacks, resumable_report
+    from robustedge.eval_report import EvalReport, parse_attacks, resumable_report
     from robustedge.suite import evaluate as _evaluate
     from robustedge.flags import FlagSettings
     from robustedge.runtime import resolve_device
@@ -226,7 +226,7 @@ def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=N
     """``robustedge verify``: re-check a bundle's files and numbers; returns ``(report, gate failures)`` and
     writes ``verify.json``/``verify.md`` to ``out`` (default ``<bundle>-verify`` beside it, never into it)."""
     from robustedge.edge.bundle import verify_bundle
-    from robustedge.verify_core import Gate, load_manifest
+    from robustedge.verifier import Gate, load_manifest
 
     bundle = _path_arg(bundle, "bundle")
     if progress is not None and not callable(progress):
@@ -251,3 +251,159 @@ def train(config: str | os.PathLike | Any, *, resume: bool = False, **overrides)
 
 
 distill = train  # the same trainer: the method named in the config decides whether teachers are used
+
+
+# --------------------------------------------------------------------------------------------
+# A user's own model, dataset or method (docs/design.md, "Your own model, dataset or method")
+# --------------------------------------------------------------------------------------------
+
+MODEL_KEYWORDS = ("num_classes", "in_channels", "width")
+DATASET_KEYWORDS = ("root", "image_size", "channels", "val_fraction", "seed", "download")
+
+
+def _takes_keywords(fn, keywords: tuple[str, ...]) -> bool:
+    """Whether ``fn`` can be called with exactly these keyword arguments (True when Python cannot tell)."""
+    import inspect
+
+    try:
+        inspect.signature(fn).bind(**{k: None for k in keywords})
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (some built-ins)
+        return True
+    return True
+
+
+def _callable_arg(kind: str, name, fn, what: str, keywords: tuple[str, ...]) -> None:
+    if not callable(fn):
+        raise RobustEdgeError(f"{kind} '{name}' needs a {what}, got {type(fn).__name__} {fn!r:.60}")
+    if not _takes_keywords(fn, keywords):
+        raise RobustEdgeError(f"the {what} of {kind} '{name}' must accept the keyword arguments "
+                              f"{', '.join(keywords)} (add **kwargs for the ones it ignores)")
+
+
+def register_model(name: str, builder=None, *, replace: bool = False):
+    """Add a model to the registry under ``name``: ``builder(num_classes=, in_channels=, width=)`` returns
+    a :class:`robustedge.models.Classifier` (a ``Classifier`` subclass itself is such a builder). From then
+    on ``name`` works wherever a model name does: ``arch`` in configs and ``robustedge.load``, checkpoints
+    (rebuilt by name: register it again in a new process before loading one). Without ``builder``, a
+    decorator. A taken name (built-in, ``wideresnet-<depth>-<widen>`` pattern or earlier registration) is
+    refused unless ``replace=True``."""
+    from robustedge.models import MODELS
+
+    _bool_arg(replace, "replace")
+    if builder is None:
+        return lambda fn: register_model(name, fn, replace=replace)
+    _name_arg("model", name)
+    _callable_arg("model", name, builder, "builder", MODEL_KEYWORDS)
+    return MODELS.register(name, builder, replace=replace)
+
+
+def register_dataset(name: str, loader=None, *, replace: bool = False):
+    """Add a dataset under ``name``: ``loader(root=, image_size=, channels=, val_fraction=, seed=, download=)``
+    returns a :class:`robustedge.data.Dataset` (uint8 (N, C, H, W) square images, int64 labels in
+    ``[0, len(classes))``, train/val/test splits). The loader may ignore ``image_size``/``channels``
+    (``None``: its own shape): what it returns is resized and channel-converted as the built-in datasets
+    are. The returned data is checked on every load. Without ``loader``, a decorator; a taken name is
+    refused unless ``replace=True``."""
+    from robustedge.data import DATASETS
+
+    _bool_arg(replace, "replace")
+    if loader is None:
+        return lambda fn: register_dataset(name, fn, replace=replace)
+    _name_arg("dataset", name)
+    _callable_arg("dataset", name, loader, "loader", DATASET_KEYWORDS)
+
+    def read(root, image_size, channels, val_fraction, seed, download):  # the built-in readers' call
+        data = loader(root=root, image_size=image_size, channels=channels, val_fraction=val_fraction, seed=seed,
+                      download=download)
+        return _checked_dataset(name, data, image_size, channels)
+
+    DATASETS.register(name, read, replace=replace)
+    return loader
+
+
+def register_method(cls=None, *, replace: bool = False):
+    """Add a training method: a subclass of :class:`robustedge.methods.base.Method` with a class attribute
+    ``name`` (its config name) and ``step(student, x, y) -> (loss, logs)``; ``teacher_roles``,
+    ``defaults`` (its ``method_args``), ``released_start``/``released_mode`` as the built-in methods set
+    them. Usable as a class decorator; returns the class. A taken name is refused unless ``replace=True``."""
+    from robustedge.methods import METHODS
+    from robustedge.methods.base import Method
+
+    _bool_arg(replace, "replace")
+    if cls is None:
+        return lambda c: register_method(c, replace=replace)
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or cls is Method:
+        raise RobustEdgeError(f"a method is a subclass of robustedge.methods.base.Method, got {cls!r:.60}")
+    name = cls.__dict__.get("name", "")
+    if not name:
+        raise RobustEdgeError(f"method class {cls.__name__} needs its own name (a class attribute, e.g. "
+                              f"name = \"{cls.__name__.lower()}\")")
+    _name_arg("method", name)
+    if cls.step is Method.step:
+        raise RobustEdgeError(f"method class {cls.__name__} must implement step(student, x, y) -> (loss, logs)")
+    _method_attributes(cls)
+    METHODS.names()  # discover the built-in methods first, so a clash is caught now, not on their import
+    return METHODS.register(name, cls, replace=replace)
+
+
+def _name_arg(kind: str, name) -> None:
+    if not isinstance(name, str):
+        raise RobustEdgeError(f"a {kind} name must be a string, got {name!r:.60}")
+
+
+def _method_attributes(cls) -> None:
+    from robustedge.config import ATTACK_MODES, STARTS
+
+    c = cls.__name__
+    if not (isinstance(cls.teacher_roles, tuple) and all(isinstance(r, str) and r for r in cls.teacher_roles)):
+        raise RobustEdgeError(f"method class {c}: teacher_roles must be a tuple of role names, got {cls.teacher_roles!r}")
+    if not (isinstance(cls.defaults, dict) and all(isinstance(k, str) for k in cls.defaults)):
+        raise RobustEdgeError(f"method class {c}: defaults must be a dict of method_args, got {cls.defaults!r:.60}")
+    starts, modes = [s for s in STARTS if s != "auto"], [m for m in ATTACK_MODES if m != "auto"]
+    if cls.released_start not in starts:
+        raise RobustEdgeError(f"method class {c}: released_start must be one of {', '.join(starts)}, "
+                              f"got {cls.released_start!r}")
+    if cls.released_mode not in modes:
+        raise RobustEdgeError(f"method class {c}: released_mode must be one of {', '.join(modes)}, "
+                              f"got {cls.released_mode!r}")
+    if not isinstance(cls.adversarial, bool):
+        raise RobustEdgeError(f"method class {c}: adversarial must be True or False, got {cls.adversarial!r}")
+
+
+def _checked_dataset(name: str, data, image_size: int | None, channels: int | None):
+    """A user loader's :class:`~robustedge.data.Dataset`, checked and brought to the asked shape."""
+    from dataclasses import replace
+
+    from robustedge.data import Dataset, Split
+    from robustedge.data.readers import _convert
+
+    where = f"dataset '{name}'"
+    if not isinstance(data, Dataset):
+        raise RobustEdgeError(f"{where}: the loader must return a robustedge.data.Dataset, got {type(data).__name__}")
+    if not (isinstance(data.classes, list) and len(data.classes) >= 2):
+        raise RobustEdgeError(f"{where}: classes must be a list of at least two class names")
+    shape = None
+    splits = {}
+    for part in ("train", "val", "test"):
+        split = getattr(data, part)
+        if not isinstance(split, Split):
+            raise RobustEdgeError(f"{where}: {part} must be a robustedge.data.Split, got {type(split).__name__}")
+        x, y = split.images, split.labels
+        if not (isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.dim() == 4 and x.shape[-1] == x.shape[-2]):
+            raise RobustEdgeError(f"{where}: {part} images must be a uint8 tensor (N, C, H, W) with H == W, got "
+                                  f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+        if shape is not None and tuple(x.shape[1:]) != shape:
+            raise RobustEdgeError(f"{where}: {part} images are {tuple(x.shape[1:])}, train images {shape}")
+        shape = tuple(x.shape[1:])
+        if not (isinstance(y, torch.Tensor) and y.dtype == torch.int64 and tuple(y.shape) == (len(x),)):
+            raise RobustEdgeError(f"{where}: {part} labels must be an int64 tensor of shape ({len(x)},), got "
+                                  f"{getattr(y, 'dtype', type(y).__name__)} {tuple(getattr(y, 'shape', ()))}")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= len(data.classes)):
+            raise RobustEdgeError(f"{where}: {part} labels must be in [0, {len(data.classes)}), got "
+                                  f"{int(y.min())}..{int(y.max())}")
+        splits[part] = Split(_convert(x, image_size, channels), y)
+    if len(data.train) == 0:
+        raise RobustEdgeError(f"{where}: the train split is empty")
+    return replace(data, **splits)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robustedge.attack_table import ATTACKS, AttackSpec
 from robustedge.errors import RobustEdgeError
 
 AttackLoss = Literal["ce", "kl", "cw"]
@@ -122,6 +123,25 @@ def cw_inf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, st
     """CW-inf: the CW margin loss optimised by PGD from a uniform start (as in TRADES/RSLAD eval)."""
     return pgd(model, x, y, eps=eps, step_size=step_size, steps=steps, loss="cw", kappa=kappa,
                start="uniform", generator=generator, noise=noise)
+
+
+def run_table_attack(spec: AttackSpec | str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, *,
+                     steps: int | None = None, noise: torch.Tensor | None = None,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """Adversarial examples by one gradient attack of :data:`robustedge.attack_table.ATTACKS`, with its
+    loss, step size and start (``steps`` overrides the table's, for the app's interactive budget).
+    The batched and query-only ones (AutoAttack, APGD-CE, Square, DIVA) have their own entry points:
+    :func:`autoattack` and :func:`disagreement` take their settings from the same table."""
+    spec = ATTACKS.get(spec) if isinstance(spec, str) else spec
+    steps = spec.steps if steps is None else steps
+    if spec.loss == "ce" and spec.start == "none" and steps == 1 and spec.step_ratio == (1.0, 1.0):
+        return fgsm(model, x, y, eps)
+    if spec.loss == "ce":
+        return pgd(model, x, y, eps=eps, step_size=spec.step_size(eps), steps=steps, generator=generator, noise=noise)
+    if spec.loss == "cw":
+        return cw_inf(model, x, y, eps=eps, step_size=spec.step_size(eps), steps=steps, generator=generator,
+                      noise=noise)
+    raise RobustEdgeError(f"attack '{spec.name}' ({spec.loss}) is not a gradient attack of run_table_attack")
 
 
 def disagreement(reference: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,

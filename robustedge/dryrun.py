@@ -50,7 +50,7 @@ def _count(model: torch.nn.Module) -> str:
 def dry_run(cfg: TrainConfig, steps: int = 2, warmup: int = 1) -> str:
     """The report (also printed by the CLI); runs ``warmup + steps`` real steps to time one, or, with
     ``steps=0``, stops after the recipe and the student's size (no teacher built, no step run)."""
-    from robustedge.trainer import build_parts
+    from robustedge.training_parts import build_parts
 
     device = resolve_device(cfg.device)
     channels, size, classes, n_train, source = _shape(cfg)

@@ -3,11 +3,11 @@
 Everything a user can get wrong (a name, a path, a shape, a flag, a bundle) raises
 ``RobustEdgeError`` with a one-line message that says what was wrong and what would be right. The
 CLI prints that line and exits 2; anything else escaping is a bug in RobustEdge and keeps its
-traceback. The class is defined in the torch-free :mod:`robustedge.verify_core` (which every bundle
+traceback. The class is defined in the torch-free :mod:`robustedge.verifier` (which every bundle
 carries as its own verifier), so the library and the on-device verifier raise the same type.
 """
 
-from robustedge.verify_core import RobustEdgeError
+from robustedge.verifier import RobustEdgeError
 
 
 def unknown_name(kind: str, name: str, valid: "list[str] | tuple[str, ...]") -> RobustEdgeError:

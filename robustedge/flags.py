@@ -24,7 +24,7 @@ none, and FGSM alone is a note that it is weak, never a failure. Their cost is b
 checks on every machine.
 
 The comparisons that need only replays (black-box or transfer beating white-box) live in the
-torch-free :mod:`robustedge.verify_core`, so a bundle's own verifier recomputes them on the device.
+torch-free :mod:`robustedge.verifier`, so a bundle's own verifier recomputes them on the device.
 
 Every check measures correctness with ``correct_fn``: the model itself in ``robustedge eval``, the
 runtime (replaying examples crafted on the twin) when an exported artifact is checked.
@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustedge.attacks import pgd
+from robustedge.attack_table import ATTACKS
+from robustedge.attacks import run_table_attack
 from robustedge.errors import RobustEdgeError
 from robustedge.options import check_range, parse_fraction, parse_number, parse_positive
-from robustedge.verify_core import make_flag
+from robustedge.verifier import make_flag
 
 Correct = Callable[[torch.Tensor, torch.Tensor], np.ndarray]  # (x, y) -> per-example correctness
 
@@ -56,12 +57,12 @@ class FlagSettings:
     n: int = 100  # examples the checks run on (the first n)
     large_factor: float = 4.0  # the large radius, as a multiple of eps (capped at 1)
     large_threshold: float = 0.10  # accuracy above this at the large radius fires large_radius
-    steps: int = 100  # the stronger PGD of more_steps ...
-    restarts: int = 2  # ... with this many random restarts
+    steps: int = ATTACKS["pgd100"].steps  # the stronger PGD of more_steps ...
+    restarts: int = ATTACKS["pgd100"].restarts  # ... with this many random restarts
     more_steps_points: float = 0.01  # fires when the stronger PGD is lower by more than this ...
     more_steps_examples: int = 2  # ... and breaks at least this many more examples
     tolerance: float = 0.005  # zero_gradients / flat_loss fire above this fraction
-    square_queries: int = 1000  # the black-box Square run of `robustedge eval` (on the same n examples)
+    square_queries: int = ATTACKS["square"].queries  # the black-box Square run of `robustedge eval` (on the same n examples)
     budget: float = 0.5  # `robustedge eval`: the checks may cost at most this fraction of the suite's passes ...
     min_n: int = 10  # ... and do not run on fewer examples than this (too few to judge anything)
 
@@ -149,7 +150,7 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
                                "the attacks cannot move these inputs (masked or saturated gradients)"))
 
     gen = torch.Generator(device=x.device).manual_seed(seed)
-    adv = pgd20[:n] if pgd20 is not None else pgd(model, x, y, eps=eps, step_size=eps / 4, steps=20, generator=gen)
+    adv = pgd20[:n] if pgd20 is not None else run_table_attack("pgd20", model, x, y, eps, generator=gen)
     survived = correct_fn(adv, y)
     flat = (_losses(model, adv, y) <= _losses(model, x, y)).cpu().numpy() & survived
     info["flat_loss"] = int(flat.sum())
@@ -158,7 +159,7 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
                                "PGD-20 ended at a loss no higher than the clean input's"))
 
     radius = min(1.0, settings.large_factor * eps)
-    large = correct_fn(pgd(model, x, y, eps=radius, step_size=radius / 4, steps=20, generator=gen), y)
+    large = correct_fn(run_table_attack("pgd20", model, x, y, radius, generator=gen), y)
     info["large_radius_accuracy"], info["large_radius"] = float(large.mean()), radius
     if large.mean() > settings.large_threshold:
         flags.append(make_flag("large_radius", large.sum(), n, f"{100 * large.mean():.1f}% accuracy at eps "
@@ -170,8 +171,8 @@ def gradient_flags(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: floa
     strong = np.ones(n, dtype=bool)
     for restart in range(settings.restarts):
         restart_gen = torch.Generator(device=x.device).manual_seed(seed + 1 + restart)
-        strong &= correct_fn(pgd(model, x, y, eps=eps, step_size=eps / 10, steps=settings.steps,
-                                 generator=restart_gen), y)
+        strong &= correct_fn(run_table_attack("pgd100", model, x, y, eps, steps=settings.steps,
+                                              generator=restart_gen), y)
     base, label = np.asarray(reported[:n], dtype=bool), "the reported worst case"
     info["strong_pgd_accuracy"] = float(strong.mean())
     info["reported_accuracy"] = float(base.mean())

@@ -170,7 +170,7 @@ def _meta(spec: ModelSpec, dataset: str, eps: float | None, source: dict) -> Mod
 
 def _from_state_dict(path: Path, facts: ModelFacts, device) -> tuple[nn.Module, ModelMeta]:
     from robustedge.models import check_arch
-    from robustedge.verify_core import sha256
+    from robustedge.verifier import sha256
     from robustedge.weights import load_weights
 
     dataset, classes, channels, size, eps = facts.resolved(str(path))

@@ -42,10 +42,10 @@ from pathlib import Path
 import torch
 
 from robustedge.loading import load
-from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, QATConfig, TeacherConfig,
-                               TrainConfig, validate_config)
+from robustedge.config import TrainConfig, load_config, resolve_recipe, validate_config
 from robustedge.errors import RobustEdgeError
-from robustedge.suite import DEFAULT_ATTACKS, EvalReport, evaluate, parse_attacks
+from robustedge.eval_report import DEFAULT_ATTACKS, EvalReport, parse_attacks
+from robustedge.suite import evaluate
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, read_json,
                               writer_alive, writer_identity)
 from robustedge.flags import FlagSettings
@@ -55,10 +55,10 @@ from robustedge.trainer import train
 
 DIGITS_EPS = 0.1
 # the students' learning rate per method, chosen on the validation split by bench/tune_digits.py
-# (bench/RESULTS.md, "Learning rates of the digits students"); the teachers train at 0.05
+# (bench/RESULTS.md, "Learning rates of the digits students"); the teachers train at 0.05. The quickstart's own
+# runs read theirs from configs/digits_*.yaml (a test keeps the two equal); bench/replicate_digits.py reads this.
 DIGITS_LR = {"natural": 0.05, "pgd_at": 0.025, "trades": 0.025, "ard": 0.8, "rslad": 0.4, "mtard": 1.6,
              "bmtard": 0.8}
-QAT_LR_FRACTION = 0.04  # the QAT fine-tune's lr, as a fraction of the float run's (0.002 at 0.05 before)
 MARKER = "quickstart.json"
 STUDENTS = ("student_bmtard", "student_pgd_at")  # evaluated and compared, in this order
 
@@ -80,36 +80,31 @@ class QuickstartSettings:
     qat_epochs: int = 3
 
 
-def _base(name: str, method: str, arch: str, width: float, epochs: int, s: QuickstartSettings) -> TrainConfig:
-    milestones = [int(epochs * 0.75), int(epochs * 0.9)]
-    return TrainConfig(
-        name=name, method=method,
-        data=DataConfig(name="digits", image_size=8, channels=1, padding=1, flip=False, seed=0),
-        model=ModelConfig(arch=arch, width=width),
-        attack=AttackConfig(eps=s.eps, steps=10, step_size=s.eps / 4),
-        optim=OptimConfig(lr=0.05, momentum=0.9, weight_decay=5e-4, schedule="piecewise", milestones=milestones),
-        epochs=epochs, batch_size=64, eval_every=max(1, epochs // 5), eval_n=144, seed=s.seed, device=s.device,
-        out_dir=str(s.out), log_every=10, progress=s.progress)
+RUNS = ("teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at")  # trained in this order
+QAT_RUN = "student_bmtard_qat"  # with --qat, after them
+
+
+def _from_recipe(name: str, epochs: int, s: QuickstartSettings) -> TrainConfig:
+    """The shipped ``configs/digits_<name>.yaml`` (the one place the quickstart's recipe is written: method,
+    model, learning rate, data), with what the quickstart's flags set: epochs and the schedule that scales
+    with them (milestones at 75% and 90%, five validations), eps and its step (eps/4), seed, device, folder."""
+    cfg = load_config(resolve_recipe(f"digits_{name}"))
+    cfg.epochs, cfg.eval_every = epochs, max(1, epochs // 5)
+    cfg.optim.milestones = [int(epochs * 0.75), int(epochs * 0.9)]
+    cfg.attack.eps, cfg.attack.step_size = s.eps, s.eps / 4
+    cfg.seed, cfg.device, cfg.out_dir, cfg.progress = s.seed, s.device, str(s.out), s.progress
+    for role, teacher in cfg.teachers.items():
+        teacher.checkpoint = str(s.out / f"teacher_{role}" / "best.safetensors")
+    return cfg
 
 
 def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
-    """The runs, in order (four; five with QAT). Their YAML twins live in configs/digits_*.yaml (a test
-    keeps them equal)."""
-    clean = _base("teacher_clean", "natural", "resnet20", 1.0, s.teacher_epochs, s)
-    robust = _base("teacher_robust", "trades", "wideresnet-10-2", 1.0, s.teacher_epochs, s)
-    student = _base("student_bmtard", "bmtard", "mobilenetv2", 0.25, s.epochs, s)
-    student.teachers = {"robust": TeacherConfig(checkpoint=str(s.out / "teacher_robust" / "best.safetensors")),
-                        "clean": TeacherConfig(checkpoint=str(s.out / "teacher_clean" / "best.safetensors"))}
-    student.optim.lr = DIGITS_LR["bmtard"]
-    baseline = copy.deepcopy(student)
-    baseline.name, baseline.method, baseline.teachers = "student_pgd_at", "pgd_at", {}
-    baseline.optim.lr = DIGITS_LR["pgd_at"]
-    runs = [clean, robust, student, baseline]
+    """The runs, in order (four; five with QAT), read from the shipped digits recipes."""
+    runs = [_from_recipe(name, s.teacher_epochs if name.startswith("teacher") else s.epochs, s) for name in RUNS]
     if s.qat:  # fine-tuning from the PTQ model, small steps (docs/design.md, section 10)
-        qat = copy.deepcopy(student)
-        qat.name, qat.epochs, qat.eval_every = "student_bmtard_qat", s.qat_epochs, s.qat_epochs
-        qat.optim.lr, qat.optim.milestones = QAT_LR_FRACTION * student.optim.lr, [max(1, s.qat_epochs - 1)]
-        qat.qat = QATConfig(enabled=True, from_checkpoint=str(s.out / "student_bmtard" / "best.safetensors"))
+        qat = _from_recipe(QAT_RUN, s.qat_epochs, s)
+        qat.eval_every, qat.optim.milestones = s.qat_epochs, [max(1, s.qat_epochs - 1)]
+        qat.qat.from_checkpoint = str(s.out / "student_bmtard" / "best.safetensors")
         runs.append(qat)
     return {c.name: c for c in runs}
 
@@ -374,7 +369,7 @@ def _finish(s: QuickstartSettings, start: float, done: _WorkerResults) -> dict:
 
     export_table, gate_failures, int8_table = "", [], ""
     if exported is not None:
-        from robustedge.verify_core import format_flags, format_table
+        from robustedge.verifier import format_flags, format_table
 
         manifest, gate_failures = exported["manifest"], exported["failures"]
         timings["export"] = exported["seconds"]

@@ -43,6 +43,7 @@ class Registry(Generic[T]):
         """``registry.register("name", entry)``, or ``@registry.register("name")`` above a class or
         function. A name already taken is refused unless ``replace=True`` (a user's own model must
         not silently shadow a built-in one)."""
+        self._load()  # the built-in entries first, so a clash with one is caught here
         if not isinstance(name, str) or not _NAME.match(name):
             raise RobustEdgeError(f"a {self.kind} name is letters, digits, '_', '-' or '.', got {name!r}")
 

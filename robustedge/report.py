@@ -4,7 +4,7 @@ For every training run found under the given folders (a run holds ``metrics.csv`
 ``best.safetensors``; a quickstart folder holds several): training curves (loss, clean and
 PGD-20 validation accuracy, B-MTARD's temperatures and loss weights), the robustness table
 (``eval.json`` from the quickstart or ``robustedge eval``), accuracy against eps (PGD-20 on the
-first test examples, computed here once and cached as ``eps_curve.json`` beside the run), the
+first test examples, measured once by robustedge/run_measures.py and cached as ``eps_curve.json``), the
 export verification table of any bundle beside it (``manifest.json``), and one scatter of
 accuracy, robustness and latency across the runs. Written as ``report.html`` (self-contained:
 figures inlined) and ``report.md`` (figures in ``report_files/``), each atomically, plus
@@ -17,7 +17,6 @@ report: the file is skipped with a warning naming it, printed and listed on the 
 from __future__ import annotations
 
 import base64
-import copy
 import csv
 import html
 import io
@@ -32,9 +31,9 @@ from robustedge.loading import load
 from robustedge.errors import RobustEdgeError
 from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
                               check_output_folder)
-from robustedge.verify_core import PERCENT_COLUMNS, check_manifest, is_number
+from robustedge.run_measures import eps_curve, torch_latency_ms
+from robustedge.verifier import PERCENT_COLUMNS, check_manifest, is_number
 
-EPS_FACTORS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)  # the curve's eps, as multiples of the run's eps
 REPORT_FORMAT = "robustedge-report/1"
 
 
@@ -146,60 +145,6 @@ def _bundle_for(run: Path, warnings: Warnings) -> dict | None:
     return None
 
 
-def _torch_latency_ms(model: torch.nn.Module, shape: tuple[int, ...]) -> float:
-    """Batch-1 latency of the folded model in torch eager (the export table's ``torch`` row's way)."""
-    from robustedge.runners import TorchRunner
-    from robustedge.models import fold_if_possible
-    from robustedge.verify_core import median_latency_ms
-
-    return median_latency_ms(TorchRunner(fold_if_possible(model)), np.random.default_rng(0).random((1, *shape),
-                                                                                               dtype=np.float32), 1,
-                             repeats=20, warmup=3)
-
-
-def _valid_curve(data: object) -> bool:
-    return isinstance(data, dict) and isinstance(data.get("n"), int) and isinstance(data.get("eps"), list) \
-        and isinstance(data.get("accuracy"), list) and len(data["eps"]) == len(data["accuracy"]) \
-        and all(is_number(v) for v in data["eps"] + data["accuracy"])
-
-
-def eps_curve(run: Path, model: torch.nn.Module, meta, n: int, data_root: str | None = None,
-              warnings: Warnings | None = None, device: torch.device | str = "cpu") -> dict | None:
-    """PGD-20 accuracy at EPS_FACTORS x the run's eps on the first n test examples (cached), computed
-    on ``device`` (a copy of the model goes there).
-
-    A cache file that is not a curve is left alone (it may not be ours) and the curve is skipped."""
-    cache = run / "eps_curve.json"
-    if cache.exists():
-        warnings = warnings if warnings is not None else Warnings(lambda m: None)
-        cached = _read_json(cache, warnings)
-        if cached is None:
-            return None
-        if not _valid_curve(cached):
-            warnings.skip(cache, "not an eps curve; remove it to have it recomputed")
-            return None
-        if cached["n"] == n:
-            return cached
-    if not meta.eps:
-        return None
-    from robustedge.data import split_for_model
-    from robustedge.suite import evaluate
-    from robustedge.models import fold_if_possible
-
-    split = split_for_model(meta, None, data_root, "test", n)
-    x, y = split.float_images(device), split.labels.to(device)
-    folded = fold_if_possible(copy.deepcopy(model).to(device))  # once for the whole curve
-    eps_values = [round(f * meta.eps, 6) for f in EPS_FACTORS]
-    accuracy = []
-    for eps in eps_values:
-        attack = "clean" if eps == 0 else "pgd20"
-        report = evaluate(folded, x, y, attacks=[attack], eps=eps, batch_size=256, show_progress=False)
-        accuracy.append(report.accuracy[attack])
-    curve = {"n": len(y), "attack": "pgd20", "eps": eps_values, "accuracy": accuracy}
-    atomic_write_json(cache, curve)
-    return curve
-
-
 def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: Warnings | None = None,
             device: torch.device | str = "cpu") -> RunInfo:
     """A run's figures and tables; its eps curve is computed on ``device``, its torch latency on the CPU
@@ -216,7 +161,7 @@ def collect(run: Path, curve_n: int, data_root: str | None = None, warnings: War
         else:
             info.method, info.arch, info.eps = meta.method or "", meta.spec.arch, meta.eps
             info.panels = _panels(meta.method)
-            info.latency_ms = _torch_latency_ms(model, meta.spec.input_shape)
+            info.latency_ms = torch_latency_ms(model, meta.spec.input_shape)
             info.latency_threads = torch.get_num_threads()
             if curve_n > 0:
                 info.curve = eps_curve(run, model, meta, curve_n, data_root, warnings, device)
@@ -349,7 +294,7 @@ def _pct(v) -> str:
 
 
 def robustness_table(runs: list[RunInfo]) -> list[list[str]]:
-    from robustedge.suite import DEFAULT_ATTACKS
+    from robustedge.eval_report import DEFAULT_ATTACKS
 
     found = {a for r in runs if r.evaluation for a in r.evaluation["accuracy"]}
     attacks = [a for a in DEFAULT_ATTACKS if a in found] + sorted(found - set(DEFAULT_ATTACKS))

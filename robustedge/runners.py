@@ -1,7 +1,7 @@
 """torch-side runners: a torch model, and any runner seen as a torch module for query attacks.
 
 The exported runtimes' runners (ONNX Runtime, TensorRT) live in the torch-free
-:mod:`robustedge.verify_core`, which every bundle carries as its own verifier; this module adds what
+:mod:`robustedge.verifier`, which every bundle carries as its own verifier; this module adds what
 needs torch: :class:`TorchRunner`, so torch is timed and queried exactly like the runtimes, and
 :class:`RunnerModule`, so pyautoattack's Square attack can query a runtime directly (Square needs
 outputs only, no gradients), and :class:`QueriedTwin`, an artifact's differentiable twin that hands
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from robustedge.verify_core import check_finite
+from robustedge.verifier import check_finite
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

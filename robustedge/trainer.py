@@ -18,13 +18,10 @@ norms are accumulated as device tensors in between.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
 import os
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -36,7 +33,6 @@ from torch import nn
 from robustedge.checkpoint import ModelMeta, ModelSpec, save_model, unwrap
 from robustedge.files import (FolderLock, atomic_write_json, atomic_write_text, check_writable_folder,
                               clean_stale_temps, lock_folder)
-from robustedge.teachers import load_teacher
 from robustedge.training_state import load_training_state, save_training_state
 from robustedge.weights import load_state_strict
 from robustedge.config import TrainConfig, config_to_dict, dump_config, validate_config
@@ -44,8 +40,10 @@ from robustedge.data import DeviceLoader, calibration_images, load_dataset
 from robustedge.errors import RobustEdgeError
 from robustedge.suite import evaluate
 from robustedge.methods import get_method
-from robustedge.runtime import progress, resolve_device, seed_everything
+from robustedge.runtime import progress, resolve_device
 from robustedge.seeds import attack_seed
+from robustedge.training_log import epoch_line, tensorboard_writer, write_metrics_csv
+from robustedge.training_parts import TrainingParts, build_parts
 
 EpochCallback = Callable[[int, dict], None]
 
@@ -72,24 +70,6 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     if o.schedule == "constant":
         return 1.0
     raise RobustEdgeError(f"unknown schedule '{o.schedule}'; valid: piecewise, cosine, constant")
-
-
-def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether to use a GradScaler)."""
-    mode = cfg.amp
-    if mode == "auto":
-        # QAT stays fp32: under autocast the fake quantisers would see bf16 values, not the INT8
-        # function the export computes (validate_config refuses an explicit amp with QAT)
-        mode = "bf16" if not cfg.qat.enabled and device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
-    if mode == "off":
-        return None, False
-    if mode == "bf16":
-        return torch.bfloat16, False
-    if mode == "fp16":
-        if device.type != "cuda":
-            raise RobustEdgeError("amp fp16 needs CUDA; use amp bf16 or off on the CPU")
-        return torch.float16, True
-    raise RobustEdgeError(f"unknown amp mode '{cfg.amp}'; valid: auto, off, bf16, fp16")
 
 
 def state_digest(model: nn.Module) -> str:
@@ -249,7 +229,7 @@ class Trainer:
         if run.main:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
-        self.writer = _tensorboard(cfg.run_dir) if run.main else None
+        self.writer = tensorboard_writer(cfg.run_dir) if run.main else None
         return run
 
     def _restore(self, run: _Run, spec: ModelSpec) -> None:
@@ -297,12 +277,12 @@ class Trainer:
                  "best_score": run.best if run.best_written else None,
                  "config": config_to_dict(cfg)}
         save_training_state(self.last_path, parts.model, run.meta, state)
-        _write_csv(cfg.run_dir / "metrics.csv", run.history)
+        write_metrics_csv(cfg.run_dir / "metrics.csv", run.history)
         if self.writer is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.writer.add_scalar(key, value, epoch + 1)
-        print(_epoch_line(cfg.name, row, cfg.epochs, list(parts.method.summary())), flush=True)
+        print(epoch_line(cfg.name, row, cfg.epochs, list(parts.method.summary())), flush=True)
 
     def _selection_key(self) -> str:
         """Adversarial methods keep the checkpoint with the best W-Robust, natural training the most accurate."""
@@ -392,103 +372,6 @@ class Trainer:
         return "No checkpoint was written yet (this was the first epoch)"
 
 
-@dataclass
-class TrainingParts:
-    """What one optimisation step needs, built from a config (shared by the trainer and bench/)."""
-
-    cfg: TrainConfig
-    model: nn.Module  # the student itself (no wrappers): checkpoints, validation
-    method: "object"
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    amp_dtype: torch.dtype | None
-    device: torch.device
-    params: list[torch.Tensor] = field(default_factory=list)  # what the gradient norm is taken over
-
-    def __post_init__(self) -> None:
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-
-    def wrap(self, world: int = 1, device: torch.device | None = None) -> nn.Module:
-        """The student as the step sees it: compiled if asked, under DDP with several ranks."""
-        net = self.model
-        if world > 1:
-            device = device or self.device
-            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-        # compile the DDP-wrapped model (PyTorch's advice: its DDPOptimizer then splits the graph at the
-        # gradient buckets so communication overlaps the backward); DDP(compile(model)) does not
-        return torch.compile(net) if self.cfg.compile else net
-
-    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """One optimisation step; returns the method's logs and the gradient norm as device tensors."""
-        if self.cfg.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None \
-            else nullcontext()
-        with autocast:
-            loss, logs = self.method.step(student, x, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(self.params, float("inf"))
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.method.after_step(logs)
-        return logs, grad_norm
-
-
-def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: int = 1,
-                num_classes: int | None = None) -> TrainingParts:
-    """Student (seeded), teachers (folded, in their precision), method, optimiser and AMP scaler.
-
-    With ``fold_attack`` the method attacks a linked conv+BN-folded twin of the student
-    (models/folding.py), compiled along with the student when ``compile`` is set.
-    """
-    seed_everything(cfg.seed)
-    model = spec.build().to(device)
-    if cfg.qat.enabled:
-        model = _qat_student(cfg, spec, model, world).to(device)
-    if cfg.sync_bn and world > 1:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last and not cfg.qat.enabled:
-        model = model.to(memory_format=torch.channels_last)
-    method_cls = get_method(cfg.method)
-    teachers = {role: load_teacher(cfg.teachers[role], num_classes or spec.num_classes, spec.in_channels,
-                                   spec.image_size, device, cfg.data.name, channels_last=cfg.channels_last)
-                for role in method_cls.teacher_roles if role in cfg.teachers}
-    method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
-    # QAT: attack the fake-quantised student; a train-mode attack (ARD) cannot run on an eval-only twin
-    if cfg.fold_attack and method_cls.adversarial and not cfg.qat.enabled and method.attack_mode == "eval":
-        from robustedge.models import fold_batchnorm
-
-        twin = fold_batchnorm(model, linked=True)
-        method.attack_twin = torch.compile(twin) if cfg.compile else twin
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
-    amp_dtype, use_scaler = _amp_settings(cfg, device)
-    return TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
-                         amp_dtype, device)
-
-
-def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:
-    """The student under fake quantisation; with ``qat.from_checkpoint``, from a trained float student."""
-    from robustedge.weights import load_model
-    from robustedge.qat import prepare_qat
-
-    if world > 1:
-        raise RobustEdgeError("quantization-aware training under DDP is not supported; run it in one process")
-    if cfg.qat.from_checkpoint:
-        source, meta = load_model(cfg.qat.from_checkpoint)
-        if meta.extra.get("qat"):
-            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is already a QAT student; fine-tune from a float one")
-        if (meta.spec.arch, meta.spec.num_classes, meta.spec.in_channels, meta.spec.width, meta.spec.image_size) != \
-                (spec.arch, spec.num_classes, spec.in_channels, spec.width, spec.image_size):
-            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is {meta.spec.arch} (width {meta.spec.width}, "
-                                  f"{meta.spec.image_size}px, {meta.spec.in_channels} channels); the config trains "
-                                  f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
-        model = source  # the same architecture, with the trained weights (load_model checked them strictly)
-    return prepare_qat(model, spec.input_shape, cfg.qat.activations)
-
-
 def _launch_rank() -> int:
     """This process's rank, known before the process group is joined (torchrun's RANK), 0 alone."""
     if dist.is_available() and dist.is_initialized():
@@ -503,34 +386,8 @@ def _launch_rank() -> int:
         raise RobustEdgeError(f"RANK={os.environ['RANK']!r} is not an integer; start DDP runs with torchrun") from None
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def _write_csv(path: Path, history: list[dict]) -> None:
-    keys = list(dict.fromkeys(k for row in history for k in row))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buffer.getvalue())
-
-
-def _epoch_line(name: str, row: dict, epochs: int, method_keys: list[str]) -> str:
-    parts = [f"{name} epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"train acc {100 * row['train_acc']:.1f}%",
-             f"{row['img_per_s']:.0f} img/s"]
-    if "val_clean" in row:
-        parts += [f"val clean {100 * row['val_clean']:.1f}%", f"val PGD-20 {100 * row['val_pgd20']:.1f}%"]
-    parts += [f"{key} {row[key]:.3f}" for key in method_keys]  # the method's summary() (B-MTARD: taus, weights)
-    return " | ".join(parts)
-
-
 def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[EpochCallback] | None = None) -> TrainResult:
     return Trainer(cfg, resume=resume, callbacks=callbacks).run()
 
 
-__all__ = ["TrainResult", "Trainer", "TrainingParts", "build_parts", "lr_factor", "state_digest", "train"]
+__all__ = ["TrainResult", "Trainer", "lr_factor", "state_digest", "train"]

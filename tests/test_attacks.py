@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from robustedge import RobustEdgeError
 from robustedge.attacks import autoattack, cw_inf, cw_margin, fgsm, pgd
-from robustedge.suite import SUITE, evaluate
+from robustedge.eval_report import SUITE
+from robustedge.suite import evaluate
 
 EPS = 0.1
 

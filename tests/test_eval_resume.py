@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from robustedge.errors import RobustEdgeError
-from robustedge.suite import EvalReport, evaluate
+from robustedge.eval_report import EvalReport
+from robustedge.suite import evaluate
 
 ATTACKS = ["clean", "fgsm", "autoattack"]  # at eps 0.08 AutoAttack breaks all 12 fast (no Square queries)
 
@@ -172,7 +173,7 @@ def _set(path, value):
     (_set(["n"], 11), "does not fit this run"),
 ])
 def test_a_damaged_saved_evaluation_is_one_line_never_a_wrong_number(digits, digits_model, edit, message):
-    from robustedge.suite import resumable_report
+    from robustedge.eval_report import resumable_report
 
     raw, x, y = _saved(digits, digits_model)
     edit(raw)
@@ -184,7 +185,7 @@ def test_a_damaged_saved_evaluation_is_one_line_never_a_wrong_number(digits, dig
 
 
 def test_clean_comes_first_whatever_the_order_given():
-    from robustedge.suite import parse_attacks
+    from robustedge.eval_report import parse_attacks
 
     assert parse_attacks("pgd20,clean,fgsm") == ["clean", "pgd20", "fgsm"]
     assert parse_attacks(["fgsm"]) == ["clean", "fgsm"]

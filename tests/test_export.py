@@ -11,7 +11,7 @@ import torch
 from robustedge import RobustEdgeError
 from robustedge.edge.bundle import ExportOptions, export_bundle, parse_formats, verify_bundle
 from robustedge.edge.convert import export_onnx
-from robustedge.verify_core import Gate, OrtRunner, check_input_shape, read_bundle
+from robustedge.verifier import Gate, OrtRunner, check_input_shape, read_bundle, sha256
 OPTS = dict(n=64, calibration_n=128, transfer_attacks=("pgd20",), square_n=8, square_queries=50)
 
 
@@ -58,7 +58,10 @@ def test_bundle_has_every_format_a_manifest_and_a_verified_table(bundle):
     assert "| onnx-int8 |" in (out / "verify.md").read_text()
     assert not list(out.parent.glob(".bundle.*"))  # no temporary folder left behind
     assert manifest["gate_failures"] == failures
-    assert (out / "verify.py").read_bytes() == Path(__import__("robustedge.verify_core").verify_core.__file__).read_bytes()
+    from robustedge.verifier.assemble import assemble  # the verifier package as one file, byte for byte
+
+    assert (out / "verify.py").read_bytes() == assemble().encode("utf-8")
+    assert manifest["verifier"] == {"file": "verify.py", "sha256": sha256(out / "verify.py")}
 
 
 def test_int8_model_is_really_quantized_and_smaller(bundle):
@@ -266,7 +269,7 @@ def executorch_bundle(phone_checkpoint, tmp_path_factory):
 
 
 def test_executorch_programs_match_the_float_onnx_model_and_int8_is_really_quantized(executorch_bundle):
-    from robustedge.verify_core import ExecuTorchRunner
+    from robustedge.verifier import ExecuTorchRunner
 
     out, manifest = executorch_bundle
     assert set(manifest["files"]) == {"onnx", "executorch", "executorch-int8"}

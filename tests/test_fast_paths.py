@@ -15,7 +15,7 @@ from robustedge.teachers import FrozenTeacher, teacher_dtype
 from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
 from robustedge.models import build_model, fold_batchnorm
 from robustedge.runtime import parallel_plan, run_jobs
-from robustedge.trainer import build_parts
+from robustedge.training_parts import build_parts
 
 @pytest.mark.parametrize("arch", ["resnet18", "mobilenetv2", "preact_resnet18", "wideresnet-10-2"])
 def test_linked_twin_follows_the_training_model(arch):

@@ -88,7 +88,7 @@ def test_two_exports_racing_to_the_same_new_folder(digits_checkpoint, tmp_path):
     """The second export finishes while the first is still working: the first loses with one line,
     the winner's bundle is kept whole and the loser leaves nothing behind."""
     from robustedge.edge.bundle import ExportOptions, export_bundle
-    from robustedge.verify_core import read_bundle
+    from robustedge.verifier import read_bundle
 
     out = tmp_path / "bundle"
     opts = dict(formats=["onnx"], n=16, calibration_n=16, transfer_attacks=("pgd20",), square_n=0)

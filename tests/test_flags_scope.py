@@ -9,7 +9,7 @@ import pytest
 
 from robustedge.cli import main
 from robustedge.flags import FlagSettings, check_passes, checks_budget_n
-from robustedge.verify_core import comparison_flags, reported_worst
+from robustedge.verifier import comparison_flags, reported_worst
 
 
 def _eval(checkpoint, out, attacks, *extra):

@@ -87,7 +87,7 @@ def test_the_api_defaults_are_the_clis():
 
 def test_qat_never_trains_under_autocast():
     from robustedge.config import TrainConfig, validate_config
-    from robustedge.trainer import _amp_settings
+    from robustedge.training_parts import _amp_settings
 
     cfg = TrainConfig(method="natural")
     cfg.data.name = "digits"
@@ -143,7 +143,7 @@ def test_tensorrt_buffers_are_allocated_when_a_batch_grows_not_at_every_call():
     """The engine runner's device buffers through a stand-in for cuda-python's runtime module."""
     import types
 
-    from robustedge.verify_core import DeviceBuffers
+    from robustedge.verifier import DeviceBuffers
 
     log = []
     memory: dict[int, bytearray] = {}
@@ -206,7 +206,7 @@ def test_a_training_step_on_cuda_under_amp_keeps_the_fp32_loss_of_the_reference(
     """One B-MTARD step on the GPU (bf16 autocast, channels_last, folded twin) against the same step in fp32."""
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
     from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
-    from robustedge.trainer import build_parts
+    from robustedge.training_parts import build_parts
 
     spec = ModelSpec("resnet20", 10, 3, 0.5, 32)
     files = {}

@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "robustedge"
 
 # lowest first; a module belongs to the first layer whose prefixes match its dotted name
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("verifier (torch-free, shipped in every bundle)", ("robustedge.verifier", "robustedge.verify_core",
+    ("verifier (torch-free, shipped in every bundle)", ("robustedge.verifier",
                                                         "robustedge._version", "robustedge.seeds",
                                                         "robustedge.reference")),
     ("foundations", ("robustedge.errors", "robustedge.options", "robustedge.files", "robustedge.runtime",
@@ -25,8 +25,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                      "robustedge.loading", "robustedge.teachers")),
     ("methods and configs", ("robustedge.methods", "robustedge.config", "robustedge.flags",
                              "robustedge.sharding")),
-    ("evaluation", ("robustedge.suite", "robustedge.resume")),
-    ("training", ("robustedge.trainer", "robustedge.training", "robustedge.dryrun")),
+    ("evaluation", ("robustedge.suite", "robustedge.eval_report", "robustedge.run_measures")),
+    ("training", ("robustedge.trainer", "robustedge.training_parts", "robustedge.training_log", "robustedge.dryrun")),
     ("export", ("robustedge.edge",)),
     ("products", ("robustedge.api", "robustedge.report", "robustedge.quickstart", "robustedge.app")),
     ("entry points", ("robustedge.cli", "robustedge")),

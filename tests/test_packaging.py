@@ -21,7 +21,8 @@ def test_wheel_ships_the_app_the_recipes_and_the_bundle_verifier(tmp_path):
     wheel = next((tmp_path / "dist").glob("robustedge-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     assert {"robustedge/app/streamlit_app.py", "robustedge/app/page.py", "robustedge/app/logic.py",
-            "robustedge/verify_core.py", "robustedge/cli.py"} <= names
+            "robustedge/verifier/cli.py", "robustedge/verifier/assemble.py", "robustedge/cli/__init__.py",
+            "robustedge/cli/__main__.py"} <= names
     recipes = {n for n in names if n.startswith("robustedge/configs/") and n.endswith(".yaml")}
     assert recipes == {f"robustedge/configs/{p.name}" for p in (ROOT / "robustedge" / "configs").glob("*.yaml")}
     assert len(recipes) >= 12

@@ -15,7 +15,8 @@ from robustedge.weights import load_model
 from robustedge.config import (AttackConfig, DataConfig, ModelConfig, OptimConfig, QATConfig, TeacherConfig,
                                TrainConfig)
 from robustedge.qat import QATStudent, prepare_qat
-from robustedge.trainer import build_parts, state_digest, train
+from robustedge.trainer import state_digest, train
+from robustedge.training_parts import build_parts
 
 SPEC = ModelSpec("mobilenetv2", 10, 1, 0.25, 8)
 
@@ -324,7 +325,7 @@ def test_a_student_under_the_xnnpack_scheme_ships_as_a_pte_attacked_through_its_
     from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.flags import FlagSettings
     from robustedge.qat import calibrate, library_version
-    from robustedge.verify_core import open_runner, predict
+    from robustedge.verifier import open_runner, predict
 
     digits = load_dataset("digits", image_size=8, channels=1)
     model, meta = load_model(float_student)

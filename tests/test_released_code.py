@@ -320,7 +320,7 @@ def test_the_balances_follow_the_released_block_over_hundreds_of_steps(name, fac
     at every step. A flat robust and a sharp clean teacher make the temperatures move."""
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
     from robustedge.config import TeacherConfig, TrainConfig
-    from robustedge.trainer import build_parts
+    from robustedge.training_parts import build_parts
 
     spec = ModelSpec("resnet20", 10, 1, 0.25, 8)
     files = {}

@@ -193,6 +193,26 @@ def test_every_shipped_config_loads_and_digits_ones_match_the_quickstart():
     assert paper.teachers["robust"].arch == "wrn34_10" and paper.teachers["clean"].arch == "resnet56"
     for name, cfg in quickstart_configs(QuickstartSettings(qat=True)).items():
         assert config_to_dict(load_config(RECIPES / f"digits_{name}.yaml")) == config_to_dict(cfg), name
+    from robustedge.quickstart import DIGITS_LR
+
+    for name in ("student_bmtard", "student_pgd_at"):  # bench/replicate_digits.py's table: the same rates
+        cfg = load_config(RECIPES / f"digits_{name}.yaml")
+        assert cfg.optim.lr == DIGITS_LR[cfg.method], name
+
+
+def test_the_quickstart_flags_set_what_scales_with_them(tmp_path):
+    from robustedge.quickstart import QuickstartSettings, quickstart_configs
+
+    runs = quickstart_configs(QuickstartSettings(out=tmp_path, epochs=8, teacher_epochs=4, eps=0.05, seed=3,
+                                                 qat=True, qat_epochs=2))
+    student, teacher, qat = runs["student_bmtard"], runs["teacher_clean"], runs["student_bmtard_qat"]
+    assert (student.epochs, student.optim.milestones, student.eval_every) == (8, [6, 7], 1)
+    assert (teacher.epochs, teacher.optim.milestones) == (4, [3, 3])
+    assert (qat.epochs, qat.eval_every, qat.optim.milestones) == (2, 2, [1])
+    assert (student.attack.eps, student.attack.step_size, student.seed) == (0.05, 0.0125, 3)
+    assert student.teachers["robust"].checkpoint == str(tmp_path / "teacher_robust" / "best.safetensors")
+    assert qat.qat.from_checkpoint == str(tmp_path / "student_bmtard" / "best.safetensors")
+    assert student.optim.lr == 0.8 and qat.optim.lr == 0.032  # the recipes' own, whatever the flags
 
 
 def test_quickstart_end_to_end_small_with_qat(tmp_path, capsys):

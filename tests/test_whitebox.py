@@ -17,7 +17,7 @@ from robustedge.suite import evaluate
 from robustedge.edge.convert import export_onnx, quantize_int8
 from robustedge.edge.twin import OnnxTwin, agreement
 from robustedge.flags import FlagSettings
-from robustedge.verify_core import OrtRunner, comparison_flags, worst_case
+from robustedge.verifier import OrtRunner, comparison_flags, worst_case
 
 
 @pytest.fixture(scope="module")
@@ -320,7 +320,7 @@ def test_a_flagged_bundle_fails_the_gate_unless_flags_are_allowed(student_bundle
     import shutil
 
     from robustedge.edge.bundle import verify_bundle
-    from robustedge.verify_core import Gate
+    from robustedge.verifier import Gate
 
     out, manifest, _ = student_bundle
     flagged = tmp_path / "flagged"

@@ -23,13 +23,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustedge.attack_table import ATTACKS as ATTACK_ROWS
 from robustedge.errors import RobustEdgeError
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
 ATTACKS = ("FGSM", "PGD", "CW-inf", "APGD-CE")
 ONNX_ATTACKS = ("Transfer PGD (from source checkpoint)", "Square (query-only)")
-SQUARE_QUERIES = 500  # an interactive budget; `robustedge export` uses AutoAttack's 5000
+SQUARE_QUERIES = ATTACK_ROWS["square_demo"].queries  # an interactive budget; `robustedge export` uses AutoAttack's 5000
+# the demo's names for rows of the one attack table (robustedge/attack_table.py); the visitor picks the steps
+TABLE_ROWS = {"FGSM": "fgsm", "PGD": "pgd20", "CW-inf": "cw", "APGD-CE": "apgd_ce"}
 # what `robustedge app` hands the page (Streamlit passes no arguments to a page)
 MODELS_ENV = "ROBUSTEDGE_MODELS"  # the models folder; empty: none
 SOURCES_ENV = "ROBUSTEDGE_SOURCES"  # JSON list of the models named with --model (see foreign_sources)
@@ -76,7 +79,7 @@ def _read_json_dict(path: Path, warnings: list[str]) -> dict | None:
 
 
 def _flag_lines(flags) -> list[str]:
-    from robustedge.verify_core import FLAG_CHECKS, describe_flag
+    from robustedge.verifier import FLAG_CHECKS, describe_flag
 
     if not isinstance(flags, list):
         return []
@@ -295,7 +298,7 @@ class Predictor:
             self.classes = meta.classes or [str(i) for i in range(meta.spec.num_classes)]
             self.meta = meta
         else:
-            from robustedge.verify_core import OrtRunner
+            from robustedge.verifier import OrtRunner
 
             self.runner = OrtRunner(entry.path)
             shape = self.runner.input.shape[1:]
@@ -313,7 +316,7 @@ class Predictor:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, refusing NaN/Inf (a broken model must not show a prediction)."""
-        from robustedge.verify_core import check_finite
+        from robustedge.verifier import check_finite
 
         if self.torch_model is not None:
             with torch.no_grad():
@@ -378,7 +381,7 @@ def attack(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, name: str, ep
            source: Predictor | None = None, seed: int = 0) -> torch.Tensor:
     """Adversarial example(s) for ``predictor``. White-box attacks need a torch model; ONNX models get
     transfer from their source checkpoint or the query-only Square attack."""
-    from robustedge.attacks import autoattack, check_eps, cw_inf, fgsm, pgd
+    from robustedge.attacks import autoattack, check_eps, run_table_attack
 
     eps = check_eps(eps)
     if eps == 0:
@@ -396,15 +399,13 @@ def attack(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, name: str, ep
         if predictor.torch_model is None:
             raise RobustEdgeError(f"{name} needs gradients; for an ONNX model use transfer or Square")
         target = predictor.torch_model
-    if name == "FGSM":
-        return fgsm(target, x, y, eps)
-    if name == "PGD":
-        return pgd(target, x, y, eps=eps, step_size=eps / 4, steps=steps, generator=gen)
-    if name == "CW-inf":
-        return cw_inf(target, x, y, eps=eps, step_size=eps / 4, steps=steps, generator=gen)
+    if name in ("FGSM", "PGD", "CW-inf"):
+        row = TABLE_ROWS[name]
+        return run_table_attack(row, target, x, y, eps, steps=None if name == "FGSM" else steps, generator=gen)
     if name == "APGD-CE":  # pyautoattack's APGD-CE, one restart of `steps` iterations (interactive budget)
         x_adv, _ = autoattack(target, x, y, eps=eps, version="custom", attacks=["apgd-ce"], seed=seed,
-                              batch_size=len(x), device="cpu", apgd_iters=max(steps, 2), apgd_restarts=1)
+                              batch_size=len(x), device="cpu", apgd_iters=max(steps, 2),
+                              apgd_restarts=ATTACK_ROWS["apgd_ce"].restarts)
         return x_adv
     raise RobustEdgeError(f"unknown attack {name!r}; valid: {', '.join(ATTACKS + ONNX_ATTACKS)}")
 

@@ -2,11 +2,13 @@
 
 A bundle folder holds the model files, ``manifest.json`` (sha256 of every file, input shape and
 range, classes, eps, the measured table and the gate), ``verify.npz`` (clean and adversarial samples
-with labels and torch's predictions) and ``verify.py``, a copy of the torch-free
-:mod:`robustedge.verify_core` that replays the samples on the target with numpy and the runtime
-only. The bundle is assembled in a temporary folder beside ``--out`` and renamed into place at the
-end, so a failure never leaves a half-written bundle; ``--force`` replaces only a folder that is a
-RobustEdge bundle and does not hold the source checkpoint (docs/design.md, "Files").
+with labels and torch's predictions) and ``verify.py``, the torch-free :mod:`robustedge.verifier`
+assembled into one file, that replays the samples on the target with numpy and the runtime only. What
+each format is (file, runtime, source, builder, needs) is its row in :mod:`robustedge.verifier.formats`,
+read through :mod:`robustedge.edge.formats`. The bundle is assembled in a temporary folder beside
+``--out`` and renamed into place at the end, so a failure never leaves a half-written bundle;
+``--force`` replaces only a folder that is a RobustEdge bundle and does not hold the source checkpoint
+(docs/design.md, "Files").
 """
 
 from __future__ import annotations
@@ -23,19 +25,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from robustedge import verify_core
 from robustedge._version import __version__
 from robustedge.errors import RobustEdgeError
 from robustedge.edge import convert
+from robustedge.edge.formats import (EXPORT_FORMATS, FLOAT_FIRST, ORT_SOURCES, QAT_FIRST, QAT_FORMATS, QAT_SCHEME,
+                                     available, builder, source_format)
 from robustedge.edge.verify import (TRANSFER_ATTACKS, WHITEBOX_ATTACKS, check_transfer_attacks,
                                       check_whitebox_attacks, craft_samples, torch_row,
                                       verify_artifact)
 from robustedge.flags import FlagSettings, square_examples
-from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, make_temp_dir,
-                              replace_folder)
-from robustedge.verify_core import (BUNDLE_FORMAT, FORMATS, MANIFEST_FILE, SAMPLES_FILE, VERIFIER_FILE, Gate,
-                                    accuracy_row, artifact_row, bundle_flags, check_finite, format_flags,
-                                    format_table, predict, read_bundle, sha256, square_key, whitebox_key)
+from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
+                              check_output_folder, make_temp_dir, replace_folder)
+from robustedge.verifier import (BUNDLE_FORMAT, FORMAT_TABLE, FORMATS, MANIFEST_FILE, ORT_OPERATORS_FILE, SAMPLES_FILE,
+                                 VERIFIER_FILE, Gate, accuracy_row, artifact_row, bundle_flags, check_finite,
+                                 format_flags, format_table, predict, read_bundle, sha256, square_key, whitebox_key)
+from robustedge.verifier.assemble import assemble
 
 BUNDLE = OutputKind("export bundle", MANIFEST_FILE, BUNDLE_FORMAT)
 
@@ -85,13 +89,6 @@ class ExportOptions:
         return self
 
 
-QAT_FORMATS = ("onnx-int8", "ort-int8", "trt-int8", "executorch-int8")  # a QAT student's own INT8 function
-QAT_SCHEME = {  # QAT formats whose runtime needs one activation scheme: (--qat-activations, why)
-    "trt-int8": ("int8-symmetric", "TensorRT takes zero points of 0 only"),
-    "executorch-int8": ("int8", "the XNNPACK delegate runs its own int8 scheme end to end (an x86-scheme "
-                                "student leaves convolutions outside it)")}
-
-
 def _names_arg(value, name: str) -> tuple[str, ...]:
     """A list of names from a comma-separated string or a list/tuple of strings (the API's and the CLI's forms)."""
     if isinstance(value, str):
@@ -103,7 +100,7 @@ def _names_arg(value, name: str) -> tuple[str, ...]:
 
 def parse_formats(text: str | list[str]) -> list[str]:
     names = list(_names_arg(text, "formats"))
-    bad = [f for f in names if f not in FORMATS]
+    bad = [f for f in names if f not in EXPORT_FORMATS]
     if bad or not names:
         raise RobustEdgeError(f"unknown export format '{(bad or [''])[0]}'; valid formats: {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))
@@ -113,10 +110,12 @@ def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dic
     """(formats to build, {format: why not}): a float student always builds fp32 ONNX first (the source
     of the rest); a QAT student builds only its INT8 formats, straight from its learned scales."""
     requested = list(requested)
-    if "ort-int8" in requested and "onnx-int8" not in requested:  # its source, and its twin's
-        requested.insert(requested.index("ort-int8"), "onnx-int8")
+    for fmt in list(requested):  # a format converted from another brings it (ort-int8: its source, and its twin's)
+        made_from = EXPORT_FORMATS.get(fmt).source
+        if made_from not in (None, FLOAT_FIRST) and made_from not in requested:
+            requested.insert(requested.index(fmt), made_from)
     if not qat:
-        return ["onnx"] + [f for f in requested if f != "onnx"], {}
+        return [FLOAT_FIRST] + [f for f in requested if f != FLOAT_FIRST], {}
     why = "a QAT student is exported as INT8 only: its float weights are not the function it was trained as"
     skipped = {f: why for f in requested if f not in QAT_FORMATS}
     formats = [f for f in requested if f in QAT_FORMATS]
@@ -129,8 +128,8 @@ def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dic
             raise RobustEdgeError(skipped[fmt] if len(requested) == 1 else
                                   f"none of {', '.join(requested)} can be built from this QAT student "
                                   f"(activations {qat.get('activations')}): {skipped[fmt]}")
-    if "onnx-int8" not in formats:  # always written first: the source of the rest, and their twin
-        formats.insert(0, "onnx-int8")
+    if QAT_FIRST not in formats:  # always written first: the source of the rest, and their twin
+        formats.insert(0, QAT_FIRST)
     return formats, skipped
 
 
@@ -155,7 +154,7 @@ def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -
     on the test inputs (random noise has near-tied logits, whose order a rounding step flips: it would
     measure the noise, not the file)."""
     from robustedge.runners import TorchRunner
-    from robustedge.verify_core import OrtRunner, predict
+    from robustedge.verifier import OrtRunner, predict
 
     runner, reference = OrtRunner(onnx_path), TorchRunner(model)
     rand = np.random.default_rng(seed).random((64, *x.shape[1:]), dtype=np.float32)
@@ -170,57 +169,71 @@ def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -
             "n_agreement": int(len(refs[0]))}
 
 
+def _file(tmp: Path, fmt: str) -> Path:
+    return tmp / FORMATS[fmt].file
+
+
+TRT_INT8_SOURCE = "trt-source.int8.onnx"  # a float student's QDQ file in TensorRT's scheme; deleted once built
+
+
 def _convert(model, meta, formats: list[str], tmp: Path, opts: ExportOptions, x: torch.Tensor,
              progress) -> tuple[dict[str, str], dict]:
     """Write the model files; return ({format: why skipped}, the parity check of the first file).
 
     The first file is the float student's fp32 ONNX, or a QAT student's INT8 QDQ file with its learned
-    scales; the ORT-format and TensorRT files derive from either the same way."""
+    scales; the ORT-format and TensorRT files derive from either the same way. What writes each file,
+    from what, is its format's row (:mod:`robustedge.edge.formats`)."""
     if meta.extra.get("qat"):
         from robustedge import qat
-        from robustedge.edge import qat_onnx
 
         progress("QAT student: its INT8 function to QDQ ONNX with the learned scales (no calibration)")
         converted = qat.convert(model)
-        first = qat_onnx.to_qdq_onnx(converted, meta.spec.input_shape, tmp / FORMATS["onnx-int8"][0])
+        first = builder(QAT_FIRST, qat=True)(converted, meta.spec.input_shape, _file(tmp, QAT_FIRST))
         # checked like any artifact (the table's agreement with the fake-quantised model, the gate), not by a
         # bound here: the file's int32 biases are a rounding PT2E cannot simulate (measured 99.5-100% top-1)
-        parity = _parity(model, first, x.numpy(), opts.seed) | {"format": "onnx-int8",
+        parity = _parity(model, first, x.numpy(), opts.seed) | {"format": QAT_FIRST,
                                                                    "reference": "the fake-quantised torch model"}
-        trt_sources = {"trt-int8": first}
-        skipped = _executorch([f for f in formats if f == "executorch-int8"], converted, meta, None, tmp, progress)
+        trt_sources = {f: _file(tmp, source_format(f, qat=True)) for f in formats if FORMATS[f].runtime == "tensorrt"}
+        skipped = _executorch([f for f in formats if FORMATS[f].runtime == "executorch"], converted, meta, None, tmp,
+                              progress)
     else:
         progress(f"exporting to ONNX opset {convert.OPSET}")
-        first = convert.export_onnx(model, meta.spec.input_shape, tmp / FORMATS["onnx"][0])
-        parity = _parity(model, first, x.numpy(), opts.seed) | {"format": "onnx", "reference": "the torch model"}
+        first = builder(FLOAT_FIRST)(model, meta.spec.input_shape, _file(tmp, FLOAT_FIRST))
+        parity = _parity(model, first, x.numpy(), opts.seed) | {"format": FLOAT_FIRST, "reference": "the torch model"}
         if parity["max_abs_logit_diff"] > opts.parity_tol:
             raise RobustEdgeError(f"fp32 ONNX logits differ from torch by {parity['max_abs_logit_diff']:.2e} "
                                   f"(> {opts.parity_tol:.0e})")
         trt_sources, skipped = _float_formats(model, meta, formats, tmp, opts, progress)
-    _ort([f for f in formats if f in convert.ORT_SOURCES], tmp, progress)
-    skipped.update(_tensorrt([f for f in formats if f.startswith("trt")], trt_sources, meta, tmp, progress))
-    (tmp / "trt-source.int8.onnx").unlink(missing_ok=True)
+    _ort([f for f in formats if f in ORT_SOURCES], tmp, progress)
+    skipped.update(_tensorrt([f for f in formats if FORMATS[f].runtime == "tensorrt"], trt_sources, meta, tmp,
+                             progress))
+    (tmp / TRT_INT8_SOURCE).unlink(missing_ok=True)
     return skipped, parity
 
 
 def _float_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptions,
                    progress) -> tuple[dict[str, Path], dict[str, str]]:
     """The float student's fp16, INT8 and ExecuTorch files; returns (TensorRT sources, {format: why skipped})."""
-    if "onnx-fp16" in formats:
-        convert.convert_fp16(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-fp16"][0])
+    for fmt in [f for f in formats if FORMATS[f].builder == "convert:convert_fp16"]:
+        builder(fmt)(_file(tmp, source_format(fmt)), _file(tmp, fmt))
     calibration = None
-    if {"onnx-int8", "trt-int8", "executorch-int8"} & set(formats):
+    if any(FORMATS[f].calibrated for f in formats):
         progress(f"INT8: {opts.calibration_method} calibration on {opts.calibration_n} training images"
                  + (" (half PGD-20 adversarial)" if opts.calibrate_adversarial else ""))
         calibration = _calibration(meta, opts, model)
-    if "onnx-int8" in formats:
-        convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / FORMATS["onnx-int8"][0], calibration,
-                              opts.calibration_method, activations=opts.int8_activations)
-    skipped = _executorch([f for f in formats if f.startswith("executorch")], model, meta, calibration, tmp, progress)
-    sources = {"trt-fp16": tmp / FORMATS["onnx"][0]}
-    if "trt-int8" in formats and convert.tensorrt_available()[0]:  # TensorRT: zero points of 0, its own QDQ file
-        sources["trt-int8"] = convert.quantize_int8(tmp / FORMATS["onnx"][0], tmp / "trt-source.int8.onnx",
-                                                    calibration, opts.calibration_method, activations="int8-symmetric")
+    for fmt in [f for f in formats if FORMATS[f].builder == "convert:quantize_int8"]:
+        builder(fmt)(_file(tmp, source_format(fmt)), _file(tmp, fmt), calibration, opts.calibration_method,
+                     activations=opts.int8_activations)
+    skipped = _executorch([f for f in formats if FORMATS[f].runtime == "executorch"], model, meta, calibration, tmp,
+                          progress)
+    sources = {}
+    for fmt in [f for f in formats if FORMATS[f].runtime == "tensorrt"]:
+        row = FORMATS[fmt]
+        if not row.int8:
+            sources[fmt] = _file(tmp, row.source)
+        elif available(fmt)[0]:  # TensorRT INT8: a QDQ file of its own, in the scheme it takes (zero points of 0)
+            sources[fmt] = convert.quantize_int8(_file(tmp, row.source), tmp / TRT_INT8_SOURCE, calibration,
+                                                 opts.calibration_method, activations=row.activations)
     return sources, skipped
 
 
@@ -228,34 +241,25 @@ def _ort(formats: list[str], tmp: Path, progress) -> None:
     """ORT-format files for ONNX Runtime Mobile, and the reduced-operator config of the bundle."""
     if formats:
         progress(f"converting to ORT format for ONNX Runtime Mobile: {', '.join(formats)}")
-        convert.convert_to_ort({tmp / FORMATS[convert.ORT_SOURCES[f]][0]: tmp / FORMATS[f][0] for f in formats},
-                               tmp / verify_core.ORT_OPERATORS_FILE)
-
-
-def _executorch_available() -> tuple[bool, str]:
-    from robustedge.edge import executorch
-
-    return executorch.available()
+        builder(formats[0])({_file(tmp, ORT_SOURCES[f]): _file(tmp, f) for f in formats}, tmp / ORT_OPERATORS_FILE)
 
 
 def _executorch(formats: list[str], model, meta, calibration, tmp: Path, progress) -> dict[str, str]:
     """ExecuTorch programs (XNNPACK) where the ``mobile`` extra is installed; {format: why} otherwise.
     ``model``: the float student, or a QAT student's converted INT8 graph."""
-    from robustedge.edge import executorch
-
     if not formats:
         return {}
-    ok, why = executorch.available()
+    ok, why = available(formats[0])
     if not ok:
         progress(f"skipping {', '.join(formats)}: {why}")
         return {f: why for f in formats}
     progress(f"lowering to ExecuTorch (XNNPACK): {', '.join(formats)}")
-    if "executorch" in formats:
-        executorch.export_program(model, meta.spec.input_shape, tmp / FORMATS["executorch"][0])
-    if "executorch-int8" in formats and meta.extra.get("qat"):
-        executorch.qat_program(model, meta.spec.input_shape, tmp / FORMATS["executorch-int8"][0])
-    elif "executorch-int8" in formats:
-        executorch.quantize_program(model, meta.spec.input_shape, calibration, tmp / FORMATS["executorch-int8"][0])
+    qat = bool(meta.extra.get("qat"))
+    for row in [r for r in FORMAT_TABLE if r.name in formats]:
+        if row.calibrated and not qat:
+            builder(row.name)(model, meta.spec.input_shape, calibration, _file(tmp, row.name))
+        else:
+            builder(row.name, qat)(model, meta.spec.input_shape, _file(tmp, row.name))
     return {}
 
 
@@ -263,12 +267,12 @@ def _tensorrt(formats: list[str], sources: dict[str, Path], meta, tmp: Path, pro
     """TensorRT engines from their ONNX sources where TensorRT and a GPU exist; {format: why} otherwise."""
     skipped = {}
     for fmt in formats:
-        ok, why = convert.tensorrt_available()
+        ok, why = available(fmt)
         if not ok:
             skipped[fmt] = why
             progress(f"skipping {fmt}: {why}")
             continue
-        convert.build_tensorrt(sources[fmt], tmp / FORMATS[fmt][0], fmt.split("-")[1], meta.spec.input_shape)
+        builder(fmt)(sources[fmt], _file(tmp, fmt), FORMATS[fmt].precision, meta.spec.input_shape)
     return skipped
 
 
@@ -320,16 +324,16 @@ def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=pri
         table, flags, checks = {}, {}, {}
         size = source.stat().st_size if source else sum(t.numel() * t.element_size() for t in model.state_dict().values())
         table["torch"], flags["torch"], checks["torch"] = torch_row(model, samples, size, meta.eps, **common)
-        built = [f for f in FORMATS if f in formats and (tmp / FORMATS[f][0]).exists()]  # sources first
+        built = [f for f in FORMATS if f in formats and _file(tmp, f).exists()]  # sources first
         for fmt in built:
             progress(f"verifying {fmt} through its runtime")
             table[fmt], flags[fmt], checks[fmt] = verify_artifact(
-                tmp / FORMATS[fmt][0], fmt, samples, meta.eps, float_model=model, whitebox=opts.whitebox_attacks,
+                _file(tmp, fmt), fmt, samples, meta.eps, float_model=model, whitebox=opts.whitebox_attacks,
                 qat=bool(meta.extra.get("qat")), progress=progress, **common)
         table[parity["format"]]["max_abs_logit_diff"] = parity["max_abs_logit_diff"]
         failures = opts.gate.check(table, flags)
         np.savez_compressed(tmp / SAMPLES_FILE, **samples)
-        shutil.copyfile(verify_core.__file__, tmp / VERIFIER_FILE)
+        atomic_write_bytes(tmp / VERIFIER_FILE, assemble().encode("utf-8"))  # the verifier package as one file
         manifest = _manifest(source, out, meta, opts, tmp, built, samples, skipped, table, failures)
         manifest |= {"flags": flags, "checks": checks, "seconds": timings, "parity": parity}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
@@ -354,8 +358,8 @@ def _manifest(checkpoint: Path | None, out: Path, meta, opts: ExportOptions, tmp
                   "range": [0.0, 1.0], "layout": "NCHW", "dynamic_batch": True},
         "output": {"name": convert.OUTPUT_NAME, "classes": meta.classes},
         "eps": meta.eps, "opset": convert.OPSET,
-        "files": {f: {"file": FORMATS[f][0], "sha256": sha256(tmp / FORMATS[f][0]),
-                      "bytes": (tmp / FORMATS[f][0]).stat().st_size} for f in built},
+        "files": {f: {"file": FORMATS[f].file, "sha256": sha256(_file(tmp, f)),
+                      "bytes": _file(tmp, f).stat().st_size} for f in built},
         "samples": {"file": SAMPLES_FILE, "sha256": sha256(tmp / SAMPLES_FILE), "n": int(len(samples["y"])),
                     "attacks": list(opts.transfer_attacks),
                     "whitebox": {f: [a for a in opts.whitebox_attacks if whitebox_key(f, a) in samples] for f in built
@@ -363,9 +367,8 @@ def _manifest(checkpoint: Path | None, out: Path, meta, opts: ExportOptions, tmp
                     "square": {r: int(len(samples[square_key(r)])) for r in ["torch"] + built
                                if square_key(r) in samples}},
         "verifier": {"file": VERIFIER_FILE, "sha256": sha256(tmp / VERIFIER_FILE)},
-        **({"ort_operators": {"file": verify_core.ORT_OPERATORS_FILE,
-                              "sha256": sha256(tmp / verify_core.ORT_OPERATORS_FILE)}}
-           if (tmp / verify_core.ORT_OPERATORS_FILE).exists() else {}),
+        **({"ort_operators": {"file": ORT_OPERATORS_FILE, "sha256": sha256(tmp / ORT_OPERATORS_FILE)}}
+           if (tmp / ORT_OPERATORS_FILE).exists() else {}),
         "skipped": skipped, "table": table, "gate": opts.gate.to_dict(), "gate_failures": failures,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("gate", "flags")} | {"flags": opts.flags.to_dict()},
     }
@@ -426,13 +429,10 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     table = {"torch": manifest["table"]["torch"]}
     flags = {"torch": manifest.get("flags", {}).get("torch", [])}
     for fmt, entry in manifest["files"].items():
-        runtime_check = {"tensorrt": convert.tensorrt_available, "executorch": _executorch_available}.get(
-            FORMATS[fmt][1])
-        if runtime_check is not None:
-            ok, why = runtime_check()
-            if not ok:
-                progress(f"skipping {fmt}: {why}")
-                continue
+        ok, why = available(fmt)  # the runtime its row needs
+        if not ok:
+            progress(f"skipping {fmt}: {why}")
+            continue
         progress(f"verifying {fmt} through its runtime")
         row, results, runner = artifact_row(bundle / entry["file"], fmt, samples)
         if square_n is not None:

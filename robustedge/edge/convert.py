@@ -138,9 +138,6 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
     return dst
 
 
-ORT_SOURCES = {"ort": "onnx", "ort-int8": "onnx-int8"}  # ORT-format file -> the ONNX file it is converted from
-
-
 def convert_to_ort(sources: dict[Path, Path], config: Path) -> Path:
     """ONNX files to ORT format (``{onnx: .ort}``) with onnxruntime's own converter, as for a phone.
 

@@ -476,7 +476,7 @@ class OnnxTwin(nn.Module):
 
 def agreement(twin: nn.Module, runner, x: np.ndarray, batch_size: int = 256) -> dict:
     """Top-1 agreement and max |logit difference| of the twin against the runtime on ``x``."""
-    from robustedge.verify_core import predict
+    from robustedge.verifier import predict
 
     from robustedge.runners import model_device
 

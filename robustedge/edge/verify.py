@@ -13,7 +13,7 @@ What every artifact gets (docs/design.md, "Export, bundles and verification"):
   the gate's tolerance, these numbers are refused, not printed;
 - black-box Square examples found by querying the runtime itself (``square``);
 - ``worst``: per example, robust only if every attack left it correct;
-- attack-failure flags: the comparisons of :mod:`robustedge.verify_core` and the gradient checks of
+- attack-failure flags: the comparisons of :mod:`robustedge.verifier` and the gradient checks of
   :mod:`robustedge.flags` (on the twin, measured on the runtime).
 
 Every adversarial example lands in ``verify.npz``, so the bundle's torch-free ``verify.py`` replays
@@ -28,11 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustedge.edge.formats import twin_source
 from robustedge.errors import RobustEdgeError
 from robustedge.runners import QueriedTwin, RunnerModule, TorchRunner, model_device
 from robustedge.flags import FlagSettings, gradient_flags, model_correct, square_examples
-from robustedge.verify_core import (FORMATS, Gate, artifact_row, comparison_flags, median_latency_ms,
-                                    predict, replay, reported_worst, square_key, whitebox_key)
+from robustedge.verifier import (FORMATS, Gate, artifact_row, comparison_flags, median_latency_ms, open_runner, predict,
+                                 replay, reported_worst, square_key, whitebox_key)
 
 TRANSFER_ATTACKS = ("pgd20", "autoattack")
 WHITEBOX_ATTACKS = ("pgd20", "cw", "autoattack", "diva")
@@ -60,6 +61,7 @@ def _attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     ``runtime``: when ``model`` is an artifact's twin, the artifact's runtime as a module; AutoAttack's
     query-only stage (Square) then queries it instead of the twin (:class:`QueriedTwin`: the runtime is
     the function being measured, and it answers 5,000 queries per example far faster than the twin)."""
+    from robustedge.attack_table import ATTACKS
     from robustedge.attacks import disagreement
     from robustedge.suite import run_attack
 
@@ -67,7 +69,9 @@ def _attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
         model = QueriedTwin(model, runtime)
     if name == "diva":
         gen = torch.Generator(device=x.device).manual_seed(seed)
-        return torch.cat([disagreement(reference, model, xb, yb, eps=eps, step_size=eps / 4, steps=20, generator=gen)
+        diva = ATTACKS["diva"]
+        return torch.cat([disagreement(reference, model, xb, yb, eps=eps, step_size=diva.step_size(eps),
+                                       steps=diva.steps, generator=gen)
                           for xb, yb in zip(x.split(256), y.split(256))])
     return run_attack(name, model, x, y, eps, 256, seed)[1]
 
@@ -119,23 +123,12 @@ def torch_row(model: torch.nn.Module, samples: dict[str, np.ndarray], size_bytes
                                                                               "seconds": seconds}
 
 
-def twin_source(fmt: str, qat: bool = False) -> str:
-    """The format whose ONNX graph is ``fmt``'s function: itself, the file an ORT-format one came from,
-    or, for a QAT student's ExecuTorch program, its QDQ ONNX file (both are ``convert_pt2e`` of the same
-    fake-quantised graph; the twin must still agree with the ``.pte`` runtime to be used)."""
-    from robustedge.edge.convert import ORT_SOURCES
-
-    if qat and fmt == "executorch-int8":
-        return "onnx-int8"
-    return ORT_SOURCES.get(fmt, fmt)
-
-
 def quantized_twin(path: Path, fmt: str, qat: bool = False):
     """The differentiable twin of an INT8 artifact read from the QDQ ONNX graph of its function
-    (:func:`twin_source`), or None for formats without one."""
+    (:func:`robustedge.edge.formats.twin_source`), or None for formats without one."""
     from robustedge.edge.twin import OnnxTwin
 
-    source = path.with_name(FORMATS[twin_source(fmt, qat)][0])
+    source = path.with_name(FORMATS[twin_source(fmt, qat)].file)
     if not source.name.endswith(".onnx") or not source.is_file():
         return None
     twin = OnnxTwin(source).eval()
@@ -149,7 +142,6 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
     """One artifact's row, flags and diagnostics; adds its adversarial examples to ``samples``.
     ``qat``: the artifact is a QAT student's, whose ExecuTorch program shares its ONNX file's twin."""
     from robustedge.edge.twin import agreement
-    from robustedge.verify_core import open_runner
 
     runner = open_runner(path, fmt)
     device = model_device(float_model)  # the twin is attacked where the torch model runs (a GPU if there)

@@ -1,7 +1,9 @@
-"""The model registry: one name -> one constructor taking ``num_classes``, ``in_channels``, ``width``.
+"""The model registry: one name -> one builder taking ``num_classes``, ``in_channels``, ``width``.
 
-Every entry returns a :class:`~robustedge.models.base.Classifier` whose parameter names match the
-community checkpoint the papers use, so published weights load with ``strict=True``.
+Every built-in entry returns a :class:`~robustedge.models.base.Classifier` whose parameter names match
+the community checkpoint the papers use, so published weights load with ``strict=True``. A user's own
+builder is added with :func:`robustedge.register_model` (docs/design.md, "Your own model, dataset or
+method") and must return a ``Classifier`` too.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from robustedge.errors import RobustEdgeError, unknown_name
+from torch import nn
+
+from robustedge.errors import RobustEdgeError
 from robustedge.models.base import Classifier
 from robustedge.models.cifar_resnet import CifarResNet
 from robustedge.models.dm_wideresnet import DMWideResNet
@@ -17,10 +21,11 @@ from robustedge.models.folding import fold_batchnorm, fold_if_possible
 from robustedge.models.mobilenetv2 import MobileNetV2
 from robustedge.models.resnet import PreActResNet, ResNet
 from robustedge.models.wideresnet import WideResNet
+from robustedge.registry import Registry
 
 Builder = Callable[..., Classifier]
 
-MODELS: dict[str, Builder] = {
+MODELS: Registry[Builder] = Registry("model", {
     "resnet18": lambda **kw: ResNet([2, 2, 2, 2], **kw),
     "resnet34": lambda **kw: ResNet([3, 4, 6, 3], **kw),
     "preact_resnet18": lambda **kw: PreActResNet([2, 2, 2, 2], **kw),
@@ -28,7 +33,7 @@ MODELS: dict[str, Builder] = {
     "wrn34_10": lambda **kw: WideResNet(34, 10, **kw),
     "resnet20": lambda **kw: CifarResNet(20, **kw),
     "resnet56": lambda **kw: CifarResNet(56, **kw),
-}
+})
 
 # name patterns: any depth and widen factor of the two WideResNet layouts
 PATTERNS: dict[str, tuple[re.Pattern, Callable[..., Classifier]]] = {
@@ -37,22 +42,24 @@ PATTERNS: dict[str, tuple[re.Pattern, Callable[..., Classifier]]] = {
 }
 
 
-def _pattern(name: str) -> tuple[Callable[..., Classifier], int, int] | None:
-    for regex, cls in PATTERNS.values():
-        match = regex.match(str(name))
-        if match:
-            return cls, int(match.group(1)), int(match.group(2))
-    return None
+def _depth_widen(cls: Callable[..., Classifier]) -> Callable[[re.Match], Builder]:
+    """The builder a pattern name resolves to: ``cls(depth, widen, **kw)`` from the name's two numbers."""
+    return lambda match: lambda **kw: cls(int(match.group(1)), int(match.group(2)), **kw)
+
+
+for _template, (_regex, _cls) in PATTERNS.items():
+    MODELS.register_pattern(_template, _regex.pattern, _depth_widen(_cls))
 
 
 def model_names() -> list[str]:
-    return sorted(MODELS) + list(PATTERNS)
+    """The registered names, sorted, then the pattern templates (``wideresnet-<depth>-<widen>``)."""
+    registered = sorted(MODELS)
+    return registered + [n for n in MODELS.names() if n not in set(registered)]
 
 
 def check_arch(name: str) -> str:
     """``name`` if the registry can build it, else a one-line error listing the valid names."""
-    if name not in MODELS and _pattern(name) is None:
-        raise unknown_name("model", str(name), model_names())
+    MODELS.get(name)
     return name
 
 
@@ -77,21 +84,18 @@ def build_model(name: str, num_classes: int = 10, in_channels: int = 3, width: f
     if not width > 0:
         raise RobustEdgeError(f"width multiplier must be > 0, got {width}")
     kwargs = dict(num_classes=num_classes, in_channels=in_channels, width=width)
-    pattern = _pattern(name)
+    builder = MODELS.get(name)  # an unknown name: the one-line error listing the valid ones
     try:
-        if name in MODELS:
-            model = MODELS[name](**kwargs)
-        elif pattern is not None:
-            cls, depth, widen = pattern
-            model = cls(depth, widen, **kwargs)
-        else:
-            raise unknown_name("model", name, model_names())
+        model = builder(**kwargs)
     except ValueError as exc:
         raise RobustEdgeError(f"cannot build model '{name}': {exc}") from None
+    if not isinstance(model, Classifier):
+        raise RobustEdgeError(f"model '{name}' was built as a {type(model).__name__}, not a robustedge.models.Classifier "
+                              f"(subclass Classifier and put the network in features_to_logits)")
     if image_size < 1:
         raise RobustEdgeError(f"image_size must be >= 1, got {image_size}")
     stride = stem_stride(image_size)
-    if stride > 1:
+    if stride > 1 and isinstance(getattr(model, "conv1", None), nn.Conv2d):  # every built-in model has one
         model.conv1.stride = (stride, stride)
     if normalization is not None:
         model.set_normalization(*normalization)

@@ -1,74 +1,32 @@
-"""Datasets as whole uint8 tensors, split deterministically, augmented in batches on the device.
-
-Adversarial training runs 10+ forward/backward passes per batch, so a per-sample PIL pipeline would
-starve the model; instead every split lives as one ``uint8`` tensor (N, C, H, W) on the training
-device and random-crop + flip happen batched there (:func:`random_crop_flip`).
+"""The dataset readers: digits (embedded), CIFAR-10/100, SVHN and image folders, each returning a
+:class:`~robustedge.data.splits.Dataset` of uint8 tensors with seeded splits.
 
 Readers parse the on-disk formats themselves rather than through torchvision's dataset classes:
 those refuse any file whose md5 differs from the official archive, and CIFAR's python format is a
 pickle. We read it with an unpickler that only admits numpy arrays, so a user's real copy, a tiny
 test copy and a tampered file are all handled safely. torchvision is used only to *download*
 (``--download``), where its md5 check is exactly what we want.
+
+Every reader takes ``(root, image_size, channels, val_fraction, seed, download)``, the call
+:func:`robustedge.data.load_dataset` makes.
 """
 
 from __future__ import annotations
 
 import io
-import math
 import pickle
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustedge.errors import RobustEdgeError, unknown_name
-from robustedge.seeds import augment_seed, holdout_seed, shuffle_seed
+from robustedge.data.splits import Dataset, Split, _seeded_holdout, _train_val
+from robustedge.errors import RobustEdgeError
+from robustedge.seeds import holdout_seed
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-
-
-@dataclass
-class Split:
-    images: torch.Tensor  # uint8 (N, C, H, W)
-    labels: torch.Tensor  # int64 (N,)
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def take(self, n: int | None) -> "Split":
-        """The first ``n`` examples (the evaluation protocol always takes a prefix, so runs agree)."""
-        if n is None or n >= len(self):
-            return self
-        return Split(self.images[:n], self.labels[:n])
-
-    def float_images(self, device: torch.device | str | None = None) -> torch.Tensor:
-        return self.images.to(device).float().div_(255.0)
-
-
-@dataclass
-class Dataset:
-    name: str
-    train: Split
-    val: Split
-    test: Split
-    classes: list[str]
-    info: dict = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        return tuple(self.train.images.shape[1:])  # type: ignore[return-value]
-
-    def split(self, name: str) -> Split:
-        if name not in ("train", "val", "test"):
-            raise unknown_name("split", name, ["train", "val", "test"])
-        return getattr(self, name)
 
 
 # --------------------------------------------------------------------------------------------
@@ -93,20 +51,6 @@ def _convert(images: torch.Tensor, image_size: int | None, channels: int | None)
             out.append(resized.round().clamp(0, 255).to(torch.uint8))
         images = torch.cat(out)
     return images.contiguous()
-
-
-def _seeded_holdout(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (keep, held_out): a seeded permutation, so the validation split never moves."""
-    if not 0.0 <= fraction < 1.0:
-        raise RobustEdgeError(f"validation fraction must be in [0, 1), got {fraction}")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_out = int(round(n * fraction))
-    return perm[n_out:].sort().values, perm[:n_out].sort().values
-
-
-def _train_val(images: torch.Tensor, labels: torch.Tensor, val_fraction: float, seed: int) -> tuple[Split, Split]:
-    keep, held = _seeded_holdout(len(labels), val_fraction, holdout_seed(seed, "val"))
-    return Split(images[keep], labels[keep]), Split(images[held], labels[held])
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,131 +276,3 @@ def _load_imagefolder(root: str | None, image_size: int | None, channels: int | 
                             val_fraction, seed)
     test = Split(_read_images(test_paths, image_size, channels), torch.tensor(test_labels))
     return Dataset("imagefolder", train, val, test, classes, {"root": str(base), "test_folder": eval_dir.name})
-
-
-DATASETS: dict[str, Callable[..., Dataset]] = {
-    "digits": _load_digits,
-    "cifar10": lambda *a, **k: _load_cifar("cifar10", *a, **k),
-    "cifar100": lambda *a, **k: _load_cifar("cifar100", *a, **k),
-    "svhn": _load_svhn,
-    "imagefolder": _load_imagefolder,
-}
-
-
-def load_dataset(name: str, root: str | None = None, *, image_size: int | None = None,
-                 channels: int | None = None, val_fraction: float = 0.1, seed: int = 0,
-                 download: bool = False) -> Dataset:
-    """Load a registry dataset as uint8 tensors with seeded train/val/test splits.
-
-    ``image_size``/``channels`` default to the dataset's standard shape (digits: 16x16, 1 channel,
-    upscaled from the 8x8 originals).
-    """
-    if name not in DATASETS:
-        raise unknown_name("dataset", name, list(DATASETS))
-    if image_size is not None and image_size < 8:
-        raise RobustEdgeError(f"image size must be >= 8, got {image_size}")
-    if channels is not None and channels not in (1, 3):
-        raise RobustEdgeError(f"channels must be 1 or 3, got {channels}")
-    return DATASETS[name](root, image_size, channels, val_fraction, seed, download)
-
-
-def split_for_model(meta, dataset: str | None, data_root: str | None, split: str, n: int | None,
-                    download: bool = False):
-    """A split of the data a model was trained on, shaped and split exactly as in its training run
-    (``meta`` is the model's :class:`~robustedge.checkpoint.ModelMeta`)."""
-    data = meta.extra.get("data", {})
-    name = dataset or meta.dataset
-    ds = load_dataset(name, data_root or data.get("root"), image_size=meta.spec.image_size,
-                      channels=meta.spec.in_channels, val_fraction=data.get("val_fraction", 0.1),
-                      seed=data.get("seed", 0), download=download)
-    if ds.num_classes != meta.spec.num_classes:
-        raise RobustEdgeError(f"dataset '{name}' has {ds.num_classes} classes but the checkpoint's "
-                              f"{meta.spec.arch} has {meta.spec.num_classes} outputs")
-    return ds.split(split).take(n)
-
-
-def calibration_indices(split: Split, n: int, seed: int) -> torch.Tensor:
-    """The ``n`` examples of ``split`` drawn with ``seed`` that INT8 post-training quantisation and
-    QAT's PTQ start calibrate on, so both see the same images."""
-    return torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n]
-
-
-def calibration_images(split: Split, n: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """:func:`calibration_indices`' images as floats in [0, 1]."""
-    return split.images[calibration_indices(split, n, seed)].to(device).float().div_(255.0)
-
-
-# --------------------------------------------------------------------------------------------
-# Batched device-side augmentation and iteration
-# --------------------------------------------------------------------------------------------
-
-def random_crop_flip(x: torch.Tensor, padding: int = 4, flip: bool = True,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-    """Random crop (zero padding) + horizontal flip for a whole batch at once, on x's device."""
-    n, c, h, w = x.shape
-    if padding > 0:
-        padded = F.pad(x, (padding, padding, padding, padding))
-        oy = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-        ox = torch.randint(0, 2 * padding + 1, (n,), device=x.device, generator=generator)
-        rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
-        cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
-        batch = torch.arange(n, device=x.device)[:, None, None, None]
-        chan = torch.arange(c, device=x.device)[None, :, None, None]
-        x = padded[batch, chan, rows, cols]
-    if flip:
-        mask = torch.rand(n, device=x.device, generator=generator) < 0.5
-        x = torch.where(mask[:, None, None, None], x.flip(3), x)
-    return x
-
-
-class DeviceLoader:
-    """Iterates a :class:`Split` kept on ``device`` in shuffled, augmented float batches in [0, 1].
-
-    The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, which is what makes a
-    resumed run bitwise identical to an uninterrupted one without saving loader state. Under DDP
-    every rank draws the same permutation and keeps its own interleaved shard of it.
-    """
-
-    def __init__(self, split: Split, batch_size: int, *, device: torch.device | str = "cpu",
-                 shuffle: bool = True, augment: bool = False, padding: int = 4, flip: bool = True, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        if batch_size < 1:
-            raise RobustEdgeError(f"batch size must be >= 1, got {batch_size}")
-        self.device = torch.device(device)
-        self.images = split.images.to(self.device)
-        self.labels = split.labels.to(self.device)
-        self.batch_size, self.shuffle, self.augment, self.padding, self.flip = batch_size, shuffle, augment, padding, flip
-        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _indices(self) -> torch.Tensor:
-        n = len(self.labels)
-        if self.shuffle:
-            gen = torch.Generator().manual_seed(shuffle_seed(self.seed, self.epoch))
-            order = torch.randperm(n, generator=gen)
-        else:
-            order = torch.arange(n)
-        if self.world_size > 1:
-            per_rank = math.ceil(n / self.world_size)
-            order = torch.cat([order, order[: per_rank * self.world_size - n]])  # pad like DistributedSampler
-            order = order[self.rank::self.world_size]
-        return order.to(self.device)
-
-    def __len__(self) -> int:
-        n = math.ceil(len(self.labels) / self.world_size)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._indices()
-        gen = None
-        if self.augment:
-            gen = torch.Generator(device=self.device).manual_seed(augment_seed(self.seed, self.epoch, self.rank))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx]
-            if self.augment:
-                x = random_crop_flip(x, self.padding, self.flip, gen)
-            yield x.float().div_(255.0), self.labels[idx]

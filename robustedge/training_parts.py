@@ -1,0 +1,133 @@
+"""What one optimisation step needs, built from a config: the student (fake-quantised for QAT), its
+teachers, the method, the optimiser and AMP. Shared by the trainer, the dry run and bench/train_step.py,
+so the benchmark times the trainer's own step."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from robustedge.checkpoint import ModelSpec
+from robustedge.config import TrainConfig
+from robustedge.errors import RobustEdgeError
+from robustedge.methods import get_method
+from robustedge.runtime import seed_everything
+from robustedge.teachers import load_teacher
+
+
+def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, whether to use a GradScaler)."""
+    mode = cfg.amp
+    if mode == "auto":
+        # QAT stays fp32: under autocast the fake quantisers would see bf16 values, not the INT8
+        # function the export computes (validate_config refuses an explicit amp with QAT)
+        mode = "bf16" if not cfg.qat.enabled and device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if mode == "off":
+        return None, False
+    if mode == "bf16":
+        return torch.bfloat16, False
+    if mode == "fp16":
+        if device.type != "cuda":
+            raise RobustEdgeError("amp fp16 needs CUDA; use amp bf16 or off on the CPU")
+        return torch.float16, True
+    raise RobustEdgeError(f"unknown amp mode '{cfg.amp}'; valid: auto, off, bf16, fp16")
+
+
+@dataclass
+class TrainingParts:
+    """What one optimisation step needs, built from a config (shared by the trainer and bench/)."""
+
+    cfg: TrainConfig
+    model: nn.Module  # the student itself (no wrappers): checkpoints, validation
+    method: "object"
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+    params: list[torch.Tensor] = field(default_factory=list)  # what the gradient norm is taken over
+
+    def __post_init__(self) -> None:
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def wrap(self, world: int = 1, device: torch.device | None = None) -> nn.Module:
+        """The student as the step sees it: compiled if asked, under DDP with several ranks."""
+        net = self.model
+        if world > 1:
+            device = device or self.device
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+        # compile the DDP-wrapped model (PyTorch's advice: its DDPOptimizer then splits the graph at the
+        # gradient buckets so communication overlaps the backward); DDP(compile(model)) does not
+        return torch.compile(net) if self.cfg.compile else net
+
+    def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """One optimisation step; returns the method's logs and the gradient norm as device tensors."""
+        if self.cfg.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None \
+            else nullcontext()
+        with autocast:
+            loss, logs = self.method.step(student, x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(self.params, float("inf"))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.method.after_step(logs)
+        return logs, grad_norm
+
+
+def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: int = 1,
+                num_classes: int | None = None) -> TrainingParts:
+    """Student (seeded), teachers (folded, in their precision), method, optimiser and AMP scaler.
+
+    With ``fold_attack`` the method attacks a linked conv+BN-folded twin of the student
+    (models/folding.py), compiled along with the student when ``compile`` is set.
+    """
+    seed_everything(cfg.seed)
+    model = spec.build().to(device)
+    if cfg.qat.enabled:
+        model = _qat_student(cfg, spec, model, world).to(device)
+    if cfg.sync_bn and world > 1:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last and not cfg.qat.enabled:
+        model = model.to(memory_format=torch.channels_last)
+    method_cls = get_method(cfg.method)
+    teachers = {role: load_teacher(cfg.teachers[role], num_classes or spec.num_classes, spec.in_channels,
+                                   spec.image_size, device, cfg.data.name, channels_last=cfg.channels_last)
+                for role in method_cls.teacher_roles if role in cfg.teachers}
+    method = method_cls(cfg.method_args, cfg.attack, teachers, cfg.optim.milestones, cfg.optim.gamma, device)
+    # QAT: attack the fake-quantised student; a train-mode attack (ARD) cannot run on an eval-only twin
+    if cfg.fold_attack and method_cls.adversarial and not cfg.qat.enabled and method.attack_mode == "eval":
+        from robustedge.models import fold_batchnorm
+
+        twin = fold_batchnorm(model, linked=True)
+        method.attack_twin = torch.compile(twin) if cfg.compile else twin
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
+                                weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
+    amp_dtype, use_scaler = _amp_settings(cfg, device)
+    return TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
+                         amp_dtype, device)
+
+
+def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:
+    """The student under fake quantisation; with ``qat.from_checkpoint``, from a trained float student."""
+    from robustedge.weights import load_model
+    from robustedge.qat import prepare_qat
+
+    if world > 1:
+        raise RobustEdgeError("quantization-aware training under DDP is not supported; run it in one process")
+    if cfg.qat.from_checkpoint:
+        source, meta = load_model(cfg.qat.from_checkpoint)
+        if meta.extra.get("qat"):
+            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is already a QAT student; fine-tune from a float one")
+        if (meta.spec.arch, meta.spec.num_classes, meta.spec.in_channels, meta.spec.width, meta.spec.image_size) != \
+                (spec.arch, spec.num_classes, spec.in_channels, spec.width, spec.image_size):
+            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is {meta.spec.arch} (width {meta.spec.width}, "
+                                  f"{meta.spec.image_size}px, {meta.spec.in_channels} channels); the config trains "
+                                  f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
+        model = source  # the same architecture, with the trained weights (load_model checked them strictly)
+    return prepare_qat(model, spec.input_shape, cfg.qat.activations)

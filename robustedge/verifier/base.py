@@ -1,0 +1,31 @@
+"""What every check stands on: the one user-facing exception type, hashing, and the number checks."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+
+class RobustEdgeError(Exception):
+    """Something the user can fix (a file, a flag, a bundle); the message is one complete line.
+
+    RobustEdge's one user-facing exception type lives here, in the torch-free verifier, so that the
+    library and the on-device verifier raise (and the CLI reports) the very same errors.
+    """
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_fraction(v: object) -> bool:
+    return is_number(v) and 0.0 <= v <= 1.0
