@@ -19,7 +19,7 @@ import torch
 from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
 from robustedge.config import TrainConfig, dump_config
 from robustedge.data import load_dataset
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, first_line
 from robustedge.methods import get_method
 from robustedge.runtime import resolve_device
 
@@ -39,7 +39,7 @@ def _shape(cfg: TrainConfig) -> tuple[int, int, int, int, str]:
         c, s, k, n = NOMINAL[cfg.data.name]
         s = cfg.data.image_size or s
         train = int(n * (1 - cfg.data.val_fraction))
-        return c, s, k, train, f"nominal {cfg.data.name} sizes ({str(exc).splitlines()[0]})"
+        return c, s, k, train, f"nominal {cfg.data.name} sizes ({first_line(exc)})"
 
 
 def _count(model: torch.nn.Module) -> str:

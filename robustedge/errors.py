@@ -4,14 +4,15 @@ Everything a user can get wrong (a name, a path, a shape, a flag, a bundle) rais
 ``RobustEdgeError`` with a one-line message that says what was wrong and what would be right. The
 CLI prints that line and exits 2; anything else escaping is a bug in RobustEdge and keeps its
 traceback. The class is defined in the torch-free :mod:`robustedge.verifier` (which every bundle
-carries as its own verifier), so the library and the on-device verifier raise the same type.
+carries as its own verifier), so the library and the on-device verifier raise the same type. So do the
+two helpers that cut a foreign exception down to what a one-line error may say about it.
 """
 
-from robustedge.verifier import RobustEdgeError
+from robustedge.verifier.base import RobustEdgeError, exception_line, first_line
 
 
 def unknown_name(kind: str, name: str, valid: "list[str] | tuple[str, ...]") -> RobustEdgeError:
     return RobustEdgeError(f"unknown {kind} '{name}'; valid {kind}s: {', '.join(sorted(valid))}")
 
 
-__all__ = ["RobustEdgeError", "unknown_name"]
+__all__ = ["RobustEdgeError", "exception_line", "first_line", "unknown_name"]

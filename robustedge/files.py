@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, exception_line
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _TEMP = re.compile(r"^\.(?P<target>.+)\.tmp-(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]{8}$")
@@ -237,8 +237,7 @@ def read_json(path: Path) -> Any:
     except RecursionError:
         raise RobustEdgeError(f"{path} is not a readable JSON file (nested too deeply)") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RobustEdgeError(f"{path} is not a readable JSON file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise RobustEdgeError(f"{path} is not a readable JSON file ({exception_line(exc)})") from None
 
 
 # --------------------------------------------------------------------------------------------

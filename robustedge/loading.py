@@ -21,7 +21,7 @@ from torch import nn
 
 from robustedge.checkpoint import ModelMeta, ModelSpec, check_file, is_robustedge_file
 from robustedge.weights import load_model
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, first_line
 from robustedge.options import parse_eps, parse_int, parse_number, parse_positive
 from robustedge.robustbench_zoo import ROBUSTBENCH_PREFIX
 
@@ -204,7 +204,7 @@ def _checked_module(model: nn.Module, spec: ModelSpec, dataset: str, eps, source
             out = model(torch.zeros(1, *spec.input_shape, device=device))
     except Exception as exc:  # an arbitrary module raises anything on a wrong input shape
         raise RobustEdgeError(f"the model does not take {spec.input_shape} images: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                              f"{first_line(exc)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, spec.num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         predicts = out.shape[-1] if isinstance(out, torch.Tensor) and out.dim() == 2 else "no"

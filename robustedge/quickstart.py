@@ -43,7 +43,7 @@ import torch
 
 from robustedge.loading import load
 from robustedge.config import TrainConfig, load_config, resolve_recipe, validate_config
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, exception_line
 from robustedge.eval_report import DEFAULT_ATTACKS, EvalReport, parse_attacks
 from robustedge.suite import evaluate
 from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, check_output_folder, read_json,
@@ -163,7 +163,7 @@ def _marked(out: Path):
         _mark(out, "interrupted")
         raise
     except BaseException as exc:
-        _mark(out, "failed", error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        _mark(out, "failed", error=exception_line(exc))
         raise
     finally:
         if previous is not None:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from robustedge.loading import load
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, first_line
 from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
                               check_output_folder)
 from robustedge.run_measures import eps_curve, torch_latency_ms
@@ -110,7 +110,7 @@ def _read_history(path: Path, warnings: Warnings) -> list[dict]:
                     raise ValueError("a row without an epoch or with a non-finite value")
                 rows.append(values)
     except (OSError, UnicodeDecodeError, ValueError, TypeError, csv.Error) as exc:
-        warnings.skip(path, f"not a RobustEdge metrics.csv ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+        warnings.skip(path, f"not a RobustEdge metrics.csv ({first_line(exc)})")
         return []
     return rows
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, first_line
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 
@@ -27,5 +27,5 @@ def load_robustbench(name: str, dataset: str | None, model_dir: str, device: tor
         model = robustbench_load(model_name=name, dataset=dataset, threat_model="Linf", model_dir=model_dir)
     except Exception as exc:  # robustbench raises KeyError/ValueError/HTTP errors for unknown names or no network
         raise RobustEdgeError(f"RobustBench could not load '{name}' ({dataset}, Linf): "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+                              f"{first_line(exc)}") from None
     return model.to(device).eval()

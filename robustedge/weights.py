@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from robustedge.checkpoint import TRAINING_KIND, ModelMeta, ModelSpec, check_file, model_part, read_robustedge_file
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, first_line
 from robustedge.models import Classifier
 
 
@@ -42,8 +42,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RobustEdgeError(f"{path}: not a weights-only torch checkpoint ({first})") from None
+        raise RobustEdgeError(f"{path}: not a weights-only torch checkpoint ({first_line(exc)})") from None
     for _ in range(3):
         if isinstance(obj, Mapping):
             inner = next((obj[k] for k in _WRAPPER_KEYS if k in obj and isinstance(obj[k], Mapping)), None)

@@ -109,3 +109,9 @@ def test_only_the_entry_points_import_the_package_root():
     tie every layer to the top one; modules import the leaf they need (e.g. ``robustedge._version``)."""
     offenders = sorted(name for name, deps in GRAPH.items() if "robustedge" in deps and _layer(name) < len(LAYERS) - 1)
     assert not offenders, f"import the leaf module, not the package root: {offenders}"
+
+
+def test_no_source_module_is_over_500_lines():
+    """A module that outgrows this holds more than one job: split it by job (docs/design.md, "The map")."""
+    long = {name: n for name, path in MODULES.items() if (n := len(path.read_text(encoding="utf-8").splitlines())) > 500}
+    assert not long, f"split these modules by job: {long}"

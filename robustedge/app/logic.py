@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from robustedge.attack_table import ATTACKS as ATTACK_ROWS
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import RobustEdgeError, exception_line
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_UPLOAD_PIXELS = 4096 * 4096
@@ -364,17 +364,10 @@ def prepare_upload(data: bytes, shape: tuple[int, int, int]) -> tuple[torch.Tens
         # Large" from a text or ICC chunk past PngImagePlugin.MAX_TEXT_CHUNK), struct.error, EOFError,
         # and whatever a plugin raises next. Every one means the same to the visitor: not an image we can
         # read. Listing types fixed one example at a time; the class is "the decoder failed".
-        detail = "no image format PIL knows" if isinstance(exc, UnidentifiedImageError) else _one_line(exc)
+        detail = "no image format PIL knows" if isinstance(exc, UnidentifiedImageError) else exception_line(exc, limit=160)
         raise RobustEdgeError(f"the upload is not a readable image ({detail})") from None
     note = f"{original} -> {width}x{height} {'grey' if channels == 1 else 'RGB'}, scaled to [0, 1]"
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous(), note
-
-
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    """``Type: first line of the message``, shortened: what a one-line error may say about ``exc``."""
-    text = str(exc).splitlines()[0].strip() if str(exc).strip() else ""
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def attack(predictor: Predictor, x: torch.Tensor, y: torch.Tensor, name: str, eps: float, steps: int,

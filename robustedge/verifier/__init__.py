@@ -14,7 +14,7 @@ RobustEdge, and the modules import each other with absolute ``from robustedge.ve
 lines only (the lines the assembly drops).
 """
 
-from robustedge.verifier.base import RobustEdgeError, is_fraction, is_number, sha256
+from robustedge.verifier.base import RobustEdgeError, exception_line, first_line, is_fraction, is_number, sha256
 from robustedge.verifier.cli import main
 from robustedge.verifier.flags import (FLAG_CHECKS, ITERATIVE_ATTACKS, bundle_flags, comparison_flags, describe_flag,
                                        iterative_columns, make_flag, reported_worst)
@@ -32,6 +32,7 @@ __all__ = [
     "BUNDLE_FORMAT", "DeviceBuffers", "ExecuTorchRunner", "ExportFormat", "FLAG_CHECKS", "FORMATS", "FORMAT_TABLE",
     "Gate", "ITERATIVE_ATTACKS", "MANIFEST_FILE", "ORT_OPERATORS_FILE", "OrtRunner", "PERCENT_COLUMNS", "RUNNERS",
     "RobustEdgeError", "SAMPLES_FILE", "TrtRunner", "UNIT_COLUMNS", "VERIFIER_FILE", "accuracy_row", "artifact_row",
+    "exception_line", "first_line",
     "bundle_flags", "bundle_path", "check_finite", "check_hashes", "check_input_shape", "check_manifest",
     "comparison_flags", "describe_flag", "distinct_percents", "format_flags", "format_table", "is_fraction",
     "is_number", "iterative_columns", "load_manifest", "load_samples", "main", "make_flag", "median_latency_ms",

@@ -15,6 +15,21 @@ class RobustEdgeError(Exception):
     """
 
 
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """What a one-line error may say about ``exc``: its message's first non-blank line (cut at ``limit``
+    characters), or its type's name when the message is empty. Libraries put tracebacks, hints and
+    whole file dumps in their messages; our errors stay one line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if limit is None or len(text) <= limit else text[:limit - 3] + "..."
+
+
+def exception_line(exc: BaseException, limit: int | None = None) -> str:
+    """``Type: first line`` (just ``Type`` for an empty message): for errors whose type says what failed."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {first_line(exc, limit)}" if lines else type(exc).__name__
+
+
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustedge.verifier.base import RobustEdgeError
+from robustedge.verifier.base import RobustEdgeError, first_line
 from robustedge.verifier.formats import FORMATS
 
 
@@ -37,7 +37,7 @@ class OrtRunner:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RobustEdgeError(f"onnxruntime cannot load {Path(path).name}: "
-                                    f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                    f"{first_line(exc)}"
                                     ) from None
         self.input = self.session.get_inputs()[0]
         self.input_name = self.input.name
@@ -177,7 +177,7 @@ class ExecuTorchRunner:
             self.method = Runtime.get().load_program(str(path)).load_method("forward")
         except Exception as exc:  # the runtime raises RuntimeError with an error code
             raise RobustEdgeError(f"executorch cannot load {Path(path).name}: "
-                                  f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+                                  f"{first_line(exc)}"
                                   ) from None
         sizes = self.method.metadata.input_tensor_meta(0).sizes() if hasattr(self.method, "metadata") else None
         self.input_shape = tuple(sizes) if sizes else (1, None, None, None)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robustedge.verifier.base import RobustEdgeError, is_fraction, is_number, sha256
+from robustedge.verifier.base import RobustEdgeError, exception_line, first_line, is_fraction, is_number, sha256
 from robustedge.verifier.flags import FLAG_CHECKS
 from robustedge.verifier.formats import FORMATS
 from robustedge.verifier.gate import Gate
@@ -162,7 +162,7 @@ def load_manifest(bundle: Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise RobustEdgeError(f"{path} is not valid JSON: {str(exc).splitlines()[0]}") from None
+        raise RobustEdgeError(f"{path} is not valid JSON: {first_line(exc)}") from None
     except RecursionError:  # nested deeper than the parser's stack: no manifest is
         raise RobustEdgeError(f"{path} is not a manifest: nested too deeply to read") from None
     return check_manifest(manifest)
@@ -206,7 +206,7 @@ def load_samples(bundle: Path, manifest: dict) -> dict[str, np.ndarray]:
             samples = {k: data[k] for k in data.files}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise RobustEdgeError(f"{SAMPLES_FILE} is not a readable numpy archive without objects "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+                                f"({exception_line(exc)})") from None
     expected = sample_keys(manifest)
     missing, extra = sorted(expected - set(samples)), sorted(set(samples) - expected)
     if missing or extra:
