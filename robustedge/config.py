@@ -70,6 +70,12 @@ class QATConfig:
     activations: str = "uint8"  # uint8 (ONNX Runtime's x86 scheme) | int8-symmetric (TensorRT) | int8 (XNNPACK)
     from_checkpoint: str | None = None  # fine-tune a trained float student (a RobustEdge model file)
     calibration_n: int = 512  # with from_checkpoint: training images that set the ranges first (PTQ start); 0: none
+    # the last this-many epochs train against fixed scales and batch-norm statistics (observers off, BN in
+    # eval mode): what the export ships, as the field's QAT recipes end; 0: never frozen
+    freeze_epochs: int = 0
+    # with from_checkpoint: start the method from the float run's state (B-MTARD's temperatures, loss weights and
+    # first losses) read from the last.safetensors beside the checkpoint, instead of the method's initial values
+    carry_method_state: bool = False
 
 
 @dataclass
@@ -370,6 +376,15 @@ def _validate_qat(cfg: TrainConfig) -> None:
     q = cfg.qat
     _choice(q.activations, ACTIVATIONS, "qat.activations")
     parse_int(q.calibration_n, "config key 'qat.calibration_n'", 0)
+    parse_int(q.freeze_epochs, "config key 'qat.freeze_epochs'", 0)
+    if q.freeze_epochs and not q.enabled:
+        raise RobustEdgeError("config key 'qat.freeze_epochs' needs qat.enabled: true")
+    if q.freeze_epochs > cfg.epochs:
+        raise RobustEdgeError(f"config key 'qat.freeze_epochs' is {q.freeze_epochs}, more than the run's "
+                              f"{cfg.epochs} epochs")
+    if q.carry_method_state and q.from_checkpoint is None:
+        raise RobustEdgeError("config key 'qat.carry_method_state' needs qat.from_checkpoint (the float run to carry "
+                              "the method state from)")
     if q.from_checkpoint is not None and not q.enabled:
         raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
     if q.enabled and q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():

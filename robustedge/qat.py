@@ -110,6 +110,7 @@ class QATStudent(nn.Module):
         super().__init__()
         self.graph = graph
         self.activations = activations
+        self.frozen = False  # see freeze()
         self._eval_graph: nn.Module | None = None  # plain attribute: not a submodule, not in the state dict
         self.train(True)
 
@@ -133,16 +134,24 @@ class QATStudent(nn.Module):
         object.__setattr__(self, "_eval_graph", None)
         return super()._apply(fn, recurse)
 
+    def freeze(self) -> None:
+        """Train from now on against the function the export ships: the observers stay off (the scales are
+        final) and batch norm uses its running statistics, no longer updated, as QAT recipes end (PyTorch's
+        QAT tutorial freezes the observers, then the batch-norm statistics, for the last epochs). Training
+        then runs through the eval-mode graph, whose parameters are the training graph's own."""
+        self.frozen = True
+        self.train(self.training)
+
     def train(self, mode: bool = True) -> "QATStudent":
-        _set_observers(self.graph, mode)  # the flags are shared buffers: both graphs follow
-        if not mode and self._eval_graph is not None:
+        _set_observers(self.graph, mode and not self.frozen)  # the flags are shared buffers: both graphs follow
+        if (not mode or self.frozen) and self._eval_graph is not None:
             # observers may have replaced a buffer (first per-channel observation) since the last switch
             _share_tensors(self._eval_graph, self.graph)
         self.training = mode
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x) if self.training else self._evaluation_graph()(x)
+        return self.graph(x) if self.training and not self.frozen else self._evaluation_graph()(x)
 
     def match_quantizer_shapes(self, state_dict) -> None:
         """Resize the quantisers' buffers to a saved state's shapes: they take their per-channel shapes

@@ -223,6 +223,8 @@ class Trainer:
                                  "from_checkpoint": cfg.qat.from_checkpoint}
             if cfg.qat.from_checkpoint and cfg.qat.calibration_n and not self.resume:
                 calibrate(parts.model, calibration_images(data.train, cfg.qat.calibration_n, cfg.seed, device))
+            if cfg.qat.carry_method_state and not self.resume:
+                parts.method.load_state_dict(float_method_state(cfg.qat.from_checkpoint, cfg.method))
         if self.resume:
             self._restore(run, spec)
         run.student = parts.wrap(world, device)
@@ -317,6 +319,8 @@ class Trainer:
         for group in optimizer.param_groups:
             group["lr"] = lr
         method.set_epoch(epoch)
+        if cfg.qat.enabled and epoch >= cfg.epochs - cfg.qat.freeze_epochs:
+            unwrap(run.parts.model).freeze()  # the last epochs train against the shipped scales and BN statistics
         run.loader.set_epoch(epoch)
         torch.manual_seed(attack_seed(cfg.seed, epoch, run.rank))  # attack starts: see module docstring
         run.student.train()
@@ -386,8 +390,23 @@ def _launch_rank() -> int:
         raise RobustEdgeError(f"RANK={os.environ['RANK']!r} is not an integer; start DDP runs with torchrun") from None
 
 
+def float_method_state(checkpoint: str | os.PathLike, method: str) -> dict:
+    """The method state (B-MTARD's temperatures, loss weights, first losses) the float run of ``checkpoint``
+    ended with: its ``last.safetensors``, beside the checkpoint. A QAT fine-tune that starts from it goes on
+    balancing where the float run had converged instead of from the method's initial values."""
+    last = Path(checkpoint).parent / "last.safetensors"
+    if not last.is_file():
+        raise RobustEdgeError(f"qat.carry_method_state needs the float run's training state {last} (the run folder "
+                              f"of {checkpoint}); copy it beside the checkpoint or set carry_method_state: false")
+    _, _, state = load_training_state(last)
+    if state.get("config", {}).get("method") != method:
+        raise RobustEdgeError(f"{last} was trained with method '{state.get('config', {}).get('method')}', this run "
+                              f"with '{method}': there is no method state to carry")
+    return state["method"]
+
+
 def train(cfg: TrainConfig, *, resume: bool = False, callbacks: list[EpochCallback] | None = None) -> TrainResult:
     return Trainer(cfg, resume=resume, callbacks=callbacks).run()
 
 
-__all__ = ["TrainResult", "Trainer", "lr_factor", "state_digest", "train"]
+__all__ = ["TrainResult", "Trainer", "float_method_state", "lr_factor", "state_digest", "train"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,18 +219,23 @@ def test_an_evaluation_under_inference_mode_does_not_poison_later_calls(float_st
     assert student(x).requires_grad or not any(p.requires_grad for p in student.parameters())
 
 
-def test_a_qat_checkpoint_resumes_bitwise(tmp_path, float_student):
+def test_a_qat_checkpoint_resumes_bitwise(tmp_path, float_student, monkeypatch):
     """Stopped after its first epoch and resumed, a QAT run ends bitwise where the uninterrupted one does
-    (learned ranges, observers, optimiser and RNG state; a quarter of the digits keeps it short)."""
+    (learned ranges, observers, optimiser and RNG state; a quarter of the digits keeps it short), its last
+    epoch frozen as the schedule says (qat.freeze_epochs: 1) in both."""
     class Stop(Exception):
         pass
 
     def config(name):
-        cfg = qat_config(tmp_path, name, epochs=2, from_checkpoint=str(float_student), calibration_n=128)
+        cfg = qat_config(tmp_path, name, epochs=2, from_checkpoint=str(float_student), calibration_n=128,
+                         freeze_epochs=1)
         cfg.data.val_fraction = 0.75
         return cfg
 
-    full = train(config("full"))
+    events, freeze = [], QATStudent.freeze
+    monkeypatch.setattr(QATStudent, "freeze", lambda self: (events.append("freeze"), freeze(self))[1])
+    full = train(config("full"), callbacks=[lambda epoch, row: events.append(epoch)])
+    assert events == [0, "freeze", 1]  # the first epoch trains the ranges, the last one is frozen
 
     def stop(epoch, row):
         if epoch == 0:
@@ -359,3 +365,93 @@ def test_qat_refuses_what_it_cannot_do(tmp_path, float_student):
     cfg.model.width = 0.5
     with pytest.raises(RobustEdgeError, match="width 0.25.*the config trains mobilenetv2 \\(width 0.5"):
         train(cfg)
+
+
+def test_a_frozen_student_trains_against_fixed_scales_and_bn_statistics(float_student):
+    """After freeze() the observers (the scales the export ships) and the batch-norm running statistics no
+    longer move under training steps; the weights still learn, and the function stays the eval graph's."""
+    from robustedge.data import load_dataset
+    from robustedge.qat import calibrate, prepare_qat
+
+    digits = load_dataset("digits", image_size=8, channels=1)
+
+    student = prepare_qat(load_model(float_student)[0], SPEC.input_shape)
+    calibrate(student, digits.train.float_images()[:256])
+    x, y = digits.train.float_images()[:64], digits.train.labels[:64]
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.05)
+
+    def step() -> None:
+        student.train()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(student(x), y).backward()
+        optimizer.step()
+
+    def quantiser_and_bn_state() -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in student.state_dict().items()
+                if k.rsplit(".", 1)[-1] in ("min_val", "max_val", "scale", "zero_point", "running_mean", "running_var")}
+
+    before = quantiser_and_bn_state()
+    step()
+    assert any(not torch.equal(before[k], v) for k, v in quantiser_and_bn_state().items())  # unfrozen: they move
+    student.freeze()
+    frozen, weights = quantiser_and_bn_state(), {k: v.clone() for k, v in student.named_parameters()}
+    step()
+    after = quantiser_and_bn_state()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert any(not torch.equal(weights[k], v) for k, v in student.named_parameters())
+    student.train()
+    with torch.no_grad():
+        trained_view = student(x)
+    assert torch.equal(trained_view, student.eval()(x))  # training mode now computes the shipped function
+
+
+def test_the_fine_tune_carries_the_float_runs_method_state(tmp_path, float_student):
+    """carry_method_state: the QAT run's method starts from the state in the float run's last.safetensors."""
+    import shutil
+
+    from robustedge.trainer import float_method_state
+    from robustedge.training_state import save_training_state
+    from robustedge.weights import load_model
+
+    run = tmp_path / "float_run"
+    run.mkdir()
+    checkpoint = Path(shutil.copy(float_student, run / "best.safetensors"))
+    carried = {"w_adv": torch.tensor(0.61), "w_nat": torch.tensor(0.39), "tau_adv": torch.tensor(1.0),
+               "tau_nat": torch.tensor(1.32), "l0_adv": torch.tensor(0.8), "l0_nat": torch.tensor(0.3)}
+    model, meta = load_model(checkpoint)
+    save_training_state(run / "last.safetensors", model, meta, {"config": {"method": "bmtard"}, "method": carried})
+    state = float_method_state(checkpoint, "bmtard")
+    assert set(state) == set(carried) and all(torch.equal(state[k], carried[k]) for k in carried)
+    with pytest.raises(RobustEdgeError, match="trained with method 'bmtard', this run with 'mtard'"):
+        float_method_state(checkpoint, "mtard")
+    (run / "last.safetensors").unlink()
+    with pytest.raises(RobustEdgeError, match="needs the float run's training state"):
+        float_method_state(checkpoint, "bmtard")
+
+
+def test_pt2e_ptq_is_the_qat_file_of_zero_epochs(tmp_path, float_student):
+    """--int8-quantizer pt2e: the float student quantised by the quantizer QAT trains under, calibrated on the
+    export's calibration images and converted, computes exactly what the QAT student of zero epochs (prepared and
+    calibrated as the trainer does, on the same images) exports to: the fair PTQ baseline of issue 26."""
+    import onnxruntime as ort
+
+    from robustedge.data import calibration_images, load_dataset, split_for_model
+    from robustedge.edge.bundle import ExportOptions, export_bundle
+    from robustedge.edge.qat_onnx import to_qdq_onnx
+    from robustedge.qat import calibrate, convert
+
+    light = dict(formats=["onnx-int8"], n=24, transfer_attacks=("pgd20",), whitebox_attacks=(), square_n=0,
+                 calibration_n=128)
+    export_bundle(float_student, tmp_path / "ptq", ExportOptions(int8_quantizer="pt2e", **light),
+                  progress=lambda m: None)
+    model, meta = load_model(float_student)
+    zero_epochs = prepare_qat(model, SPEC.input_shape)
+    calibrate(zero_epochs, calibration_images(split_for_model(meta, None, None, "train", None), 128, 0))
+    # what a QAT student's bundle writes (robustedge/edge/bundle.py, the QAT branch of _convert)
+    qat_file = to_qdq_onnx(convert(zero_epochs), SPEC.input_shape, tmp_path / "qat0.onnx")
+    x = load_dataset("digits", image_size=8, channels=1).test.float_images().numpy()
+    sessions = [ort.InferenceSession(str(path)) for path in (tmp_path / "ptq" / "model.int8.onnx", qat_file)]
+    logits = [s.run(None, {s.get_inputs()[0].name: x})[0] for s in sessions]
+    assert np.array_equal(*logits)
+    with pytest.raises(RobustEdgeError, match="calibrates by min-max"):
+        ExportOptions(int8_quantizer="pt2e", calibration_method="entropy").validate()

@@ -44,6 +44,9 @@ from robustedge.verifier.assemble import assemble
 BUNDLE = OutputKind("export bundle", MANIFEST_FILE, BUNDLE_FORMAT)
 
 
+INT8_QUANTIZERS = ("onnxruntime", "pt2e")
+
+
 @dataclass
 class ExportOptions:
     formats: list[str] = field(default_factory=lambda: ["onnx", "onnx-fp16", "onnx-int8"])
@@ -52,6 +55,9 @@ class ExportOptions:
     calibration_method: str = "minmax"
     calibrate_adversarial: bool = False
     int8_activations: str = "uint8"  # the ONNX INT8 file's; TensorRT INT8 always uses int8-symmetric
+    # who quantises the float student's onnx-int8 file: onnxruntime's static quantizer, or pt2e: torchao's PT2E
+    # quantizer that QAT trains under, calibrated and converted with no training (a QAT run of zero epochs)
+    int8_quantizer: str = "onnxruntime"
     transfer_attacks: tuple[str, ...] = TRANSFER_ATTACKS
     whitebox_attacks: tuple[str, ...] = WHITEBOX_ATTACKS  # on the twin of every INT8 artifact (empty: none)
     square_n: int = 100
@@ -72,6 +78,11 @@ class ExportOptions:
         if self.calibration_method not in convert.CALIBRATION_METHODS:
             raise RobustEdgeError(f"unknown calibration method '{self.calibration_method}'; valid: "
                                   f"{', '.join(convert.CALIBRATION_METHODS)}")
+        if self.int8_quantizer not in INT8_QUANTIZERS:
+            raise RobustEdgeError(f"unknown INT8 quantizer '{self.int8_quantizer}'; valid: {', '.join(INT8_QUANTIZERS)}")
+        if self.int8_quantizer == "pt2e" and self.calibration_method != "minmax":
+            raise RobustEdgeError("the pt2e quantizer calibrates by min-max, as QAT's observers do; "
+                                  f"--calibration-method {self.calibration_method} is onnxruntime's")
         if self.int8_activations not in convert.INT8_ACTIVATIONS:
             raise RobustEdgeError(f"INT8 activations must be one of {', '.join(convert.INT8_ACTIVATIONS)}, "
                                   f"got '{self.int8_activations}'")
@@ -222,8 +233,11 @@ def _float_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptio
                  + (" (half PGD-20 adversarial)" if opts.calibrate_adversarial else ""))
         calibration = _calibration(meta, opts, model)
     for fmt in [f for f in formats if FORMATS[f].builder == "convert:quantize_int8"]:
-        builder(fmt)(_file(tmp, source_format(fmt)), _file(tmp, fmt), calibration, opts.calibration_method,
-                     activations=opts.int8_activations)
+        if opts.int8_quantizer == "pt2e":
+            _pt2e_ptq(model, meta, calibration, opts.int8_activations, _file(tmp, fmt), progress)
+        else:
+            builder(fmt)(_file(tmp, source_format(fmt)), _file(tmp, fmt), calibration, opts.calibration_method,
+                         activations=opts.int8_activations)
     skipped = _executorch([f for f in formats if FORMATS[f].runtime == "executorch"], model, meta, calibration, tmp,
                           progress)
     sources = {}
@@ -235,6 +249,19 @@ def _float_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptio
             sources[fmt] = convert.quantize_int8(_file(tmp, row.source), tmp / TRT_INT8_SOURCE, calibration,
                                                  opts.calibration_method, activations=row.activations)
     return sources, skipped
+
+
+def _pt2e_ptq(model, meta, calibration: np.ndarray, activations: str, path: Path, progress) -> Path:
+    """The float student quantised by the quantizer QAT trains under (torchao PT2E), calibrated on the same
+    images and written by the same converter as a QAT student's file: the QAT file of a run of zero epochs,
+    so PTQ and QAT compare with the same tensors quantised (bench/qat_compare.py)."""
+    from robustedge import qat
+    from robustedge.edge.qat_onnx import to_qdq_onnx
+
+    progress(f"INT8 by PT2E ({activations} activations): the QAT quantizer, calibrated, no training")
+    student = qat.prepare_qat(model, meta.spec.input_shape, activations)
+    qat.calibrate(student, torch.from_numpy(calibration))
+    return to_qdq_onnx(qat.convert(student), meta.spec.input_shape, path)
 
 
 def _ort(formats: list[str], tmp: Path, progress) -> None:
