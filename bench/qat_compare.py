@@ -5,7 +5,9 @@
 
 ``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
 ``run``: an existing training run folder (its config.yaml and best.safetensors). Then, for each:
-1. the float student exported with post-training INT8 (``onnx-int8``, min-max calibration);
+1. the float student exported with post-training INT8 (``onnx-int8``, min-max calibration), once by
+   onnxruntime's quantizer and once by the PT2E quantizer QAT trains under (``--int8-quantizer pt2e``:
+   the QAT file of zero epochs, the fair baseline);
 2. a QAT fine-tune of the float student with the run's own method (ranges calibrated first, so it
    starts from the PTQ model; ``--qat-epochs`` at ``--qat-lr``), exported straight to INT8;
 3. both INT8 files attacked white-box through their twins (PGD-20, CW-inf, AutoAttack, DIVA) and
@@ -49,11 +51,11 @@ def _images_per_second(folder: Path) -> float:
 
 
 def _export(checkpoint: Path, out: Path, n: int, transfer: tuple[str, ...], square_n: int, seed: int,
-            whitebox: tuple[str, ...]) -> dict:
+            whitebox: tuple[str, ...], quantizer: str = "onnxruntime") -> dict:
     if not (out / "manifest.json").exists():
         export_bundle(checkpoint, out, ExportOptions(formats=["onnx-int8"], n=n, transfer_attacks=transfer,
                                                      whitebox_attacks=whitebox, square_n=square_n,
-                                                     square_queries=1000, seed=seed),
+                                                     square_queries=1000, seed=seed, int8_quantizer=quantizer),
                       progress=lambda m: None, force=out.exists())
     return json.loads((out / "manifest.json").read_text())
 
@@ -67,12 +69,16 @@ def compare(job: dict) -> dict:
     float_seconds = time.perf_counter() - t0
     n, seed, square_n = job["n"], base.seed, job["square_n"]
     ptq = _export(best, out / f"{base.name}_ptq", n, ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
+    # the fair baseline: the QAT quantizer itself, calibrated, no training (the QAT file of zero epochs)
+    pt2e = _export(best, out / f"{base.name}_pt2e_ptq", n, ("pgd20",), square_n, seed, job["whitebox"], "pt2e")
 
     qat = copy.deepcopy(base)
     qat.name, qat.out_dir = f"{base.name}_qat", str(out)
     qat.epochs, qat.eval_every = job["qat_epochs"], job["qat_epochs"]
     qat.optim.lr, qat.optim.milestones = job["qat_lr"], [max(1, job["qat_epochs"] - 1)]
-    qat.qat = QATConfig(enabled=True, from_checkpoint=str(best))
+    qat.optim.schedule = job["qat_schedule"]  # cosine: from --qat-lr down to 0 over the fine-tune
+    qat.qat = QATConfig(enabled=True, from_checkpoint=str(best), freeze_epochs=job["freeze_epochs"],
+                        carry_method_state=job["carry_method_state"])
     t0 = time.perf_counter()
     qat_best, qat_speed = _train_once(qat)
     qat_seconds = time.perf_counter() - t0
@@ -93,7 +99,7 @@ def compare(job: dict) -> dict:
             "float": {"clean": torch_row["clean"], "autoattack": torch_row["transfer_autoattack"],
                       "worst": torch_row["worst"], "size_mb": torch_row["size_mb"],
                       "latency_b1_ms": torch_row["latency_b1_ms"], "latency_b64_ms": torch_row["latency_b64_ms"]},
-            "ptq_int8": int8_row(ptq), "qat_int8": int8_row(qat_bundle),
+            "ptq_int8": int8_row(ptq), "pt2e_ptq_int8": int8_row(pt2e), "qat_int8": int8_row(qat_bundle),
             "qat_parity": qat_bundle["parity"], "flags": {"ptq": ptq["flags"], "qat": qat_bundle["flags"]},
             "train": {"float_img_per_s": float_speed, "qat_img_per_s": qat_speed,
                       "float_seconds": float_seconds, "qat_seconds": qat_seconds, "qat_epochs": qat.epochs}}
@@ -109,9 +115,12 @@ def _mean_std(values: list[float]) -> str:
 def table(results: list[dict]) -> str:
     lines = ["| model | clean (%) | white-box AA (%) | worst case (%) | size (MB) | latency b1 / b64 (ms) |",
              "|---|---:|---:|---:|---:|---:|"]
-    for key, label in (("float", "float (torch)"), ("ptq_int8", "PTQ INT8 (ONNX Runtime)"),
+    for key, label in (("float", "float (torch)"), ("ptq_int8", "PTQ INT8, onnxruntime quantizer"),
+                       ("pt2e_ptq_int8", "PTQ INT8, PT2E quantizer (QAT of 0 epochs)"),
                        ("qat_int8", "QAT INT8 (ONNX Runtime)")):
-        rows = [r[key] for r in results]
+        rows = [r[key] for r in results if key in r]  # results of an older version have no PT2E row
+        if not rows:
+            continue
         attacked = [r["autoattack"] for r in rows if r["autoattack"] is not None]
         lines.append(f"| {label} | {_mean_std([r['clean'] for r in rows])} | "
                      f"{_mean_std(attacked) if len(attacked) == len(rows) else 'twin refused'} | {_mean_std([r['worst'] for r in rows])} | "
@@ -141,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--square-n", type=int, default=100)
         p.add_argument("--qat-epochs", type=int, default=3)
         p.add_argument("--qat-lr", type=float, default=0.002)
+        p.add_argument("--qat-schedule", default="piecewise", choices=("piecewise", "cosine", "constant"),
+                       help="the fine-tune's schedule (piecewise: one decay by 10 before the last epoch)")
+        p.add_argument("--freeze-epochs", type=int, default=0,
+                       help="last QAT epochs with observers and BN statistics frozen (qat.freeze_epochs)")
+        p.add_argument("--carry-method-state", action="store_true",
+                       help="start the QAT method from the float run's state (qat.carry_method_state)")
         p.add_argument("--whitebox", default="pgd20,cw,autoattack,diva", help="attacks on each INT8 file's twin")
         p.add_argument("--qat-transfer", default="pgd20,autoattack",
                        help="transfer attacks crafted on the fake-quantised model (AutoAttack on its eager graph "
@@ -161,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         configs = [cfg]
     jobs = [{"config": c, "out": str(out), "n": args.n, "square_n": args.square_n, "qat_epochs": args.qat_epochs,
              "qat_lr": args.qat_lr, "whitebox": tuple(args.whitebox.split(",")),
+             "freeze_epochs": args.freeze_epochs, "carry_method_state": args.carry_method_state,
+             "qat_schedule": args.qat_schedule,
              "qat_transfer": tuple(args.qat_transfer.split(","))} for c in configs]
     workers, threads = parallel_plan(resolve_device("cpu"), len(jobs))
     results = run_jobs(compare, jobs, workers, threads)
