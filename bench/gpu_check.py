@@ -414,25 +414,13 @@ def stage_profile(c: Check) -> dict:
     with profile(activities=activities) as prof:
         float(parts.step(student, x, y)[0]["loss"])
     events = prof.key_averages()
-    sort = profile_sort_key(events, cuda)
+    sort = _bench_module().profile_sort_key(events, cuda)
     table = events.table(sort_by=sort, row_limit=20, max_name_column_width=60)
     (c.out / "profile.txt").write_text(table)
     print(table)
     ranked = sorted(events, key=lambda e: getattr(e, sort), reverse=True)
     top = [{"name": e.key, "self_ms": getattr(e, sort) / 1e3, "calls": e.count} for e in ranked[:10]]
     return {"student": arch, "batch": s.step_batch, "sorted_by": sort, "top": top}
-
-
-def profile_sort_key(events, cuda: bool) -> str:
-    """The profiler's self-time column: the device's on a GPU (named ``self_device_time_total`` in newer
-    torch, ``self_cuda_time_total`` in older), the CPU's otherwise."""
-    if not cuda:
-        return "self_cpu_time_total"
-    sample = next(iter(events), None)
-    for key in ("self_device_time_total", "self_cuda_time_total"):
-        if sample is None or hasattr(sample, key):
-            return key
-    return "self_cpu_time_total"
 
 
 RUNNERS = {name: globals()[f"stage_{name}"] for name in STAGES}

@@ -44,6 +44,18 @@ TEACHERS = {"robust": "wrn34_10", "clean": "resnet56"}
 EXACT_TOLERANCE = 1e-4
 
 
+def profile_sort_key(events, cuda: bool) -> str:
+    """The profiler's self-time column: the device's on a GPU (named ``self_device_time_total`` in newer
+    torch, ``self_cuda_time_total`` in older), the CPU's otherwise."""
+    if not cuda:
+        return "self_cpu_time_total"
+    sample = next(iter(events), None)
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        if sample is None or hasattr(sample, key):
+            return key
+    return "self_cpu_time_total"
+
+
 def _config(method: str, arch: str, batch: int, device: str, teachers: dict[str, str], fast: bool,
             compile_: bool, amp: str = "auto"):
     from robustedge.config import AttackConfig, TeacherConfig, TrainConfig
@@ -157,7 +169,6 @@ def measure(job: dict) -> dict:
                 step(x0, y0)
             else:
                 float(parts.step(student, x0, y0)[0]["loss"])
-        from gpu_check import profile_sort_key
 
         events = prof.key_averages()
         result["profile_table"] = events.table(sort_by=profile_sort_key(events, device.type == "cuda"), row_limit=12,

@@ -232,6 +232,13 @@ CASES = [
     (TRAIN + ["--qat", "--set", "qat.calibration_n=-1"], "qat.calibration_n"),
     (TRAIN + ["--qat", "--set", "qat.activations=fp8"], "qat.activations"),
     (TRAIN + ["--qat-from", "{ckpt}"], "the config trains resnet20"),  # a float student of another architecture
+    (TRAIN + ["--qat", "--qat-freeze-epochs", "-1"], "--qat-freeze-epochs must be an integer >= 0, got -1"),
+    (TRAIN + ["--qat-freeze-epochs", "1"], "config key 'qat.freeze_epochs' needs qat.enabled: true"),
+    (TRAIN + ["--qat", "--qat-freeze-epochs", "11"], "more than the run's 10 epochs"),
+    (TRAIN + ["--qat", "--qat-carry-method-state"], "config key 'qat.carry_method_state' needs qat.from_checkpoint"),
+    (["export", "{ckpt}", "--out", "{new}", "--int8-quantizer", "tflite"], "argument --int8-quantizer: invalid choice"),
+    (["export", "{ckpt}", "--out", "{new}", "--int8-quantizer", "pt2e", "--calibration-method", "entropy"],
+     "the pt2e quantizer calibrates by min-max"),
     # --- quickstart: nothing of the previous results is deleted before the settings are checked ---
     (QUICKSTART + ["--device", "foo"], "unknown device 'foo'"),
     pytest.param(QUICKSTART + ["--device", "cuda"], "CUDA is not available", marks=NO_CUDA),

@@ -33,7 +33,8 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
             "--dataset", "digits", "--data-root", str(tmp_path), "--download", "--epochs", "3", "--batch-size", "7",
             "--lr", "1/100", "--eps", "4/255", "--step-size", "1/255", "--amp", "off", "--no-compile",
             "--no-channels-last", "--no-fold-attack", "--teacher-precision", "fp16", "--sync-bn", "--qat-from",
-            str(student), "--qat-activations", "int8-symmetric", "--device", "cpu", "--seed", "5", "--name", "x",
+            str(student), "--qat-activations", "int8-symmetric", "--qat-freeze-epochs", "1", "--qat-carry-method-state",
+            "--device", "cpu", "--seed", "5", "--name", "x",
             "--out-dir", str(tmp_path / "runs"), "--robust-teacher", "r.safetensors", "--clean-teacher",
             "c.safetensors", "--no-progress"]
     cfg = config_to_dict(resolve_train_config(build_parser().parse_args(argv)))
@@ -41,7 +42,8 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
                 "data.root": str(tmp_path), "data.download": True, "epochs": 3, "batch_size": 7, "optim.lr": 0.01,
                 "attack.eps": 4 / 255, "attack.step_size": 1 / 255, "amp": "off", "compile": False,
                 "channels_last": False, "fold_attack": False, "sync_bn": True, "qat.enabled": True,
-                "qat.from_checkpoint": str(student), "qat.activations": "int8-symmetric", "device": "cpu",
+                "qat.from_checkpoint": str(student), "qat.activations": "int8-symmetric", "qat.freeze_epochs": 1,
+                "qat.carry_method_state": True, "device": "cpu",
                 "seed": 5, "name": "x", "out_dir": str(tmp_path / "runs"),
                 "teachers.robust.checkpoint": "r.safetensors", "teachers.clean.checkpoint": "c.safetensors",
                 "teachers.robust.precision": "fp16", "teachers.clean.precision": "fp16", "progress": False}

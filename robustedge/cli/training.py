@@ -24,6 +24,10 @@ COMMANDS = (("train", "train a model (teachers or any single model): natural, pg
             ("distill", "distil a student from teachers: ard, rslad, mtard, bmtard", "distill"))
 
 
+
+def _count_from_zero(text: str, name: str) -> int:
+    return options.parse_int(text, name, 0)
+
 @dataclass(frozen=True)
 class ConfigFlag:
     """A flag that sets one config key: ``key`` is dotted (``model.arch``); ``*`` in it stands for every role of
@@ -88,6 +92,12 @@ def config_flags() -> tuple[ConfigFlag, ...]:
         ConfigFlag("qat.activations", "QAT scheme: uint8 (ONNX Runtime's x86 kernels), int8-symmetric (TensorRT) or "
                                       "int8 (ExecuTorch's XNNPACK quantizer, for executorch-int8; needs the mobile "
                                       "extra)", name="qat-activations", choices=ACTIVATIONS),
+        ConfigFlag("qat.freeze_epochs", "QAT: train the last N epochs with the observers and batch-norm statistics "
+                                        "frozen, against the scales the export ships (default 0: never)",
+                   name="qat-freeze-epochs", parse=_count_from_zero, metavar="N"),
+        ConfigFlag("qat.carry_method_state", "QAT fine-tuning: start the method from the float run's state "
+                                             "(B-MTARD's temperatures and loss weights; its last.safetensors beside "
+                                             "--qat-from)", name="qat-carry-method-state"),
         ConfigFlag("device", "auto, cpu, cuda or cuda:N"),
         ConfigFlag("seed", "seed of initialisation, data order and attacks", parse=options.parse_seed),
         ConfigFlag("name", "run name (folder under --out-dir)"),
