@@ -438,10 +438,11 @@ def test_pt2e_ptq_is_the_qat_file_of_zero_epochs(tmp_path, float_student):
     from robustedge.data import calibration_images, load_dataset, split_for_model
     from robustedge.edge.bundle import ExportOptions, export_bundle
     from robustedge.edge.qat_onnx import to_qdq_onnx
+    from robustedge.flags import FlagSettings
     from robustedge.qat import calibrate, convert
 
-    light = dict(formats=["onnx-int8"], n=24, transfer_attacks=("pgd20",), whitebox_attacks=(), square_n=0,
-                 calibration_n=128)
+    light = dict(formats=["onnx-int8"], n=16, transfer_attacks=("pgd20",), whitebox_attacks=(), square_n=0,
+                 calibration_n=128, flags=FlagSettings(n=10, steps=5, restarts=1, square_queries=10))
     export_bundle(float_student, tmp_path / "ptq", ExportOptions(int8_quantizer="pt2e", **light),
                   progress=lambda m: None)
     model, meta = load_model(float_student)
