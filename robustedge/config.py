@@ -385,10 +385,14 @@ def _validate_qat(cfg: TrainConfig) -> None:
     if q.carry_method_state and q.from_checkpoint is None:
         raise RobustEdgeError("config key 'qat.carry_method_state' needs qat.from_checkpoint (the float run to carry "
                               "the method state from)")
-    if q.from_checkpoint is not None and not q.enabled:
-        raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
     if q.enabled and q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():
         raise RobustEdgeError(f"config key 'qat.from_checkpoint': no such file {q.from_checkpoint}")
+    if q.enabled and q.carry_method_state and not (Path(q.from_checkpoint).parent / "last.safetensors").is_file():
+        raise RobustEdgeError(f"qat.carry_method_state needs the float run's training state "
+                              f"{Path(q.from_checkpoint).parent / 'last.safetensors'} (the run folder of "
+                              f"{q.from_checkpoint}); copy it beside the checkpoint or set carry_method_state: false")
+    if q.from_checkpoint is not None and not q.enabled:
+        raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
     if q.enabled and cfg.amp in ("bf16", "fp16"):
         raise RobustEdgeError(f"quantization-aware training runs in fp32 (under amp {cfg.amp} the fake quantisers "
                               f"would see {cfg.amp} values, not the INT8 function the export computes); "

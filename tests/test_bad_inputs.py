@@ -236,6 +236,7 @@ CASES = [
     (TRAIN + ["--qat-freeze-epochs", "1"], "config key 'qat.freeze_epochs' needs qat.enabled: true"),
     (TRAIN + ["--qat", "--qat-freeze-epochs", "11"], "more than the run's 10 epochs"),
     (TRAIN + ["--qat", "--qat-carry-method-state"], "config key 'qat.carry_method_state' needs qat.from_checkpoint"),
+    (TRAIN + ["--qat-from", "{ckpt}", "--qat-carry-method-state"], "needs the float run's training state"),
     (["export", "{ckpt}", "--out", "{new}", "--int8-quantizer", "tflite"], "argument --int8-quantizer: invalid choice"),
     (["export", "{ckpt}", "--out", "{new}", "--int8-quantizer", "pt2e", "--calibration-method", "entropy"],
      "the pt2e quantizer calibrates by min-max"),

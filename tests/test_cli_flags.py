@@ -29,6 +29,7 @@ def test_every_flag_names_a_config_field_and_takes_its_type():
 def test_all_distill_flags_at_once_set_their_keys(tmp_path):
     student = tmp_path / "student.safetensors"
     student.write_bytes(b"")  # only its existence is checked here
+    (tmp_path / "last.safetensors").write_bytes(b"")  # the float run's state --qat-carry-method-state reads
     argv = ["distill", "--config", "digits_student_bmtard", "--method", "ard", "--arch", "resnet20", "--width", "0.5",
             "--dataset", "digits", "--data-root", str(tmp_path), "--download", "--epochs", "3", "--batch-size", "7",
             "--lr", "1/100", "--eps", "4/255", "--step-size", "1/255", "--amp", "off", "--no-compile",

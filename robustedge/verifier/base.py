@@ -26,8 +26,7 @@ def first_line(exc: BaseException, limit: int | None = None) -> str:
 
 def exception_line(exc: BaseException, limit: int | None = None) -> str:
     """``Type: first line`` (just ``Type`` for an empty message): for errors whose type says what failed."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {first_line(exc, limit)}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {first_line(exc, limit)}" if str(exc).strip() else type(exc).__name__
 
 
 def sha256(path: Path) -> str:
