@@ -9,9 +9,9 @@ surface in 20 steps, which would overstate robustness.
 from __future__ import annotations
 
 import math
-from typing import Callable
 import os
 import time
+from typing import Callable
 
 import torch
 from torch import nn
