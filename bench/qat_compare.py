@@ -1,7 +1,9 @@
 """Float vs post-training INT8 vs quantization-aware INT8, measured on the INT8 artifacts themselves.
 
-    python bench/qat_compare.py digits --teachers runs/quickstart --seeds 0 1 2 --out runs/qat_digits
-    python bench/qat_compare.py run runs/mnv2_32 --qat-epochs 1 --n 50 --out runs/qat_mnv2_32
+    python bench/qat_compare.py digits --teachers runs/quickstart --seeds 0 1 2 3 4 --n 359 --out runs/qat26
+    python bench/qat_compare.py digits ... --qat-epochs 3 --qat-lr 0.002 --qat-schedule piecewise \
+        --freeze-epochs 0 --no-carry-method-state --float-teacher 0      # the recipe before issue 26
+    python bench/qat_compare.py run runs/mnv2_32 --n 50 --out runs/qat_mnv2_32
 
 ``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
 ``run``: an existing training run folder (its config.yaml and best.safetensors). Then, for each:
@@ -9,11 +11,15 @@
    onnxruntime's quantizer and once by the PT2E quantizer QAT trains under (``--int8-quantizer pt2e``:
    the QAT file of zero epochs, the fair baseline);
 2. a QAT fine-tune of the float student with the run's own method (ranges calibrated first, so it
-   starts from the PTQ model; ``--qat-epochs`` at ``--qat-lr``), exported straight to INT8;
+   starts from the PTQ model), under the QAT recipe ``distill --qat-from`` runs (robustedge/qat_recipe.py)
+   with the fields the flags set instead, exported straight to INT8;
 3. both INT8 files attacked white-box through their twins (PGD-20, CW-inf, AutoAttack, DIVA) and
    black-box (Square) on ONNX Runtime; the headline is the per-example worst case over every attack.
 The float row is the torch model under AutoAttack (its white-box figure). Also compares the median
-training speed (img/s) of the float run and of the QAT fine-tune. Results go to ``<out>/qat_compare.json`` and a Markdown table.
+training speed (img/s) of the float run and of the QAT fine-tune. Results go to
+``<out>/qat_compare_<recipe>.json`` and ``.md`` (the recipe's tag, e.g. ``e6_lr0.08_cosine_freeze2_carry_ft1``), with the
+paired per-seed differences; the QAT run's folder carries the same tag, so several recipes run into one
+``--out`` share the float students and the PTQ files.
 On a CPU, seeds run side by side in two processes with one thread each, as in the quickstart.
 """
 
@@ -26,9 +32,10 @@ import statistics
 import time
 from pathlib import Path
 
-from robustedge.config import QATConfig, TrainConfig, load_config
+from robustedge.config import TrainConfig, load_config
 from robustedge.edge.bundle import ExportOptions, export_bundle
 from robustedge.files import atomic_write_json, atomic_write_text
+from robustedge.qat_recipe import fine_tune_config
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs
 from robustedge.trainer import train
@@ -69,16 +76,12 @@ def compare(job: dict) -> dict:
     float_seconds = time.perf_counter() - t0
     n, seed, square_n = job["n"], base.seed, job["square_n"]
     ptq = _export(best, out / f"{base.name}_ptq", n, ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
+    if job["float_only"]:
+        return {"name": base.name, "seed": seed}
     # the fair baseline: the QAT quantizer itself, calibrated, no training (the QAT file of zero epochs)
     pt2e = _export(best, out / f"{base.name}_pt2e_ptq", n, ("pgd20",), square_n, seed, job["whitebox"], "pt2e")
 
-    qat = copy.deepcopy(base)
-    qat.name, qat.out_dir = f"{base.name}_qat", str(out)
-    qat.epochs, qat.eval_every = job["qat_epochs"], job["qat_epochs"]
-    qat.optim.lr, qat.optim.milestones = job["qat_lr"], [max(1, job["qat_epochs"] - 1)]
-    qat.optim.schedule = job["qat_schedule"]  # cosine: from --qat-lr down to 0 over the fine-tune
-    qat.qat = QATConfig(enabled=True, from_checkpoint=str(best), freeze_epochs=job["freeze_epochs"],
-                        carry_method_state=job["carry_method_state"])
+    qat = copy.deepcopy(job["qat_config"])  # the recipe's fine-tune of this float run (main)
     t0 = time.perf_counter()
     qat_best, qat_speed = _train_once(qat)
     qat_seconds = time.perf_counter() - t0
@@ -95,7 +98,7 @@ def compare(job: dict) -> dict:
                 "latency_b64_ms": row["latency_b64_ms"], "twin_agreement": row.get("twin_agreement")}
 
     torch_row = ptq["table"]["torch"]
-    return {"name": base.name, "seed": seed,
+    return {"name": base.name, "seed": seed, "variant": job["tag"],
             "float": {"clean": torch_row["clean"], "autoattack": torch_row["transfer_autoattack"],
                       "worst": torch_row["worst"], "size_mb": torch_row["size_mb"],
                       "latency_b1_ms": torch_row["latency_b1_ms"], "latency_b64_ms": torch_row["latency_b64_ms"]},
@@ -110,6 +113,42 @@ def _mean_std(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.1f}"
     return f"{statistics.mean(values):.1f}±{statistics.stdev(values):.1f}"
+
+
+def _best_ptq(result: dict) -> float:
+    """The better of the two post-training INT8 files' worst case (the baseline QAT has to beat)."""
+    return max(result[k]["worst"] for k in ("ptq_int8", "pt2e_ptq_int8") if k in result)
+
+
+def recipe_tag(qat: TrainConfig) -> str:
+    """The QAT recipe in a folder name, so the variants of one comparison share the float runs and PTQ files."""
+    q = qat.qat
+    tag = f"e{qat.epochs}_lr{qat.optim.lr:g}_{qat.optim.schedule}"
+    if q.freeze_epochs:
+        tag += f"_freeze{q.freeze_epochs}"
+    if q.carry_method_state:
+        tag += "_carry"
+    if q.float_teacher:
+        tag += f"_ft{q.float_teacher:g}"
+    return tag
+
+
+def qat_config(base: TrainConfig, checkpoint: Path, out: Path, args: argparse.Namespace, trained_here: bool) -> TrainConfig:
+    """``base``'s fine-tune under the QAT recipe (robustedge/qat_recipe.py: what `distill --qat-from` runs),
+    with the fields the flags set instead; the run goes to ``<out>/<name>_qat_<recipe tag>``."""
+    qat = fine_tune_config(base, checkpoint, state_beside=True if trained_here else None)
+    if args.qat_epochs is not None:
+        qat.epochs = qat.eval_every = args.qat_epochs
+        qat.optim.milestones = [max(1, args.qat_epochs - 1)]
+        qat.qat.freeze_epochs = min(qat.qat.freeze_epochs, args.qat_epochs)
+    for value, owner, key in ((args.qat_lr, qat.optim, "lr"), (args.qat_schedule, qat.optim, "schedule"),
+                              (args.freeze_epochs, qat.qat, "freeze_epochs"),
+                              (args.carry_method_state, qat.qat, "carry_method_state"),
+                              (args.float_teacher, qat.qat, "float_teacher")):
+        if value is not None:
+            setattr(owner, key, value)
+    qat.name, qat.out_dir = f"{base.name}_qat_{recipe_tag(qat)}", str(out)
+    return qat
 
 
 def table(results: list[dict]) -> str:
@@ -127,6 +166,13 @@ def table(results: list[dict]) -> str:
                      f"{statistics.median(r['size_mb'] for r in rows):.3f} | "
                      f"{statistics.median(r['latency_b1_ms'] for r in rows):.2f} / "
                      f"{statistics.median(r['latency_b64_ms'] for r in rows):.2f} |")
+    lines += ["", "Paired per-seed differences of the worst case (points, mean±std over seeds; the goal: QAT - float "
+              "within 1 point, QAT - best PTQ above the seed noise):", ""]
+    for label, pick in (("QAT - float", lambda r: r["qat_int8"]["worst"] - r["float"]["worst"]),
+                        ("best PTQ - float", lambda r: _best_ptq(r) - r["float"]["worst"]),
+                        ("QAT - best PTQ", lambda r: r["qat_int8"]["worst"] - _best_ptq(r))):
+        diffs = [pick(r) for r in results]
+        lines.append(f"- {label}: {_mean_std(diffs)} (per seed: {' / '.join(f'{100 * d:+.1f}' for d in diffs)})")
     speed = [r["train"]["qat_img_per_s"] / r["train"]["float_img_per_s"] for r in results]
     lines.append("")
     lines.append(f"QAT training speed relative to float training of the same method (median over runs, "
@@ -148,14 +194,20 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", required=True)
         p.add_argument("--n", type=int, default=200, help="test images attacked")
         p.add_argument("--square-n", type=int, default=100)
-        p.add_argument("--qat-epochs", type=int, default=3)
-        p.add_argument("--qat-lr", type=float, default=0.002)
-        p.add_argument("--qat-schedule", default="piecewise", choices=("piecewise", "cosine", "constant"),
-                       help="the fine-tune's schedule (piecewise: one decay by 10 before the last epoch)")
-        p.add_argument("--freeze-epochs", type=int, default=0,
-                       help="last QAT epochs with observers and BN statistics frozen (qat.freeze_epochs)")
-        p.add_argument("--carry-method-state", action="store_true",
-                       help="start the QAT method from the float run's state (qat.carry_method_state)")
+        # the QAT recipe's fields (robustedge/qat_recipe.py); unset: the recipe's own, as `distill --qat-from` runs
+        p.add_argument("--qat-epochs", type=int, help="epochs of the fine-tune (recipe: 30%% of the float run's)")
+        p.add_argument("--qat-lr", type=float, help="its peak learning rate (recipe: a tenth of the float run's)")
+        p.add_argument("--qat-schedule", choices=("piecewise", "cosine", "constant"),
+                       help="its schedule (recipe: cosine; piecewise: one decay by 10 before the last epoch)")
+        p.add_argument("--freeze-epochs", type=int,
+                       help="last QAT epochs with observers and BN statistics frozen (qat.freeze_epochs; recipe: 2)")
+        p.add_argument("--carry-method-state", action=argparse.BooleanOptionalAction,
+                       help="start the QAT method from the float run's state (qat.carry_method_state; recipe: on)")
+        p.add_argument("--float-teacher", type=float,
+                       help="weight of the float student as an extra teacher on x and x' (qat.float_teacher; recipe: 1)")
+        p.add_argument("--float-only", action="store_true",
+                       help="stop after the float students and their onnxruntime PTQ files (which no QAT setting "
+                            "changes: a later run reuses them)")
         p.add_argument("--whitebox", default="pgd20,cw,autoattack,diva", help="attacks on each INT8 file's twin")
         p.add_argument("--qat-transfer", default="pgd20,autoattack",
                        help="transfer attacks crafted on the fake-quantised model (AutoAttack on its eager graph "
@@ -174,18 +226,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(Path(args.folder) / "config.yaml")
         cfg.name, cfg.out_dir, cfg.progress = Path(args.folder).name, str(Path(args.folder).parent), False
         configs = [cfg]
-    jobs = [{"config": c, "out": str(out), "n": args.n, "square_n": args.square_n, "qat_epochs": args.qat_epochs,
-             "qat_lr": args.qat_lr, "whitebox": tuple(args.whitebox.split(",")),
-             "freeze_epochs": args.freeze_epochs, "carry_method_state": args.carry_method_state,
-             "qat_schedule": args.qat_schedule,
-             "qat_transfer": tuple(args.qat_transfer.split(","))} for c in configs]
+    qat_configs = [qat_config(c, Path(c.out_dir) / c.name / "best.safetensors", out, args, args.mode == "digits")
+                   for c in configs]
+    tag = recipe_tag(qat_configs[0])
+    jobs = [{"config": c, "qat_config": q, "tag": tag, "out": str(out), "n": args.n, "square_n": args.square_n,
+             "whitebox": tuple(args.whitebox.split(",")), "qat_transfer": tuple(args.qat_transfer.split(",")), "float_only": args.float_only}
+            for c, q in zip(configs, qat_configs)]
     workers, threads = parallel_plan(resolve_device("cpu"), len(jobs))
     results = run_jobs(compare, jobs, workers, threads)
+    if args.float_only:
+        print(f"float students and their PTQ files are in {out}")
+        return 0
     for r in results:
         r["threads"] = threads
-    atomic_write_json(out / "qat_compare.json", results)
-    text = table(results)
-    atomic_write_text(out / "qat_compare.md", text)
+    atomic_write_json(out / f"qat_compare_{tag}.json", results)
+    text = f"QAT recipe {tag}\n\n" + table(results)
+    atomic_write_text(out / f"qat_compare_{tag}.md", text)
     print(text)
     return 0
 

@@ -238,14 +238,26 @@ def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=N
                          out=None if out is None else _path_arg(out, "out"), out_flag="out")
 
 
-def train(config: str | os.PathLike | Any, *, resume: bool = False, **overrides):
+def train(config: str | os.PathLike | Any = None, *, resume: bool = False, qat_from: str | os.PathLike | None = None,
+          **overrides):
     """``robustedge train``/``distill``: ``config`` is a recipe name, a YAML file or a ``TrainConfig``;
     ``overrides`` set fields by dotted name with ``__`` for the dot (``epochs=2``, ``optim__lr=0.01``),
-    as ``--set optim.lr=0.01`` does. Returns the run's ``TrainResult``."""
+    as ``--set optim.lr=0.01`` does. ``qat_from`` (``--qat-from``) fine-tunes that float student as its INT8
+    function; without ``config``, from the float run's own config under the measured QAT recipe
+    (robustedge/qat_recipe.py). Returns the run's ``TrainResult``."""
     from robustedge.config import TrainConfig, apply_values, load_config, validate_config
     from robustedge.trainer import train as _train
 
-    cfg = config if isinstance(config, TrainConfig) else load_config(str(config))
+    if config is None and qat_from is None:
+        raise RobustEdgeError("train needs a config (a recipe name, a YAML file or a TrainConfig) or qat_from")
+    if config is None:
+        from robustedge.qat_recipe import fine_tune_config, float_run_config
+
+        cfg = fine_tune_config(float_run_config(qat_from), qat_from)
+    else:
+        cfg = copy.deepcopy(config) if isinstance(config, TrainConfig) else load_config(str(config))
+        if qat_from is not None:
+            overrides = {"qat__enabled": True, "qat__from_checkpoint": str(qat_from), **overrides}
     cfg = apply_values(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     return _train(validate_config(cfg), resume=resume)
 

@@ -76,6 +76,9 @@ class QATConfig:
     # with from_checkpoint: start the method from the float run's state (B-MTARD's temperatures, loss weights and
     # first losses) read from the last.safetensors beside the checkpoint, instead of the method's initial values
     carry_method_state: bool = False
+    # with from_checkpoint: the float student as an extra teacher of the fake-quantised one, on x and on the
+    # method's x' (weight * (KL(F(x) || Q(x)) + KL(F(x') || Q(x'))), the methods' KL scale); 0: off
+    float_teacher: float = 0.0
 
 
 @dataclass
@@ -382,6 +385,11 @@ def _validate_qat(cfg: TrainConfig) -> None:
     if q.freeze_epochs > cfg.epochs:
         raise RobustEdgeError(f"config key 'qat.freeze_epochs' is {q.freeze_epochs}, more than the run's "
                               f"{cfg.epochs} epochs")
+    q.float_teacher = check_range(parse_number(q.float_teacher, "config key 'qat.float_teacher'"),
+                                  "config key 'qat.float_teacher'", 0.0)
+    if q.float_teacher and q.from_checkpoint is None:
+        raise RobustEdgeError("config key 'qat.float_teacher' needs qat.from_checkpoint (the float student that "
+                              "teaches the fake-quantised one)")
     if q.carry_method_state and q.from_checkpoint is None:
         raise RobustEdgeError("config key 'qat.carry_method_state' needs qat.from_checkpoint (the float run to carry "
                               "the method state from)")

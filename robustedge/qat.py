@@ -32,9 +32,47 @@ from robustedge.pt2e_fast import faster_pt2e, torchao_version
 
 ACTIVATIONS = ("uint8", "int8-symmetric", "int8")
 MAX_BATCH = 4096
+# where the quantisers sit, per scheme: ``onnxruntime`` is torchao's x86 quantizer with every residual add's
+# inputs quantised (ONNX Runtime's QDQ shape, see _OnnxRuntimeX86Quantizer); ``x86-inductor`` the x86
+# quantizer as is (Inductor fuses conv+add, so the convolution before each add keeps a float output: what
+# every uint8 QAT student saved before this key existed was trained under); ``xnnpack`` ExecuTorch's
+PATTERNS = {"uint8": "onnxruntime", "int8-symmetric": "x86-inductor", "int8": "xnnpack"}
+LEGACY_PATTERNS = {"uint8": "x86-inductor", "int8-symmetric": "x86-inductor", "int8": "xnnpack"}  # metadata names none
 
 
-def _base_config(activations: str):
+def _onnxruntime_x86_quantizer():
+    """torchao's ``X86InductorQuantizer`` with the residual adds quantised the way ONNX Runtime runs them.
+
+    The x86 quantizer annotates conv(+bn)+add as one pattern for Inductor, which fuses it: the add's other
+    input is quantised, the convolution's output is not. ONNX Runtime has no such fusion; it runs
+    DQ-Conv-Q as QLinearConv and DQ-DQ-Add-Q as QLinearAdd, and a convolution without an output quantiser
+    in float, with layout transposes around it. On a 32x32 MobileNetV2 that made the QAT file 6x slower
+    than onnxruntime's own PTQ file (docs/design.md, section 10). Here every add the x86 quantizer
+    annotated gets the missing input quantiser too (the convolution's output), which is where
+    onnxruntime's quantizer puts it: the trained function is then the one ONNX Runtime runs in integers."""
+    from torch.fx import Node
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (QUANT_ANNOTATION_KEY,
+                                                                            X86InductorQuantizer)
+
+    adds = (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor)
+
+    class OnnxRuntimeX86Quantizer(X86InductorQuantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            model = super().annotate(model)
+            spec = self.global_config.input_activation
+            for node in model.graph.nodes:
+                annotation = node.meta.get(QUANT_ANNOTATION_KEY)
+                if node.target not in adds or annotation is None or not annotation.input_qspec_map:
+                    continue
+                for arg in node.args[:2]:
+                    if isinstance(arg, Node) and arg not in annotation.input_qspec_map:
+                        annotation.input_qspec_map[arg] = spec
+            return model
+
+    return OnnxRuntimeX86Quantizer()
+
+
+def _base_config(activations: str, patterns: str):
     """(quantizer, its QAT config): torchao's x86 quantizer for ONNX Runtime and TensorRT, ExecuTorch's
     XNNPACK quantizer for phones (``int8``: int8 activations with zero points, every convolution's and
     add's output quantised, which is what the XNNPACK delegate runs end to end)."""
@@ -49,10 +87,11 @@ def _base_config(activations: str):
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-    return X86InductorQuantizer(), get_default_x86_inductor_quantization_config(is_qat=True)
+    quantizer = _onnxruntime_x86_quantizer() if patterns == "onnxruntime" else X86InductorQuantizer()
+    return quantizer, get_default_x86_inductor_quantization_config(is_qat=True)
 
 
-def _quantizer(activations: str):
+def _quantizer(activations: str, patterns: str):
     from dataclasses import replace
 
     from torchao.quantization.pt2e.fake_quantize import FakeQuantize
@@ -60,7 +99,7 @@ def _quantizer(activations: str):
 
     if activations not in ACTIVATIONS:
         raise RobustEdgeError(f"QAT activations must be one of {', '.join(ACTIVATIONS)}, got '{activations}'")
-    quantizer, config = _base_config(activations)
+    quantizer, config = _base_config(activations, patterns)
     # Every fake quantiser is the unfused FakeQuantize, which takes its scales from the observer's
     # calculate_qparams, as convert_pt2e does. The default fused kernel computes per-channel symmetric
     # weight scales with another divisor (about 0.4% apart), so training simulated weights the converted
@@ -106,10 +145,11 @@ class QATStudent(nn.Module):
     every parameter and buffer with the training graph (only the training graph is in the state dict).
     """
 
-    def __init__(self, graph: nn.Module, activations: str) -> None:
+    def __init__(self, graph: nn.Module, activations: str, patterns: str | None = None) -> None:
         super().__init__()
         self.graph = graph
         self.activations = activations
+        self.patterns = patterns or PATTERNS[activations]  # where its quantisers sit (PATTERNS)
         self.frozen = False  # see freeze()
         self._eval_graph: nn.Module | None = None  # plain attribute: not a submodule, not in the state dict
         self.train(True)
@@ -176,8 +216,10 @@ class QATStudent(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], activations: str = "uint8") -> QATStudent:
-    """Export ``model`` (a registry Classifier) with a dynamic batch axis and insert fake quantisers.
+def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], activations: str = "uint8",
+                patterns: str | None = None) -> QATStudent:
+    """Export ``model`` (a registry Classifier) with a dynamic batch axis and insert fake quantisers
+    (``patterns``: where, see PATTERNS; None: the scheme's current ones, a saved student's own otherwise).
 
     Exporting and annotating cost seconds (about 9 s for the digits MobileNetV2 on this CPU) and are
     the same for every model of one structure, so a process keeps the freshly prepared graph of the
@@ -185,20 +227,26 @@ def prepare_qat(model: nn.Module, input_shape: tuple[int, int, int], activations
     tensors: a QAT run, its export and its report in one process prepare once (see :class:`_Prepared`)."""
     with torch.random.fork_rng(devices=[]):  # tracing must not move the RNG
         example = torch.rand(2, *input_shape, device=next(model.parameters()).device)
-    prepared = _PREPARED.lookup(model, input_shape, activations)
+    if activations not in ACTIVATIONS:
+        raise RobustEdgeError(f"QAT activations must be one of {', '.join(ACTIVATIONS)}, got '{activations}'")
+    patterns = patterns or PATTERNS[activations]
+    if patterns not in (PATTERNS[activations], LEGACY_PATTERNS[activations]):
+        raise RobustEdgeError(f"QAT activations {activations} are not trained under '{patterns}' patterns")
+    scheme = f"{activations}/{patterns}"  # the cache's key
+    prepared = _PREPARED.lookup(model, input_shape, scheme)
     if prepared is None:
-        prepared = _prepare_graph(copy.deepcopy(model).train(), example, activations)
-        _PREPARED.store(model, input_shape, activations, prepared)
-    student = QATStudent(prepared, activations)
+        prepared = _prepare_graph(copy.deepcopy(model).train(), example, activations, patterns)
+        _PREPARED.store(model, input_shape, scheme, prepared)
+    student = QATStudent(prepared, activations, patterns)
     _initialise_quantizers(student, example)
     return student
 
 
-def _prepare_graph(model: nn.Module, example: torch.Tensor, activations: str) -> nn.Module:
+def _prepare_graph(model: nn.Module, example: torch.Tensor, activations: str, patterns: str) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    quantizer = _quantizer(activations)
+    quantizer = _quantizer(activations, patterns)
     try:
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), faster_pt2e():
             warnings.simplefilter("ignore")

@@ -50,6 +50,7 @@ from robustedge.files import (OutputKind, atomic_write_json, atomic_write_text, 
                               writer_alive, writer_identity)
 from robustedge.flags import FlagSettings
 from robustedge.options import parse_eps, parse_int, parse_seed
+from robustedge.qat_recipe import fine_tune_config
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs, worker_pool
 from robustedge.trainer import train
 
@@ -77,7 +78,7 @@ class QuickstartSettings:
     export: bool = True
     square_queries: int = 1000  # the black-box check's budget here; `robustedge export` defaults to 5000
     qat: bool = False
-    qat_epochs: int = 3
+    qat_epochs: int | None = None  # None: the QAT recipe's share of the student's epochs
 
 
 RUNS = ("teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at")  # trained in this order
@@ -101,10 +102,13 @@ def _from_recipe(name: str, epochs: int, s: QuickstartSettings) -> TrainConfig:
 def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
     """The runs, in order (four; five with QAT), read from the shipped digits recipes."""
     runs = [_from_recipe(name, s.teacher_epochs if name.startswith("teacher") else s.epochs, s) for name in RUNS]
-    if s.qat:  # fine-tuning from the PTQ model, small steps (docs/design.md, section 10)
-        qat = _from_recipe(QAT_RUN, s.qat_epochs, s)
-        qat.eval_every, qat.optim.milestones = s.qat_epochs, [max(1, s.qat_epochs - 1)]
-        qat.qat.from_checkpoint = str(s.out / "student_bmtard" / "best.safetensors")
+    if s.qat:  # the B-MTARD student's fine-tune under the measured QAT recipe (robustedge/qat_recipe.py)
+        student = next(c for c in runs if c.name == "student_bmtard")
+        qat = fine_tune_config(student, s.out / "student_bmtard" / "best.safetensors", state_beside=True)
+        if s.qat_epochs is not None:
+            qat.epochs = qat.eval_every = s.qat_epochs
+            qat.optim.milestones = [max(1, s.qat_epochs - 1)]
+            qat.qat.freeze_epochs = min(qat.qat.freeze_epochs, s.qat_epochs)
         runs.append(qat)
     return {c.name: c for c in runs}
 
@@ -173,7 +177,8 @@ def _marked(out: Path):
 def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
     """Every setting checked before the quickstart touches disk; returns the four run configs."""
     for name in ("epochs", "teacher_epochs", "eval_n", "qat_epochs"):
-        parse_int(getattr(s, name), name.replace("_", "-"), 1)
+        if getattr(s, name) is not None or name != "qat_epochs":
+            parse_int(getattr(s, name), name.replace("_", "-"), 1)
     parse_seed(s.seed)
     parse_eps(s.eps)
     parse_int(s.square_queries, "square-queries", 1)
@@ -183,9 +188,9 @@ def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
         raise RobustEdgeError("--qat compares exported INT8 artifacts; it cannot be combined with --no-export")
     configs = quickstart_configs(s)
     for cfg in configs.values():
-        if cfg.qat.enabled:  # the float student it starts from is trained by this very quickstart
+        if cfg.qat.enabled:  # the float student it starts from (and its state) is trained by this very quickstart
             cfg = copy.deepcopy(cfg)
-            cfg.qat.from_checkpoint = None
+            cfg.qat.from_checkpoint, cfg.qat.carry_method_state, cfg.qat.float_teacher = None, False, 0.0
         validate_config(cfg)
     _check_out(s.out)
     return configs

@@ -219,8 +219,8 @@ class Trainer:
         if cfg.qat.enabled:
             from robustedge.qat import calibrate, library_version
 
-            meta.extra["qat"] = {"activations": cfg.qat.activations, "library": library_version(),
-                                 "from_checkpoint": cfg.qat.from_checkpoint}
+            meta.extra["qat"] = {"activations": cfg.qat.activations, "patterns": unwrap(parts.model).patterns,
+                                 "library": library_version(), "from_checkpoint": cfg.qat.from_checkpoint}
             if cfg.qat.from_checkpoint and cfg.qat.calibration_n and not self.resume:
                 calibrate(parts.model, calibration_images(data.train, cfg.qat.calibration_n, cfg.seed, device))
             if cfg.qat.carry_method_state and not self.resume:

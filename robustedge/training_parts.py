@@ -14,6 +14,7 @@ from robustedge.checkpoint import ModelSpec
 from robustedge.config import TrainConfig
 from robustedge.errors import RobustEdgeError
 from robustedge.methods import get_method
+from robustedge.methods.losses import kl_div_mean
 from robustedge.runtime import seed_everything
 from robustedge.teachers import load_teacher
 
@@ -48,6 +49,7 @@ class TrainingParts:
     amp_dtype: torch.dtype | None
     device: torch.device
     params: list[torch.Tensor] = field(default_factory=list)  # what the gradient norm is taken over
+    float_teacher: nn.Module | None = None  # QAT: the float student that also teaches (qat.float_teacher)
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -69,7 +71,12 @@ class TrainingParts:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None \
             else nullcontext()
         with autocast:
+            self.method.last_adversarial = None
             loss, logs = self.method.step(student, x, y)
+            if self.float_teacher is not None:
+                term = self.float_teacher_loss(student, x)
+                loss = loss + self.cfg.qat.float_teacher * term
+                logs = {**logs, "loss": loss.detach(), "loss_float_teacher": term.detach()}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -78,6 +85,20 @@ class TrainingParts:
         self.scaler.update()
         self.method.after_step(logs)
         return logs, grad_norm
+
+
+    def float_teacher_loss(self, student: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """KL(F(x) || Q(x)) + KL(F(x') || Q(x')): the float student F teaches its fake-quantised copy Q the
+        function it had, on the clean batch and on this step's training adversarial batch (when the method
+        attacks). Each input gets its own forward, as the methods' own student forwards do, so batch norm
+        sees the same batches it sees there."""
+        inputs = [x] if self.method.last_adversarial is None else [self.method.last_adversarial, x]
+        total = torch.zeros((), device=x.device)
+        for batch in inputs:
+            with torch.no_grad():
+                target = torch.softmax(self.float_teacher(batch).float(), dim=1)
+            total = total + kl_div_mean(student(batch), target)
+        return total
 
 
 def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: int = 1,
@@ -109,8 +130,22 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum,
                                 weight_decay=cfg.optim.weight_decay, nesterov=cfg.optim.nesterov)
     amp_dtype, use_scaler = _amp_settings(cfg, device)
-    return TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
-                         amp_dtype, device)
+    parts = TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
+                          amp_dtype, device)
+    if cfg.qat.enabled and cfg.qat.float_teacher:
+        parts.float_teacher = _float_teacher(cfg.qat.from_checkpoint, device)
+    return parts
+
+
+def _float_teacher(checkpoint: str, device: torch.device) -> nn.Module:
+    """The float student QAT starts from, frozen in eval mode, as a teacher (qat.float_teacher)."""
+    from robustedge.weights import load_model
+
+    model, _ = load_model(checkpoint)
+    model = model.to(device).eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:

@@ -35,6 +35,7 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
             "--lr", "1/100", "--eps", "4/255", "--step-size", "1/255", "--amp", "off", "--no-compile",
             "--no-channels-last", "--no-fold-attack", "--teacher-precision", "fp16", "--sync-bn", "--qat-from",
             str(student), "--qat-activations", "int8-symmetric", "--qat-freeze-epochs", "1", "--qat-carry-method-state",
+            "--qat-float-teacher", "0.5",
             "--device", "cpu", "--seed", "5", "--name", "x",
             "--out-dir", str(tmp_path / "runs"), "--robust-teacher", "r.safetensors", "--clean-teacher",
             "c.safetensors", "--no-progress"]
@@ -44,7 +45,7 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
                 "attack.eps": 4 / 255, "attack.step_size": 1 / 255, "amp": "off", "compile": False,
                 "channels_last": False, "fold_attack": False, "sync_bn": True, "qat.enabled": True,
                 "qat.from_checkpoint": str(student), "qat.activations": "int8-symmetric", "qat.freeze_epochs": 1,
-                "qat.carry_method_state": True, "device": "cpu",
+                "qat.carry_method_state": True, "qat.float_teacher": 0.5, "device": "cpu",
                 "seed": 5, "name": "x", "out_dir": str(tmp_path / "runs"),
                 "teachers.robust.checkpoint": "r.safetensors", "teachers.clean.checkpoint": "c.safetensors",
                 "teachers.robust.precision": "fp16", "teachers.clean.precision": "fp16", "progress": False}

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                          "robustedge.qat", "robustedge.robustbench_zoo")),
     ("model files", ("robustedge.checkpoint", "robustedge.weights", "robustedge.training_state",
                      "robustedge.loading", "robustedge.teachers")),
-    ("methods and configs", ("robustedge.methods", "robustedge.config", "robustedge.flags",
+    ("methods and configs", ("robustedge.methods", "robustedge.config", "robustedge.qat_recipe", "robustedge.flags",
                              "robustedge.sharding")),
     ("evaluation", ("robustedge.suite", "robustedge.eval_report", "robustedge.run_measures")),
     ("training", ("robustedge.trainer", "robustedge.training_parts", "robustedge.training_log", "robustedge.dryrun")),

@@ -429,6 +429,119 @@ def test_the_fine_tune_carries_the_float_runs_method_state(tmp_path, float_stude
         float_method_state(checkpoint, "bmtard")
 
 
+def test_the_float_student_teaches_its_fake_quantised_copy_on_x_and_x_adv(tmp_path, float_student):
+    """qat.float_teacher: the step's loss is the method's plus W * (KL(F(x') || Q(x')) + KL(F(x) || Q(x))),
+    with F the float student QAT started from, Q the fake-quantised student, x' the method's own attack."""
+    from robustedge.attacks import pgd
+    from robustedge.methods.losses import kl_div_mean
+
+    weight = 3.0
+    cfg = qat_config(tmp_path, "ft", from_checkpoint=str(float_student), float_teacher=weight)
+    parts = build_parts(cfg, SPEC, torch.device("cpu"))
+    teacher, _ = load_model(float_student)
+    teacher.eval()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    reference = copy.deepcopy(parts.model).train()  # PGD-AT attacks in train mode (Madry et al.)
+    torch.manual_seed(5)
+    x_adv = pgd(reference, x, y, eps=0.1, step_size=0.05, steps=2, start=parts.method.attack_start, init_std=0.001)
+    # the same forwards in the same order: the observers move with each training-mode forward
+    method_loss = F.cross_entropy(reference(x_adv), y)
+    with torch.no_grad():
+        targets = [F.softmax(teacher(v), 1) for v in (x_adv, x)]
+    term = (kl_div_mean(reference(x_adv), targets[0]) + kl_div_mean(reference(x), targets[1])).detach()
+    torch.manual_seed(5)
+    logs, _ = parts.step(parts.model, x, y)
+    assert float(term) > 1e-4  # the fake-quantised student differs from the float one: the term is not trivially 0
+    assert float(logs["loss_float_teacher"]) == pytest.approx(float(term), rel=1e-5)
+    assert float(logs["loss"]) == pytest.approx(float(method_loss + weight * term), rel=1e-5)
+    with pytest.raises(RobustEdgeError, match="qat.float_teacher' needs qat.from_checkpoint"):
+        from robustedge.config import validate_config
+
+        validate_config(qat_config(tmp_path, "ft2", float_teacher=1.0))
+
+
+def test_qat_from_alone_fine_tunes_the_float_runs_own_config_under_the_recipe(tmp_path, float_student, capsys,
+                                                                                monkeypatch):
+    """`train/distill --qat-from FILE` without --config, and `robustedge.train(qat_from=FILE)`: the float run's
+    config.yaml under the QAT recipe (robustedge/qat_recipe.py), flags and overrides on top."""
+    import shutil
+
+    import yaml
+
+    import robustedge
+    from robustedge.cli import main
+    from robustedge.config import config_to_dict, dump_config
+
+    run = tmp_path / "float"
+    run.mkdir()
+    checkpoint = str(shutil.copy(float_student, run / "best.safetensors"))
+    float_cfg = qat_config(tmp_path, "float", epochs=10)
+    float_cfg.qat, float_cfg.optim.lr = QATConfig(), 0.5
+    (run / "config.yaml").write_text(dump_config(float_cfg))
+    assert main(["train", "--qat-from", checkpoint, "--dry-run", "--timing-steps", "0", "--seed", "7"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out.split("\n\n")[0])
+    assert (printed["name"], printed["method"], printed["epochs"], printed["eval_every"]) == ("float_qat", "pgd_at", 3, 3)
+    assert (printed["optim"]["lr"], printed["optim"]["schedule"], printed["seed"]) == (0.05, "cosine", 7)
+    assert printed["qat"] == {"enabled": True, "activations": "uint8", "from_checkpoint": checkpoint,
+                              "calibration_n": 512, "freeze_epochs": 2, "float_teacher": 1.0,
+                              "carry_method_state": False}  # no last.safetensors beside the checkpoint
+    seen = {}
+    monkeypatch.setattr("robustedge.trainer.train", lambda cfg, resume=False: seen.setdefault("cfg", cfg))
+    robustedge.train(qat_from=checkpoint, seed=7)
+    assert config_to_dict(seen["cfg"]) | {"progress": printed["progress"]} == printed  # the API builds the same run
+    (run / "config.yaml").write_text(dump_config(seen["cfg"]))  # a QAT run's folder is refused as a float run
+    with pytest.raises(RobustEdgeError, match="comes from a QAT run"):
+        robustedge.train(qat_from=checkpoint)
+
+
+def _ort_operators(path: Path) -> dict[str, int]:
+    """The operators of ONNX Runtime's optimised graph of ``path`` (what it runs), counted."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(path.with_suffix(".optimised.onnx"))
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return dict(collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node))
+
+
+def test_the_uint8_qat_file_runs_the_ptq_files_integer_operators_on_onnx_runtime(tmp_path, float_student):
+    """The uint8 scheme quantises each residual add's inputs as onnxruntime's quantizer does, so ONNX Runtime
+    runs the QAT file with the PTQ file's integer operators (QLinearConv, QLinearAdd), none in float. Under
+    the x86 quantizer's own patterns (what older students were trained under, and still load as) the
+    convolutions before the adds stay float."""
+    from robustedge.data import calibration_images, load_dataset
+    from robustedge.edge.convert import export_onnx, quantize_int8
+    from robustedge.edge.qat_onnx import to_qdq_onnx
+    from robustedge.qat import LEGACY_PATTERNS, calibrate, convert, library_version
+
+    images = calibration_images(load_dataset("digits", image_size=8, channels=1).train, 128, 0, "cpu")
+    model, meta = load_model(float_student)
+    quantize_int8(export_onnx(model, SPEC.input_shape, tmp_path / "fp32.onnx"), tmp_path / "ptq.onnx", images.numpy())
+    ptq = _ort_operators(tmp_path / "ptq.onnx")
+    assert ptq.get("QLinearAdd") and ptq.get("QLinearConv") and "Conv" not in ptq and "Add" not in ptq
+    students = {}
+    for patterns in ("onnxruntime", LEGACY_PATTERNS["uint8"]):
+        student = prepare_qat(load_model(float_student)[0], SPEC.input_shape, "uint8", patterns)
+        calibrate(student, images)
+        students[patterns] = student
+        to_qdq_onnx(convert(student), SPEC.input_shape, tmp_path / f"{patterns}.onnx")
+    ours = _ort_operators(tmp_path / "onnxruntime.onnx")
+    kinds = ("QLinearConv", "QLinearAdd", "Conv", "FusedConv", "Add")
+    assert {k: ours.get(k) for k in kinds} == {k: ptq.get(k) for k in kinds}, (ours, ptq)
+    old_patterns = _ort_operators(tmp_path / "x86-inductor.onnx")  # float convolutions before each add
+    assert old_patterns.get("QLinearConv", 0) < ptq["QLinearConv"] and "QLinearAdd" not in old_patterns
+    # a student saved without the patterns key (before it existed) loads under its scheme's old patterns
+    meta.extra["qat"] = {"activations": "uint8", "library": library_version()}
+    old = save_model(tmp_path / "old.safetensors", students["x86-inductor"].eval(), meta)
+    loaded, _ = load_model(old)
+    x = images[:32]
+    assert loaded.patterns == "x86-inductor" and torch.equal(loaded(x), students["x86-inductor"].eval()(x))
+
+
 def test_pt2e_ptq_is_the_qat_file_of_zero_epochs(tmp_path, float_student):
     """--int8-quantizer pt2e: the float student quantised by the quantizer QAT trains under, calibrated on the
     export's calibration images and converted, computes exactly what the QAT student of zero epochs (prepared and

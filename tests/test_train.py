@@ -191,7 +191,7 @@ def test_every_shipped_config_loads_and_digits_ones_match_the_quickstart():
     assert paper.optim.milestones == [215, 260, 285] and paper.attack.eps == pytest.approx(8 / 255)
     assert paper.attack.step_size == pytest.approx(2 / 255) and paper.attack.steps == 10
     assert paper.teachers["robust"].arch == "wrn34_10" and paper.teachers["clean"].arch == "resnet56"
-    for name, cfg in quickstart_configs(QuickstartSettings(qat=True)).items():
+    for name, cfg in quickstart_configs(QuickstartSettings()).items():
         assert config_to_dict(load_config(RECIPES / f"digits_{name}.yaml")) == config_to_dict(cfg), name
     from robustedge.quickstart import DIGITS_LR
 
@@ -212,7 +212,12 @@ def test_the_quickstart_flags_set_what_scales_with_them(tmp_path):
     assert (student.attack.eps, student.attack.step_size, student.seed) == (0.05, 0.0125, 3)
     assert student.teachers["robust"].checkpoint == str(tmp_path / "teacher_robust" / "best.safetensors")
     assert qat.qat.from_checkpoint == str(tmp_path / "student_bmtard" / "best.safetensors")
-    assert student.optim.lr == 0.8 and qat.optim.lr == 0.032  # the recipes' own, whatever the flags
+    assert student.optim.lr == 0.8  # the recipe's own, whatever the flags
+    # the QAT run is the student's config under the QAT recipe (robustedge/qat_recipe.py), --qat-epochs aside
+    assert (qat.optim.lr, qat.optim.schedule, qat.method, qat.attack.eps) == (0.08, "cosine", "bmtard", 0.05)
+    assert (qat.qat.freeze_epochs, qat.qat.carry_method_state, qat.qat.float_teacher) == (2, True, 1.0)
+    recipe = quickstart_configs(QuickstartSettings(out=tmp_path, epochs=10, qat=True))["student_bmtard_qat"]
+    assert (recipe.epochs, recipe.eval_every, recipe.qat.freeze_epochs) == (3, 3, 2)
 
 
 def test_quickstart_end_to_end_small_with_qat(tmp_path, capsys):

@@ -28,6 +28,10 @@ COMMANDS = (("train", "train a model (teachers or any single model): natural, pg
 def _count_from_zero(text: str, name: str) -> int:
     return options.parse_int(text, name, 0)
 
+
+def _weight(text: str, name: str) -> float:
+    return options.check_range(options.parse_number(text, name), name, 0.0)
+
 @dataclass(frozen=True)
 class ConfigFlag:
     """A flag that sets one config key: ``key`` is dotted (``model.arch``); ``*`` in it stands for every role of
@@ -86,6 +90,8 @@ def config_flags() -> tuple[ConfigFlag, ...]:
                                   "fake-quantised INT8 function (torchao PT2E; docs/design.md, \"Quantization-aware "
                                   "training\")", name="qat", negatable=True),
         ConfigFlag("qat.from_checkpoint", "QAT fine-tuning: start from this trained float student (implies --qat; "
+                                          "without --config, the run is the float run's config.yaml turned into its "
+                                          "measured fine-tune recipe, docs/design.md section 10; "
                                           "its ranges are first calibrated on qat.calibration_n training images, as "
                                           "post-training quantisation does); use a small --lr",
                    name="qat-from", metavar="FILE"),
@@ -98,6 +104,9 @@ def config_flags() -> tuple[ConfigFlag, ...]:
         ConfigFlag("qat.carry_method_state", "QAT fine-tuning: start the method from the float run's state "
                                              "(B-MTARD's temperatures and loss weights; its last.safetensors beside "
                                              "--qat-from)", name="qat-carry-method-state"),
+        ConfigFlag("qat.float_teacher", "QAT fine-tuning: weight W of the float student (--qat-from) as an extra "
+                                        "teacher of the fake-quantised one, on x and the training attack's x' "
+                                        "(default 0: off)", name="qat-float-teacher", parse=_weight, metavar="W"),
         ConfigFlag("device", "auto, cpu, cuda or cuda:N"),
         ConfigFlag("seed", "seed of initialisation, data order and attacks", parse=options.parse_seed),
         ConfigFlag("name", "run name (folder under --out-dir)"),
@@ -190,7 +199,14 @@ def resolve_train_config(args: argparse.Namespace):
     """--config, then explicit flags, then --set overrides; validated as a whole."""
     from robustedge.config import TrainConfig, apply_values, load_config, parse_overrides, validate_config
 
-    cfg = load_config(args.config) if args.config else TrainConfig()
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.qat_from is not None:  # the float run's own config, as its QAT fine-tune (robustedge/qat_recipe.py)
+        from robustedge.qat_recipe import fine_tune_config, float_run_config
+
+        cfg = fine_tune_config(float_run_config(args.qat_from), args.qat_from)
+    else:
+        cfg = TrainConfig()
     given = [(f, getattr(args, f.dest)) for f in _flags(args.kind) if getattr(args, f.dest) is not None]
     values = {f.key: value for f, value in given if "*" not in f.key}
     if args.qat_from is not None and args.qat is None:

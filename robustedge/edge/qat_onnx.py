@@ -18,7 +18,7 @@ def to_qdq_onnx(converted: nn.Module, input_shape: tuple[int, int, int], path: P
     """A converted student (:func:`convert`) as a QDQ ONNX file."""
     proto = onnx_proto(converted, input_shape, "this QAT student")
     quantize_biases(proto)
-    drop_relus_before_unsigned_quantize(proto)
+    drop_relus_before_clamping_quantize(proto)
     return save_checked(proto, path)
 
 
@@ -64,11 +64,12 @@ def quantize_biases(model) -> int:
     return done
 
 
-def drop_relus_before_unsigned_quantize(model) -> int:
-    """Remove each Relu whose only consumers are uint8 QuantizeLinear nodes with zero point 0.
+def drop_relus_before_clamping_quantize(model) -> int:
+    """Remove each Relu whose only consumers are QuantizeLinear nodes whose zero point is their type's
+    minimum (uint8 with zero point 0, as x86 ReLU outputs get; int8 with -128, XNNPACK's).
 
-    Exact (same logits, checked): such a QuantizeLinear already maps every negative input to 0, as the
-    Relu would. convert_pt2e keeps the Relu between the convolution and its output quantiser, where it
+    Exact (same logits, checked): such a QuantizeLinear already maps every negative input to the zero
+    point, i.e. to 0, as the Relu would. convert_pt2e keeps the Relu between the convolution and its output quantiser, where it
     stands between ONNX Runtime and its DQ-Conv-Q fusion; onnxruntime's own quantiser writes these
     groups without it. (The larger gap between QAT and PTQ files on ONNX Runtime has another cause:
     docs/design.md, section 10.) Returns how many it removed."""
@@ -82,11 +83,12 @@ def drop_relus_before_unsigned_quantize(model) -> int:
             consumers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
 
-    def unsigned_zero_point(node) -> bool:
+    def unsigned_zero_point(node) -> bool:  # the zero point is the type's minimum: negatives saturate to 0
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in initializers:
             return False
         zero = initializers[node.input[2]]
-        return zero.data_type == TensorProto.UINT8 and not numpy_helper.to_array(zero).any()
+        lowest = {TensorProto.UINT8: 0, TensorProto.INT8: -128}.get(zero.data_type)
+        return lowest is not None and bool((numpy_helper.to_array(zero) == lowest).all())
 
     removed = []
     for node in graph.node:

@@ -113,6 +113,7 @@ class Method:
         # the trainer's BN-folded twin of the student (models/folding.py), for eval-mode attacks only;
         # None: attack the student itself
         self.attack_twin: nn.Module | None = None
+        self.last_adversarial: torch.Tensor | None = None  # the last training attack's x' (set by pgd)
 
     # -- hooks the trainer calls --------------------------------------------------------------
     def step(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -180,9 +181,11 @@ class Method:
         autocast (amp: fp16) its loss is scaled before the backward, as GradScaler does for the weights:
         unscaled, the input gradients of confident examples underflow and the attack stalls on them."""
         a = self.attack_cfg
-        return pgd(net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, loss=loss,  # type: ignore[arg-type]
-                   target_probs=target_probs, start=self.attack_start, init_std=a.init_std,  # type: ignore[arg-type]
-                   loss_scale=FP16_ATTACK_LOSS_SCALE if fp16_autocast(x.device) else 1.0)
+        x_adv = pgd(net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps, loss=loss,  # type: ignore[arg-type]
+                    target_probs=target_probs, start=self.attack_start, init_std=a.init_std,  # type: ignore[arg-type]
+                    loss_scale=FP16_ATTACK_LOSS_SCALE if fp16_autocast(x.device) else 1.0)
+        self.last_adversarial = x_adv  # this step's x' (QAT's float-teacher term distils on it too)
+        return x_adv
 
     def attack_net(self, student: nn.Module):
         """The student as the training attack sees it (:meth:`train_view` or :meth:`eval_view`, by the
