@@ -32,6 +32,7 @@ import statistics
 import time
 from pathlib import Path
 
+from robustedge.checkpoint import read_meta
 from robustedge.config import TrainConfig, load_config
 from robustedge.edge.bundle import ExportOptions, export_bundle
 from robustedge.files import atomic_write_json, atomic_write_text
@@ -46,6 +47,9 @@ def _train_once(cfg: TrainConfig) -> tuple[Path, float]:
     folder = Path(cfg.out_dir) / cfg.name
     if not (folder / "result.json").exists():
         train(cfg)
+    elif load_config(folder / "config.yaml") != cfg:  # a finished run is reused only if it is this very run
+        raise SystemExit(f"{folder} holds another run than the one asked for (its config.yaml differs); "
+                         f"use another --out")
     return folder / "best.safetensors", _images_per_second(folder)
 
 
@@ -103,6 +107,7 @@ def compare(job: dict) -> dict:
                       "worst": torch_row["worst"], "size_mb": torch_row["size_mb"],
                       "latency_b1_ms": torch_row["latency_b1_ms"], "latency_b64_ms": torch_row["latency_b64_ms"]},
             "ptq_int8": int8_row(ptq), "pt2e_ptq_int8": int8_row(pt2e), "qat_int8": int8_row(qat_bundle),
+            "qat_patterns": read_meta(Path(qat.out_dir) / qat.name / "last.safetensors").extra["qat"].get("patterns"),
             "qat_parity": qat_bundle["parity"], "flags": {"ptq": ptq["flags"], "qat": qat_bundle["flags"]},
             "train": {"float_img_per_s": float_speed, "qat_img_per_s": qat_speed,
                       "float_seconds": float_seconds, "qat_seconds": qat_seconds, "qat_epochs": qat.epochs}}
@@ -136,11 +141,7 @@ def recipe_tag(qat: TrainConfig) -> str:
 def qat_config(base: TrainConfig, checkpoint: Path, out: Path, args: argparse.Namespace, trained_here: bool) -> TrainConfig:
     """``base``'s fine-tune under the QAT recipe (robustedge/qat_recipe.py: what `distill --qat-from` runs),
     with the fields the flags set instead; the run goes to ``<out>/<name>_qat_<recipe tag>``."""
-    qat = fine_tune_config(base, checkpoint, state_beside=True if trained_here else None)
-    if args.qat_epochs is not None:
-        qat.epochs = qat.eval_every = args.qat_epochs
-        qat.optim.milestones = [max(1, args.qat_epochs - 1)]
-        qat.qat.freeze_epochs = min(qat.qat.freeze_epochs, args.qat_epochs)
+    qat = fine_tune_config(base, checkpoint, epochs=args.qat_epochs, state_beside=True if trained_here else None)
     for value, owner, key in ((args.qat_lr, qat.optim, "lr"), (args.qat_schedule, qat.optim, "schedule"),
                               (args.freeze_epochs, qat.qat, "freeze_epochs"),
                               (args.carry_method_state, qat.qat, "carry_method_state"),

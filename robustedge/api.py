@@ -251,9 +251,9 @@ def train(config: str | os.PathLike | Any = None, *, resume: bool = False, qat_f
     if config is None and qat_from is None:
         raise RobustEdgeError("train needs a config (a recipe name, a YAML file or a TrainConfig) or qat_from")
     if config is None:
-        from robustedge.qat_recipe import fine_tune_config, float_run_config
+        from robustedge.qat_recipe import recipe_config
 
-        cfg = fine_tune_config(float_run_config(qat_from), qat_from)
+        cfg = recipe_config(qat_from, overrides.get("epochs"))
     else:
         cfg = copy.deepcopy(config) if isinstance(config, TrainConfig) else load_config(str(config))
         if qat_from is not None:

@@ -395,10 +395,20 @@ def _validate_qat(cfg: TrainConfig) -> None:
                               "the method state from)")
     if q.enabled and q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():
         raise RobustEdgeError(f"config key 'qat.from_checkpoint': no such file {q.from_checkpoint}")
-    if q.enabled and q.carry_method_state and not (Path(q.from_checkpoint).parent / "last.safetensors").is_file():
-        raise RobustEdgeError(f"qat.carry_method_state needs the float run's training state "
-                              f"{Path(q.from_checkpoint).parent / 'last.safetensors'} (the run folder of "
-                              f"{q.from_checkpoint}); copy it beside the checkpoint or set carry_method_state: false")
+    if q.enabled and q.carry_method_state:
+        last = Path(q.from_checkpoint).parent / "last.safetensors"
+        if not last.is_file():
+            raise RobustEdgeError(f"qat.carry_method_state needs the float run's training state {last} (the run "
+                                  f"folder of {q.from_checkpoint}); copy it beside the checkpoint or set "
+                                  f"carry_method_state: false (--no-qat-carry-method-state)")
+        from robustedge.checkpoint import read_meta
+
+        trained = read_meta(last).extra.get("config", {})
+        method = trained.get("method") if isinstance(trained, dict) else None
+        if method != cfg.method:
+            raise RobustEdgeError(f"qat.carry_method_state: {last} was trained with method '{method}', this run "
+                                  f"with '{cfg.method}'; there is no method state to carry "
+                                  f"(--no-qat-carry-method-state)")
     if q.from_checkpoint is not None and not q.enabled:
         raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
     if q.enabled and cfg.amp in ("bf16", "fp16"):

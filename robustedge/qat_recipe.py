@@ -2,13 +2,14 @@
 
 ``robustedge distill --qat-from FILE`` (no ``--config``), ``robustedge.train(qat_from=FILE)``,
 ``quickstart --qat`` and ``bench/qat_compare.py`` all build their QAT run here, from the float run's own
-config (its ``config.yaml`` beside FILE): the same method, teachers, data and attack, with
+config (the one FILE records): the same method, teachers, data and attack, with
 
 - a schedule that is a real fraction of the float run's: ``epoch_fraction`` of its epochs, cosine from
   ``lr_fraction`` of its learning rate (the short 3-epoch fine-tune at lr 0.002 recovered nothing,
   bench/RESULTS.md);
-- the observers and batch-norm statistics frozen for the last ``freeze_epochs`` epochs, so the last
-  steps train against the scales the export ships (PyTorch's QAT recipes end that way);
+- the observers and batch-norm statistics frozen for the last ``freeze_epochs`` epochs (fewer in a
+  fine-tune of fewer than three epochs: one epoch at least moves them), so the last steps train against
+  the scales the export ships (PyTorch's QAT recipes end that way);
 - the float run's method state carried over (B-MTARD's temperatures and loss weights where the float run
   left them, not their initial values), when the float run's ``last.safetensors`` is beside FILE;
 - the float student as an extra teacher of its fake-quantised copy on x and x' (``float_teacher``).
@@ -23,8 +24,10 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from robustedge.config import QATConfig, TrainConfig, load_config
+from robustedge.checkpoint import read_meta
+from robustedge.config import QATConfig, TrainConfig, config_from_dict
 from robustedge.errors import RobustEdgeError
+from robustedge.options import parse_int
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,7 @@ class QATRecipe:
     lr_fraction: float = 0.1  # of the float run's (peak) learning rate, the start of the cosine
     schedule: str = "cosine"
     freeze_epochs: int = 2  # the last epochs against frozen scales and BN statistics (at most all of them)
-    carry_method_state: bool = True  # where the method has state and the float run's last.safetensors exists
+    carry_method_state: bool = True  # when the float run's last.safetensors (same method) is beside FILE
     float_teacher: float = 1.0  # weight of KL(F(x) || Q(x)) + KL(F(x') || Q(x'))
 
 
@@ -41,41 +44,68 @@ FINE_TUNE = QATRecipe()
 
 
 def float_run_config(checkpoint: str | Path) -> TrainConfig:
-    """The config the float student in ``checkpoint`` was trained with: its run folder's ``config.yaml``."""
+    """The config the float student in ``checkpoint`` was trained with, as the model file records it (so a
+    copied file still knows it), with ``out_dir`` set so the fine-tune lands beside the float run's folder.
+    Paths inside it (teachers, data root) are as the float run was given them: relative ones are read from
+    the current folder."""
     checkpoint = Path(checkpoint)
+    if checkpoint.is_dir():
+        raise RobustEdgeError(f"--qat-from: {checkpoint} is a folder; give the float student's model file "
+                              f"(e.g. {checkpoint / 'best.safetensors'})")
     if not checkpoint.is_file():
         raise RobustEdgeError(f"--qat-from: no such file {checkpoint}")
-    source = checkpoint.parent / "config.yaml"
-    if not source.is_file():
-        raise RobustEdgeError(f"--qat-from without --config reads the float run's config {source}, which does not "
-                              f"exist; pass --config with the run's recipe")
-    cfg = load_config(source)
-    if cfg.qat.enabled:
-        raise RobustEdgeError(f"{checkpoint} comes from a QAT run ({source}); fine-tune from a float student")
+    meta = read_meta(checkpoint)
+    if meta.extra.get("qat"):
+        raise RobustEdgeError(f"{checkpoint} is already a QAT student; fine-tune from a float one")
+    raw = meta.extra.get("config")
+    if not isinstance(raw, dict):
+        raise RobustEdgeError(f"{checkpoint} does not record the config it was trained with (files written by "
+                              f"`robustedge train`/`distill` do); give its recipe with --config")
+    cfg = config_from_dict(raw)
+    cfg.out_dir = str(checkpoint.resolve().parent.parent)
     return cfg
 
 
 def fine_tune_config(float_cfg: TrainConfig, checkpoint: str | Path, recipe: QATRecipe = FINE_TUNE, *,
-                     state_beside: bool | None = None) -> TrainConfig:
+                     epochs: int | None = None, state_beside: bool | None = None) -> TrainConfig:
     """``float_cfg``'s QAT fine-tune from ``checkpoint`` under ``recipe``: a new run ``<name>_qat`` beside it.
-    ``state_beside``: whether the float run's ``last.safetensors`` is (or, for a run not trained yet, will
-    be) beside ``checkpoint``; None looks."""
+
+    ``epochs``: the fine-tune's length when the caller sets it (a flag); what depends on it (validation,
+    the frozen epochs) follows. ``state_beside``: whether the float run's ``last.safetensors`` is (or, for a
+    run not trained yet, will be) beside ``checkpoint``; None looks, and carries the state only when it
+    is there and from the same method."""
     cfg = copy.deepcopy(float_cfg)
     cfg.name = f"{float_cfg.name}_qat"
-    cfg.epochs = max(1, round(float_cfg.epochs * recipe.epoch_fraction))
+    cfg.epochs = epochs if epochs is not None else max(1, round(float_cfg.epochs * recipe.epoch_fraction))
     cfg.eval_every = cfg.epochs
     cfg.optim.lr = float(f"{float_cfg.optim.lr * recipe.lr_fraction:.6g}")  # 0.08, not 0.08000000000000002
     cfg.optim.schedule = recipe.schedule
     cfg.optim.milestones = [max(1, cfg.epochs - 1)]  # read only by a piecewise schedule set over the recipe
-    # a method without state carries an empty one (a no-op); a checkpoint copied away from its run folder
-    # has no training state beside it, and the fine-tune then starts the method afresh
-    if state_beside is None:
-        state_beside = (Path(checkpoint).parent / "last.safetensors").is_file()
-    carry = recipe.carry_method_state and state_beside
+    if state_beside is None:  # a file copied away from its run folder has no training state beside it
+        state_beside = _float_method(checkpoint) == float_cfg.method
+    # at least one epoch learns with moving ranges and batch statistics before the frozen ones
+    freeze = min(recipe.freeze_epochs, max(0, cfg.epochs - 1))
     cfg.qat = QATConfig(enabled=True, activations=float_cfg.qat.activations, from_checkpoint=str(checkpoint),
-                        calibration_n=float_cfg.qat.calibration_n, freeze_epochs=min(recipe.freeze_epochs, cfg.epochs),
-                        carry_method_state=carry, float_teacher=recipe.float_teacher)
+                        calibration_n=float_cfg.qat.calibration_n, freeze_epochs=freeze,
+                        carry_method_state=recipe.carry_method_state and state_beside,
+                        float_teacher=recipe.float_teacher)
     return cfg
 
 
-__all__ = ["FINE_TUNE", "QATRecipe", "fine_tune_config", "float_run_config"]
+def recipe_config(checkpoint: str | Path, epochs: object = None) -> TrainConfig:
+    """The fine-tune `distill --qat-from FILE` runs without --config (``epochs``: --epochs, when given)."""
+    if epochs is not None:
+        epochs = parse_int(epochs, "epochs", 1)
+    return fine_tune_config(float_run_config(checkpoint), checkpoint, epochs=epochs)
+
+
+def _float_method(checkpoint: str | Path) -> str | None:
+    """The method of the training state beside ``checkpoint`` (its run's ``last.safetensors``), or None."""
+    last = Path(checkpoint).parent / "last.safetensors"
+    if not last.is_file():
+        return None
+    config = read_meta(last).extra.get("config")
+    return config.get("method") if isinstance(config, dict) else None
+
+
+__all__ = ["FINE_TUNE", "QATRecipe", "fine_tune_config", "float_run_config", "recipe_config"]

@@ -104,12 +104,8 @@ def quickstart_configs(s: QuickstartSettings) -> dict[str, TrainConfig]:
     runs = [_from_recipe(name, s.teacher_epochs if name.startswith("teacher") else s.epochs, s) for name in RUNS]
     if s.qat:  # the B-MTARD student's fine-tune under the measured QAT recipe (robustedge/qat_recipe.py)
         student = next(c for c in runs if c.name == "student_bmtard")
-        qat = fine_tune_config(student, s.out / "student_bmtard" / "best.safetensors", state_beside=True)
-        if s.qat_epochs is not None:
-            qat.epochs = qat.eval_every = s.qat_epochs
-            qat.optim.milestones = [max(1, s.qat_epochs - 1)]
-            qat.qat.freeze_epochs = min(qat.qat.freeze_epochs, s.qat_epochs)
-        runs.append(qat)
+        runs.append(fine_tune_config(student, s.out / "student_bmtard" / "best.safetensors", epochs=s.qat_epochs,
+                                     state_beside=True))
     return {c.name: c for c in runs}
 
 

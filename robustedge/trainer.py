@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from robustedge.checkpoint import ModelMeta, ModelSpec, save_model, unwrap
+from robustedge.checkpoint import ModelMeta, ModelSpec, read_meta, save_model, unwrap
 from robustedge.files import (FolderLock, atomic_write_json, atomic_write_text, check_writable_folder,
                               clean_stale_temps, lock_folder)
 from robustedge.training_state import load_training_state, save_training_state
@@ -145,6 +145,17 @@ class Trainer:
                                   f"another --name/--out-dir")
         if self.resume and not self.last_path.exists():
             raise RobustEdgeError(f"nothing to resume: {self.last_path} does not exist")
+        if self.resume and cfg.qat.enabled:
+            from robustedge.qat import LEGACY_PATTERNS, PATTERNS
+
+            saved = read_meta(self.last_path).extra.get("qat")
+            scheme = saved.get("activations", "uint8") if isinstance(saved, dict) else cfg.qat.activations
+            patterns = saved.get("patterns", LEGACY_PATTERNS.get(scheme)) if isinstance(saved, dict) else None
+            if patterns != PATTERNS.get(cfg.qat.activations):
+                raise RobustEdgeError(f"{self.last_path} was trained with its quantisers at '{patterns}' places "
+                                      f"(an earlier RobustEdge); this version trains {cfg.qat.activations} QAT "
+                                      f"with '{PATTERNS.get(cfg.qat.activations)}' ones and cannot resume it: start "
+                                      f"the fine-tune afresh under another --name")
 
     def _lock_run_dir(self) -> FolderLock | None:
         """Hold the run folder for this run (rank 0 of a DDP group only: the ranks are one run).

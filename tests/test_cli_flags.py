@@ -27,9 +27,13 @@ def test_every_flag_names_a_config_field_and_takes_its_type():
 
 
 def test_all_distill_flags_at_once_set_their_keys(tmp_path):
+    from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
+
     student = tmp_path / "student.safetensors"
     student.write_bytes(b"")  # only its existence is checked here
-    (tmp_path / "last.safetensors").write_bytes(b"")  # the float run's state --qat-carry-method-state reads
+    # the float run's state --qat-carry-method-state reads (only its recorded method is checked here)
+    spec = ModelSpec("resnet20", 10, 1, 0.5, 8)
+    save_model(tmp_path / "last.safetensors", spec.build(), ModelMeta(spec, extra={"config": {"method": "ard"}}))
     argv = ["distill", "--config", "digits_student_bmtard", "--method", "ard", "--arch", "resnet20", "--width", "0.5",
             "--dataset", "digits", "--data-root", str(tmp_path), "--download", "--epochs", "3", "--batch-size", "7",
             "--lr", "1/100", "--eps", "4/255", "--step-size", "1/255", "--amp", "off", "--no-compile",

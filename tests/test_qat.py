@@ -419,9 +419,14 @@ def test_the_fine_tune_carries_the_float_runs_method_state(tmp_path, float_stude
     carried = {"w_adv": torch.tensor(0.61), "w_nat": torch.tensor(0.39), "tau_adv": torch.tensor(1.0),
                "tau_nat": torch.tensor(1.32), "l0_adv": torch.tensor(0.8), "l0_nat": torch.tensor(0.3)}
     model, meta = load_model(checkpoint)
+    meta.extra["config"] = {"method": "bmtard"}
     save_training_state(run / "last.safetensors", model, meta, {"config": {"method": "bmtard"}, "method": carried})
     state = float_method_state(checkpoint, "bmtard")
     assert set(state) == set(carried) and all(torch.equal(state[k], carried[k]) for k in carried)
+    from robustedge.config import validate_config
+
+    with pytest.raises(RobustEdgeError, match="was trained with method 'bmtard', this run with 'pgd_at'"):
+        validate_config(qat_config(tmp_path, "other", from_checkpoint=str(checkpoint), carry_method_state=True))
     with pytest.raises(RobustEdgeError, match="trained with method 'bmtard', this run with 'mtard'"):
         float_method_state(checkpoint, "mtard")
     (run / "last.safetensors").unlink()
@@ -463,36 +468,39 @@ def test_the_float_student_teaches_its_fake_quantised_copy_on_x_and_x_adv(tmp_pa
 
 def test_qat_from_alone_fine_tunes_the_float_runs_own_config_under_the_recipe(tmp_path, float_student, capsys,
                                                                                 monkeypatch):
-    """`train/distill --qat-from FILE` without --config, and `robustedge.train(qat_from=FILE)`: the float run's
-    config.yaml under the QAT recipe (robustedge/qat_recipe.py), flags and overrides on top."""
-    import shutil
-
+    """`train/distill --qat-from FILE` without --config, and `robustedge.train(qat_from=FILE)`: the config FILE
+    records under the QAT recipe (robustedge/qat_recipe.py), beside the float run, flags and overrides on top."""
     import yaml
 
     import robustedge
     from robustedge.cli import main
-    from robustedge.config import config_to_dict, dump_config
+    from robustedge.config import config_to_dict
 
-    run = tmp_path / "float"
-    run.mkdir()
-    checkpoint = str(shutil.copy(float_student, run / "best.safetensors"))
     float_cfg = qat_config(tmp_path, "float", epochs=10)
-    float_cfg.qat, float_cfg.optim.lr = QATConfig(), 0.5
-    (run / "config.yaml").write_text(dump_config(float_cfg))
+    float_cfg.qat, float_cfg.optim.lr, float_cfg.out_dir = QATConfig(), 0.5, "elsewhere"
+    model, meta = load_model(float_student)
+    meta.extra["config"] = config_to_dict(float_cfg)
+    checkpoint = str(save_model(tmp_path / "runs" / "float" / "best.safetensors", model, meta))
     assert main(["train", "--qat-from", checkpoint, "--dry-run", "--timing-steps", "0", "--seed", "7"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out.split("\n\n")[0])
     assert (printed["name"], printed["method"], printed["epochs"], printed["eval_every"]) == ("float_qat", "pgd_at", 3, 3)
     assert (printed["optim"]["lr"], printed["optim"]["schedule"], printed["seed"]) == (0.05, "cosine", 7)
+    assert printed["out_dir"] == str((tmp_path / "runs").resolve())  # beside the float run, wherever it was
     assert printed["qat"] == {"enabled": True, "activations": "uint8", "from_checkpoint": checkpoint,
                               "calibration_n": 512, "freeze_epochs": 2, "float_teacher": 1.0,
                               "carry_method_state": False}  # no last.safetensors beside the checkpoint
+    # --epochs sets the fine-tune's length, and what depends on it follows
+    assert main(["train", "--qat-from", checkpoint, "--dry-run", "--timing-steps", "0", "--epochs", "1"]) == 0
+    short = yaml.safe_load(capsys.readouterr().out.split("\n\n")[0])
+    assert (short["epochs"], short["eval_every"], short["qat"]["freeze_epochs"]) == (1, 1, 0)
     seen = {}
     monkeypatch.setattr("robustedge.trainer.train", lambda cfg, resume=False: seen.setdefault("cfg", cfg))
     robustedge.train(qat_from=checkpoint, seed=7)
     assert config_to_dict(seen["cfg"]) | {"progress": printed["progress"]} == printed  # the API builds the same run
-    (run / "config.yaml").write_text(dump_config(seen["cfg"]))  # a QAT run's folder is refused as a float run
-    with pytest.raises(RobustEdgeError, match="comes from a QAT run"):
-        robustedge.train(qat_from=checkpoint)
+    meta.extra["qat"] = {"activations": "uint8"}
+    qat_file = save_model(tmp_path / "qat.safetensors", model, meta)
+    with pytest.raises(RobustEdgeError, match="is already a QAT student"):
+        robustedge.train(qat_from=qat_file)
 
 
 def _ort_operators(path: Path) -> dict[str, int]:

@@ -215,7 +215,7 @@ def test_the_quickstart_flags_set_what_scales_with_them(tmp_path):
     assert student.optim.lr == 0.8  # the recipe's own, whatever the flags
     # the QAT run is the student's config under the QAT recipe (robustedge/qat_recipe.py), --qat-epochs aside
     assert (qat.optim.lr, qat.optim.schedule, qat.method, qat.attack.eps) == (0.08, "cosine", "bmtard", 0.05)
-    assert (qat.qat.freeze_epochs, qat.qat.carry_method_state, qat.qat.float_teacher) == (2, True, 1.0)
+    assert (qat.qat.freeze_epochs, qat.qat.carry_method_state, qat.qat.float_teacher) == (1, True, 1.0)
     recipe = quickstart_configs(QuickstartSettings(out=tmp_path, epochs=10, qat=True))["student_bmtard_qat"]
     assert (recipe.epochs, recipe.eval_every, recipe.qat.freeze_epochs) == (3, 3, 2)
 

@@ -90,23 +90,27 @@ def config_flags() -> tuple[ConfigFlag, ...]:
                                   "fake-quantised INT8 function (torchao PT2E; docs/design.md, \"Quantization-aware "
                                   "training\")", name="qat", negatable=True),
         ConfigFlag("qat.from_checkpoint", "QAT fine-tuning: start from this trained float student (implies --qat; "
-                                          "without --config, the run is the float run's config.yaml turned into its "
-                                          "measured fine-tune recipe, docs/design.md section 10; "
-                                          "its ranges are first calibrated on qat.calibration_n training images, as "
-                                          "post-training quantisation does); use a small --lr",
+                                          "without --config, the run is the config FILE was trained with, turned "
+                                          "into its QAT fine-tune: 30%% of its epochs, cosine from a tenth of its "
+                                          "lr, the float student as a teacher, docs/design.md section 10; the "
+                                          "ranges are first calibrated on qat.calibration_n training images, as "
+                                          "post-training quantisation does)",
                    name="qat-from", metavar="FILE"),
         ConfigFlag("qat.activations", "QAT scheme: uint8 (ONNX Runtime's x86 kernels), int8-symmetric (TensorRT) or "
                                       "int8 (ExecuTorch's XNNPACK quantizer, for executorch-int8; needs the mobile "
                                       "extra)", name="qat-activations", choices=ACTIVATIONS),
         ConfigFlag("qat.freeze_epochs", "QAT: train the last N epochs with the observers and batch-norm statistics "
-                                        "frozen, against the scales the export ships (default 0: never)",
+                                        "frozen, against the scales the export ships (the fine-tune recipe: 2; "
+                                        "0: never)",
                    name="qat-freeze-epochs", parse=_count_from_zero, metavar="N"),
         ConfigFlag("qat.carry_method_state", "QAT fine-tuning: start the method from the float run's state "
                                              "(B-MTARD's temperatures and loss weights; its last.safetensors beside "
-                                             "--qat-from)", name="qat-carry-method-state"),
+                                             "--qat-from; on in the fine-tune recipe when that file is there)",
+                   name="qat-carry-method-state", negatable=True),
         ConfigFlag("qat.float_teacher", "QAT fine-tuning: weight W of the float student (--qat-from) as an extra "
                                         "teacher of the fake-quantised one, on x and the training attack's x' "
-                                        "(default 0: off)", name="qat-float-teacher", parse=_weight, metavar="W"),
+                                        "(the fine-tune recipe: 1; 0: off)", name="qat-float-teacher", parse=_weight,
+                   metavar="W"),
         ConfigFlag("device", "auto, cpu, cuda or cuda:N"),
         ConfigFlag("seed", "seed of initialisation, data order and attacks", parse=options.parse_seed),
         ConfigFlag("name", "run name (folder under --out-dir)"),
@@ -199,19 +203,20 @@ def resolve_train_config(args: argparse.Namespace):
     """--config, then explicit flags, then --set overrides; validated as a whole."""
     from robustedge.config import TrainConfig, apply_values, load_config, parse_overrides, validate_config
 
-    if args.config:
-        cfg = load_config(args.config)
-    elif args.qat_from is not None:  # the float run's own config, as its QAT fine-tune (robustedge/qat_recipe.py)
-        from robustedge.qat_recipe import fine_tune_config, float_run_config
-
-        cfg = fine_tune_config(float_run_config(args.qat_from), args.qat_from)
-    else:
-        cfg = TrainConfig()
     given = [(f, getattr(args, f.dest)) for f in _flags(args.kind) if getattr(args, f.dest) is not None]
     values = {f.key: value for f, value in given if "*" not in f.key}
     if args.qat_from is not None and args.qat is None:
         values["qat.enabled"] = True
-    cfg = apply_values(cfg, {**values, **parse_overrides(args.overrides)})
+    values |= parse_overrides(args.overrides)
+    if args.config:
+        cfg = load_config(args.config)
+    elif args.qat_from is not None:  # the float run's own config, as its QAT fine-tune (robustedge/qat_recipe.py)
+        from robustedge.qat_recipe import recipe_config
+
+        cfg = recipe_config(args.qat_from, values.get("epochs"))
+    else:
+        cfg = TrainConfig()
+    cfg = apply_values(cfg, values)
     if args.no_progress:
         cfg.progress = False
     for f, value in given:  # every role's field (teachers.*.precision), whichever set the teachers

@@ -83,7 +83,7 @@ def drop_relus_before_clamping_quantize(model) -> int:
             consumers.setdefault(name, []).append(node)
     outputs = {o.name for o in graph.output}
 
-    def unsigned_zero_point(node) -> bool:  # the zero point is the type's minimum: negatives saturate to 0
+    def clamps_at_zero(node) -> bool:  # the zero point is the type's minimum: negatives saturate to 0
         if node.op_type != "QuantizeLinear" or len(node.input) < 3 or node.input[2] not in initializers:
             return False
         zero = initializers[node.input[2]]
@@ -93,7 +93,7 @@ def drop_relus_before_clamping_quantize(model) -> int:
     removed = []
     for node in graph.node:
         users = consumers.get(node.output[0], []) if node.op_type == "Relu" else []
-        if users and node.output[0] not in outputs and all(unsigned_zero_point(u) for u in users):
+        if users and node.output[0] not in outputs and all(clamps_at_zero(u) for u in users):
             for user in users:
                 user.input[0] = node.input[0]
             removed.append(node)
