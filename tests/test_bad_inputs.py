@@ -383,7 +383,7 @@ def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
                paths["state_pth"])
     from robustedge.qat import prepare_qat
 
-    meta.extra["qat"] = {"activations": "uint8", "library": "torchao", "from_checkpoint": None}
+    meta.extra["qat"] = {"activations": "uint8", "patterns": "onnxruntime", "library": "torchao", "from_checkpoint": None}
     paths["qat_ckpt"] = save_model(root / "qat.safetensors", prepare_qat(model, meta.spec.input_shape).eval(), meta)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     meta = load_model(ckpt)[1]  # the float model's (the QAT row above changed this one)
