@@ -172,6 +172,12 @@ def read_meta(path: str | os.PathLike) -> ModelMeta:
     return _meta_from_header(path, _read_header(path))
 
 
+def trained_method(path: str | os.PathLike) -> str | None:
+    """The method the run that wrote ``path`` trained with (the config its metadata records), or None."""
+    config = read_meta(path).extra.get("config")
+    return config.get("method") if isinstance(config, dict) else None
+
+
 def read_robustedge_file(path: Path) -> tuple[dict[str, str], ModelMeta, dict[str, torch.Tensor]]:
     """Header, metadata and every tensor of a RobustEdge file (model or training state)."""
     from safetensors import SafetensorError

@@ -401,10 +401,9 @@ def _validate_qat(cfg: TrainConfig) -> None:
             raise RobustEdgeError(f"qat.carry_method_state needs the float run's training state {last} (the run "
                                   f"folder of {q.from_checkpoint}); copy it beside the checkpoint or set "
                                   f"carry_method_state: false (--no-qat-carry-method-state)")
-        from robustedge.checkpoint import read_meta
+        from robustedge.checkpoint import trained_method
 
-        trained = read_meta(last).extra.get("config", {})
-        method = trained.get("method") if isinstance(trained, dict) else None
+        method = trained_method(last)
         if method != cfg.method:
             raise RobustEdgeError(f"qat.carry_method_state: {last} was trained with method '{method}', this run "
                                   f"with '{cfg.method}'; there is no method state to carry "

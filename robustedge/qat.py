@@ -40,6 +40,16 @@ PATTERNS = {"uint8": "onnxruntime", "int8-symmetric": "x86-inductor", "int8": "x
 LEGACY_PATTERNS = {"uint8": "x86-inductor", "int8-symmetric": "x86-inductor", "int8": "xnnpack"}  # metadata names none
 
 
+def saved_scheme(qat_meta: object, where: str) -> tuple[str, str]:
+    """(activations, patterns) of a saved QAT student's metadata (``meta.extra["qat"]``). A student saved
+    before the metadata named its patterns was trained under its scheme's old ones."""
+    activations = qat_meta.get("activations", "uint8") if isinstance(qat_meta, dict) else None
+    patterns = qat_meta.get("patterns", LEGACY_PATTERNS.get(activations)) if isinstance(qat_meta, dict) else None
+    if activations not in PATTERNS or patterns not in (PATTERNS[activations], LEGACY_PATTERNS[activations]):
+        raise RobustEdgeError(f"{where}: malformed QAT metadata (activations {activations!r}, patterns {patterns!r})")
+    return activations, patterns
+
+
 def _onnxruntime_x86_quantizer():
     """torchao's ``X86InductorQuantizer`` with the residual adds quantised the way ONNX Runtime runs them.
 

@@ -24,7 +24,7 @@ import copy
 from dataclasses import dataclass
 from pathlib import Path
 
-from robustedge.checkpoint import read_meta
+from robustedge.checkpoint import read_meta, trained_method
 from robustedge.config import QATConfig, TrainConfig, config_from_dict
 from robustedge.errors import RobustEdgeError
 from robustedge.options import parse_int
@@ -82,7 +82,8 @@ def fine_tune_config(float_cfg: TrainConfig, checkpoint: str | Path, recipe: QAT
     cfg.optim.schedule = recipe.schedule
     cfg.optim.milestones = [max(1, cfg.epochs - 1)]  # read only by a piecewise schedule set over the recipe
     if state_beside is None:  # a file copied away from its run folder has no training state beside it
-        state_beside = _float_method(checkpoint) == float_cfg.method
+        last = Path(checkpoint).parent / "last.safetensors"
+        state_beside = last.is_file() and trained_method(last) == float_cfg.method
     # at least one epoch learns with moving ranges and batch statistics before the frozen ones
     freeze = min(recipe.freeze_epochs, max(0, cfg.epochs - 1))
     cfg.qat = QATConfig(enabled=True, activations=float_cfg.qat.activations, from_checkpoint=str(checkpoint),
@@ -97,15 +98,6 @@ def recipe_config(checkpoint: str | Path, epochs: object = None) -> TrainConfig:
     if epochs is not None:
         epochs = parse_int(epochs, "epochs", 1)
     return fine_tune_config(float_run_config(checkpoint), checkpoint, epochs=epochs)
-
-
-def _float_method(checkpoint: str | Path) -> str | None:
-    """The method of the training state beside ``checkpoint`` (its run's ``last.safetensors``), or None."""
-    last = Path(checkpoint).parent / "last.safetensors"
-    if not last.is_file():
-        return None
-    config = read_meta(last).extra.get("config")
-    return config.get("method") if isinstance(config, dict) else None
 
 
 __all__ = ["FINE_TUNE", "QATRecipe", "fine_tune_config", "float_run_config", "recipe_config"]

@@ -172,9 +172,10 @@ def _marked(out: Path):
 
 def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
     """Every setting checked before the quickstart touches disk; returns the four run configs."""
-    for name in ("epochs", "teacher_epochs", "eval_n", "qat_epochs"):
-        if getattr(s, name) is not None or name != "qat_epochs":
-            parse_int(getattr(s, name), name.replace("_", "-"), 1)
+    for name in ("epochs", "teacher_epochs", "eval_n"):
+        parse_int(getattr(s, name), name.replace("_", "-"), 1)
+    if s.qat_epochs is not None:  # None: the QAT recipe's
+        parse_int(s.qat_epochs, "qat-epochs", 1)
     parse_seed(s.seed)
     parse_eps(s.eps)
     parse_int(s.square_queries, "square-queries", 1)

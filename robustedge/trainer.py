@@ -146,11 +146,9 @@ class Trainer:
         if self.resume and not self.last_path.exists():
             raise RobustEdgeError(f"nothing to resume: {self.last_path} does not exist")
         if self.resume and cfg.qat.enabled:
-            from robustedge.qat import LEGACY_PATTERNS, PATTERNS
+            from robustedge.qat import PATTERNS, saved_scheme
 
-            saved = read_meta(self.last_path).extra.get("qat")
-            scheme = saved.get("activations", "uint8") if isinstance(saved, dict) else cfg.qat.activations
-            patterns = saved.get("patterns", LEGACY_PATTERNS.get(scheme)) if isinstance(saved, dict) else None
+            _, patterns = saved_scheme(read_meta(self.last_path).extra.get("qat"), str(self.last_path))
             if patterns != PATTERNS.get(cfg.qat.activations):
                 raise RobustEdgeError(f"{self.last_path} was trained with its quantisers at '{patterns}' places "
                                       f"(an earlier RobustEdge); this version trains {cfg.qat.activations} QAT "

@@ -130,13 +130,8 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
         raise RobustEdgeError(f"{path}: malformed model spec ({exc})") from None
     qat = meta.extra.get("qat")
     if qat:  # a QAT student: the same fake-quantised graph, rebuilt, then its weights and learned ranges
-        from robustedge.qat import LEGACY_PATTERNS, PATTERNS, prepare_qat
+        from robustedge.qat import prepare_qat, saved_scheme
 
-        activations = qat.get("activations", "uint8") if isinstance(qat, dict) else None
-        # a student saved before the metadata named its patterns was trained under its scheme's old ones
-        patterns = qat.get("patterns", LEGACY_PATTERNS.get(activations)) if isinstance(qat, dict) else None
-        if activations not in LEGACY_PATTERNS or patterns not in (PATTERNS[activations], LEGACY_PATTERNS[activations]):
-            raise RobustEdgeError(f"{path}: malformed QAT metadata (activations {activations!r}, patterns {patterns!r})")
-        model = prepare_qat(model, meta.spec.input_shape, activations, patterns)
+        model = prepare_qat(model, meta.spec.input_shape, *saved_scheme(qat, str(path)))
     load_state_strict(model, state, source=str(path), arch=meta.spec.arch)
     return model.to(device).eval(), meta

@@ -77,6 +77,7 @@ CASES = [
      "--mean has 2 values and --std 1"),
     (["eval", "{norm_meta}"], "one value per input channel"),
     (["eval", "{eps_meta}"], "eps must be a number in [0, 1], got 2"),
+    (["eval", "{qat_meta}"], "malformed QAT metadata (activations 'uint8', patterns 'somewhere')"),
     (["import", "{nan_pth}", "--arch", "wideresnet-10-1", "--dataset", "digits", "--out",
       "{world}/imported.safetensors"], "non-finite (NaN/Inf) weights"),
     (["app", "--model", "{nan_ckpt}"], "non-finite (NaN/Inf) weights"),
@@ -393,7 +394,9 @@ def _broken_checkpoints(ckpt: Path, root: Path) -> dict[str, Path]:
     paths["nan_pth"] = root / "nan_weights.pth"
     torch.save({k: v.clone().fill_(float("nan")) if k == "fc.bias" else v for k, v in state.items()}, paths["nan_pth"])
     for name, edit in (("norm_meta", lambda raw: raw["spec"].update(mean=[0.5, 0.5], std=[0.2, 0.2])),
-                       ("eps_meta", lambda raw: raw.update(eps=2))):
+                       ("eps_meta", lambda raw: raw.update(eps=2)),
+                       ("qat_meta", lambda raw: raw.setdefault("extra", {}).update(
+                           qat={"activations": "uint8", "patterns": "somewhere"}))):
         raw = json.loads(meta.to_json())
         edit(raw)
         paths[name] = root / f"{name}.safetensors"

@@ -550,6 +550,20 @@ def test_the_uint8_qat_file_runs_the_ptq_files_integer_operators_on_onnx_runtime
     assert loaded.patterns == "x86-inductor" and torch.equal(loaded(x), students["x86-inductor"].eval()(x))
 
 
+def test_a_qat_run_of_the_old_patterns_is_not_resumed_under_the_new_ones(tmp_path, float_student):
+    """Resuming a uint8 QAT run saved before the patterns were recorded (x86 patterns) is refused in one line
+    before anything is written: its quantisers sit elsewhere than this version's."""
+    cfg = qat_config(tmp_path, "old", from_checkpoint=str(float_student))
+    model, meta = load_model(float_student)
+    meta.extra["qat"] = {"activations": "uint8"}  # no patterns key: an older student
+    cfg.run_dir.mkdir(parents=True)
+    last = save_model(cfg.run_dir / "last.safetensors", model, meta)
+    before = last.read_bytes()
+    with pytest.raises(RobustEdgeError, match="'x86-inductor' places .* cannot resume it"):
+        train(cfg, resume=True)
+    assert sorted(p.name for p in cfg.run_dir.iterdir()) == ["last.safetensors"] and last.read_bytes() == before
+
+
 def test_pt2e_ptq_is_the_qat_file_of_zero_epochs(tmp_path, float_student):
     """--int8-quantizer pt2e: the float student quantised by the quantizer QAT trains under, calibrated on the
     export's calibration images and converted, computes exactly what the QAT student of zero epochs (prepared and
