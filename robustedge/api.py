@@ -222,10 +222,12 @@ def export(model, out: str | os.PathLike, *, formats: str | list[str] = "onnx,on
 
 
 def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=None,
-           out: str | os.PathLike | None = None):
+           out: str | os.PathLike | None = None, emulate: str | None = None):
     """``robustedge verify``: re-check a bundle's files and numbers; returns ``(report, gate failures)`` and
-    writes ``verify.json``/``verify.md`` to ``out`` (default ``<bundle>-verify`` beside it, never into it)."""
-    from robustedge.edge.bundle import verify_bundle
+    writes ``verify.json``/``verify.md`` to ``out`` (default ``<bundle>-verify`` beside it, never into it).
+    ``emulate`` (``--emulate``): ``"arm64"`` also replays every file on arm64 builds of its runtimes under
+    emulation; None: the processors the export replayed on; ``"none"``: none."""
+    from robustedge.edge.reverify import verify_bundle
     from robustedge.verifier import Gate, load_manifest
 
     bundle = _path_arg(bundle, "bundle")
@@ -233,9 +235,13 @@ def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=N
         raise RobustEdgeError(f"progress must be a function of one message, got {progress!r}")
     if square_n is not None:
         square_n = parse_int(square_n, "square_n", 0)
+    if emulate is not None:
+        from robustedge.edge.emulated_env import parse_isas
+
+        emulate = parse_isas(emulate)
     gate = Gate.from_dict(load_manifest(bundle)["gate"])
     return verify_bundle(bundle, gate, square_n, progress=progress or (lambda m: None),
-                         out=None if out is None else _path_arg(out, "out"), out_flag="out")
+                         out=None if out is None else _path_arg(out, "out"), out_flag="out", emulate=emulate)
 
 
 def train(config: str | os.PathLike | Any = None, *, resume: bool = False, qat_from: str | os.PathLike | None = None,

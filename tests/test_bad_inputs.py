@@ -150,6 +150,11 @@ CASES = [
      "ROBUSTEDGE_PT2E_FAST must be 0 (torchao's own path) or 1 (the fast paths), got 'maybe'"),
     (["ROBUSTEDGE_PT2E_FAST=yes", "train", "--config", "digits_teacher_clean", "--qat", "--out-dir", "{new}",
       "--device", "cpu", "--no-progress"], "ROBUSTEDGE_PT2E_FAST must be 0"),
+    (["ROBUSTEDGE_CACHE={file}", *EXPORT, "--out", "{new}", "--emulate", "arm64"], "($ROBUSTEDGE_CACHE) is not a folder"),
+    (["ROBUSTEDGE_CACHE={file}/sub", "verify", "{bundle}", "--emulate", "arm64"], "($ROBUSTEDGE_CACHE) is not a folder"),
+    # --- replays on other processors -------------------------------------------------------------
+    (EXPORT + ["--out", "{new}", "--emulate", "sparc"], "unknown emulated processor 'sparc'; known: arm64"),
+    (["verify", "{bundle}", "--emulate", "sparc"], "unknown emulated processor 'sparc'; known: arm64"),
     (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "onnx,onnx-fp16"], "a QAT student exports to"),
     # --- verify: bundles that are not what their manifest says ----------------------------------
     (["verify", "{world}"], "is not an export bundle (no manifest.json)"),
@@ -490,7 +495,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, argv, message, 
     monkeypatch.chdir(world["world"])  # anything written to a default path would land in the snapshot
     while "=" in argv[0]:  # the environment of the row
         name, value = argv[0].split("=", 1)
-        monkeypatch.setenv(name, value)
+        monkeypatch.setenv(name, _fill(value, world))
         argv = argv[1:]
     before = snapshot(world["world"])
     code = main([_fill(a, world) for a in argv])

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from robustedge import RobustEdgeError
-from robustedge.edge.bundle import ExportOptions, export_bundle, parse_formats, verify_bundle
+from robustedge.edge.bundle import ExportOptions, export_bundle, parse_formats
+from robustedge.edge.reverify import verify_bundle
 from robustedge.edge.convert import export_onnx
 from robustedge.verifier import Gate, OrtRunner, check_input_shape, read_bundle, sha256
 OPTS = dict(n=64, calibration_n=128, transfer_attacks=("pgd20",), square_n=8, square_queries=50)
@@ -304,3 +305,97 @@ def test_executorch_formats_are_skipped_with_the_install_line_without_the_extra(
     opts = ExportOptions(**(OPTS | dict(formats=["executorch"], whitebox_attacks=(), square_n=0)))
     manifest, _ = export_bundle(digits_checkpoint, tmp_path / "bundle", opts, progress=lambda m: None)
     assert set(manifest["files"]) == {"onnx"} and "robustedge[mobile]" in manifest["skipped"]["executorch"]
+
+
+# --- replays on other processors (robustedge/edge/emulation.py) ---------------------------------------------
+
+def test_the_verifier_writes_its_table_platform_and_every_logit_as_the_library_replays_them(bundle, tmp_path):
+    from robustedge.verifier import artifact_row
+
+    out, manifest, _ = bundle
+    proc = subprocess.run([sys.executable, str(out / "verify.py"), str(out), "--formats", "onnx,onnx-int8",
+                           "--no-latency", "--json", str(tmp_path / "r.json"), "--logits", str(tmp_path / "l.npz")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode in (0, 1), proc.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["platform"]["isa"] == __import__("platform").machine()
+    assert "onnxruntime" in report["platform"]["runtimes"]
+    assert not any(k.startswith("latency") for k in report["table"]["onnx-int8"])  # --no-latency
+    assert report["gate_failures"] == ([] if proc.returncode == 0 else report["gate_failures"])
+    _, samples = read_bundle(out)
+    with np.load(tmp_path / "l.npz") as data:
+        logits = {k: data[k] for k in data.files}
+    for fmt in ("onnx", "onnx-int8"):
+        mine: dict = {}
+        row, _, _ = artifact_row(out / manifest["files"][fmt]["file"], fmt, samples, latency=False, logits=mine)
+        assert set(mine) == {k.split("/", 1)[1] for k in logits if k.startswith(fmt + "/")}
+        for column, values in mine.items():
+            np.testing.assert_array_equal(logits[f"{fmt}/{column}"], values)
+        assert report["table"][fmt]["clean"] == row["clean"] == (mine["clean"].argmax(1) == samples["y"]).mean()
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside
+
+
+def test_emulated_rows_compare_logits_sit_under_their_format_and_face_the_gate():
+    from robustedge.edge.emulated_env import parse_isas
+    from robustedge.edge.emulation import add_emulated_rows, compare_logits
+
+    host = {"onnx/clean": np.array([[1.0, 0.0], [0.0, 1.0]]), "onnx/transfer_pgd20": np.array([[2.0, 1.0]])}
+    other = {"onnx/clean": np.array([[1.0, 0.5], [0.6, 0.5]]), "onnx/transfer_pgd20": np.array([[2.0, 1.0]])}
+    assert compare_logits(host, other, "onnx") == {"isa_agreement": 2 / 3, "isa_max_logit_diff": 0.6,
+                                                   "isa_compared": 3}
+    with pytest.raises(RobustEdgeError, match="no replay to compare"):
+        compare_logits(host, other, "onnx-int8")
+    report = {"table": {"torch": {"clean": 0.9, "agreement": 1.0}, "onnx": {"clean": 0.9, "agreement": 1.0},
+                        "onnx-int8": {"clean": 0.9, "agreement": 1.0}}, "flags": {}}
+    emulated = {"isas": ["arm64"], "table": {"onnx-int8@arm64": {"clean": 0.9, "agreement": 1.0, "isa_agreement": 0.98},
+                                            "onnx@arm64": {"clean": 0.9, "agreement": 1.0, "isa_agreement": 1.0}},
+                "flags": {"onnx@arm64": [], "onnx-int8@arm64": []}, "platforms": {}, "skipped": {}, "seconds": {}}
+    add_emulated_rows(report, emulated, Gate())
+    assert list(report["table"]) == ["torch", "onnx", "onnx@arm64", "onnx-int8", "onnx-int8@arm64"]
+    assert report["gate_failures"] == ["onnx-int8@arm64: agrees with the same file on this machine on 98.0% of the "
+                                       "inputs (< 99.0%)"]
+    assert report["emulated"]["isas"] == ["arm64"]
+    assert parse_isas("arm64,arm64") == ("arm64",) and parse_isas("none") == () and parse_isas(()) == ()
+    with pytest.raises(RobustEdgeError, match="unknown emulated processor 'riscv'; known: arm64"):
+        parse_isas("riscv")
+
+
+def test_an_old_verifier_is_refused_for_emulated_replays(bundle, tmp_path):
+    from robustedge.edge.emulation import run_verifier
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "verify.py").write_text("print('a verifier of an older release')\n")
+    with pytest.raises(RobustEdgeError, match="predates replays on other processors; export the bundle again"):
+        run_verifier(old, ["onnx"], tmp_path)
+
+
+def _emulation_ready() -> str | None:
+    """Why the arm64 replay cannot run here, or None: it needs qemu-user-static (or Debian's apt to fetch it)
+    and the network for the first preparation, unless the cache holds a prepared environment."""
+    import shutil
+
+    from robustedge.edge.emulated_env import ENVIRONMENT_FILE, cache_folder
+
+    if (cache_folder() / "emulate/arm64" / ENVIRONMENT_FILE).is_file():
+        return None
+    if shutil.which("qemu-aarch64-static"):
+        return None
+    return ("no arm64 environment prepared and qemu-user-static is not installed "
+            "(apt-get install qemu-user-static, then this test prepares the environment once)")
+
+
+@pytest.mark.emulation
+@pytest.mark.skipif(_emulation_ready() is not None, reason=str(_emulation_ready()))
+def test_a_bundle_replayed_on_arm64_agrees_with_this_machine(mobile_bundle):
+    from robustedge.edge.emulation import emulated_rows
+
+    out, manifest = mobile_bundle
+    result = emulated_rows(out, ("arm64",), progress=lambda m: None, formats=["ort-int8"])  # one file: seconds
+    row = result["table"]["ort-int8@arm64"]
+    assert row["isa_agreement"] >= 0.99 and row["isa_compared"] >= manifest["samples"]["n"]
+    assert not any(k.startswith("latency") for k in row)  # the emulator's time is no processor's
+    assert abs(row["clean"] - manifest["table"]["ort-int8"]["clean"]) <= 0.02
+    arm = result["platforms"]["arm64"]
+    assert arm["isa"] == "aarch64" and "onnxruntime" in arm["runtimes"] and "qemu" in arm["emulator"]
+    assert result["platforms"]["host"]["isa"] == __import__("platform").machine()

@@ -4,7 +4,7 @@ never inside it (a bundle on a device may be read-only, and its manifest hashes 
 import pytest
 
 from robustedge.errors import RobustEdgeError
-from robustedge.edge.bundle import verify_out
+from robustedge.edge.reverify import verify_out
 
 
 @pytest.mark.parametrize("cwd,bundle,expected", [

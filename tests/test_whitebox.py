@@ -319,7 +319,7 @@ def test_the_bundle_verifier_replays_the_white_box_numbers(student_bundle):
 def test_a_flagged_bundle_fails_the_gate_unless_flags_are_allowed(student_bundle, tmp_path):
     import shutil
 
-    from robustedge.edge.bundle import verify_bundle
+    from robustedge.edge.reverify import verify_bundle
     from robustedge.verifier import Gate
 
     out, manifest, _ = student_bundle

@@ -78,6 +78,10 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=SEED, default=0, help="seed of calibration sampling and the attacks")
     p.add_argument("--device", default="auto", help="where the torch side runs (transfer and white-box attacks, "
                                                     "gradient checks): auto (CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--emulate", default="none", metavar="ISA",
+                   help="also replay the finished bundle on this processor family's builds of its runtimes, under "
+                        "emulation (arm64: qemu; prepared once, cached in $ROBUSTEDGE_CACHE or ~/.cache/robustedge); "
+                        "its rows join the gated table and `robustedge verify` replays them again (default: none)")
     add_gate(p)
     add_model_facts(p, dataset_and_eps=True)
     p.set_defaults(func=cmd_export)
@@ -98,7 +102,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                          int8_activations=args.int8_activations, int8_quantizer=args.int8_quantizer,
                          transfer_attacks=_names(args.transfer_attacks), whitebox_attacks=_names(args.whitebox_attacks),
                          square_n=args.square_n, square_queries=args.square_queries, data_root=args.data_root,
-                         seed=args.seed, gate=gate(args), flags=FlagSettings(n=args.flags_n))
+                         seed=args.seed, gate=gate(args), flags=FlagSettings(n=args.flags_n), emulate=args.emulate)
+    opts.validate()  # before anything is read or written
     out = Path(args.out)
     manifest, failures = export_bundle(args.checkpoint, out, opts, progress=lambda m: print(m, file=sys.stderr),
                                        force=args.force, facts=facts(args), device=resolve_device(args.device))
@@ -109,9 +114,27 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"on {parity['n']} test and random inputs, top-1 agreement {100 * parity['agreement']:.1f}% on the "
           f"{parity['n_agreement']} test inputs")
     for fmt, row in manifest["table"].items():
-        if "twin_agreement" in row:
+        if "twin_agreement" in row and "@" not in fmt:  # an emulated row carries its format's twin figures
             print(f"{fmt}: its twin agrees with the runtime on {100 * row['twin_agreement']:.1f}% of the clean and "
                   f"adversarial inputs (max |logit difference| {row['twin_max_logit_diff']:.3g})")
     for fmt, why in manifest["skipped"].items():
         print(f"{fmt} not built: {why}")
+    print_platforms(manifest)
     return report_gate(failures, out)
+
+
+def print_platforms(report: dict) -> None:
+    """Where the rows were measured: this machine, and each emulated processor with its runtime builds."""
+    def builds(facts: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in facts.get("runtimes", {}).items()) or "no runtime"
+
+    if report.get("platform"):
+        print(f"measured on {report['platform']['isa']} ({builds(report['platform'])})"
+              + (", emulated rows as below" if report.get("emulated") else ""))
+    emulated = report.get("emulated") or {}
+    for isa, where in emulated.get("platforms", {}).items():
+        if isa != "host":
+            print(f"<format>@{isa}: {where['isa']} under {where['emulator']} (cpu {where['cpu']}), Python "
+                  f"{where['python']}, {builds(where)}; no latency under emulation")
+    for row, why in emulated.get("skipped", {}).items():
+        print(f"{row} not replayed: {why}")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from robustedge.cli.common import count
-from robustedge.cli.export import add_gate, gate, report_gate
+from robustedge.cli.export import add_gate, gate, print_platforms, report_gate
 
 
 def add(sub: argparse._SubParsersAction) -> None:
@@ -22,19 +22,27 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None,
                    help="folder for verify.json and verify.md (default: BUNDLE-verify beside the bundle; never "
                         "inside it: the bundle stays as exported)")
+    p.add_argument("--emulate", default=None, metavar="ISA",
+                   help="also replay every file on this processor family's builds of its runtimes, under emulation "
+                        "(arm64: qemu; prepared once, cached in $ROBUSTEDGE_CACHE or ~/.cache/robustedge), with "
+                        "agreement against this machine (default: the ones the export replayed on; none: no "
+                        "emulation)")
     add_gate(p)
     p.set_defaults(func=cmd_verify)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from robustedge.edge.bundle import verify_bundle, verify_out
+    from robustedge.edge.reverify import verify_bundle, verify_out
+    from robustedge.edge.emulated_env import parse_isas
     from robustedge.verifier import Gate, format_flags, format_table, load_manifest
 
     manifest = load_manifest(Path(args.bundle))
     verify_out(args.bundle, args.out)  # refused before anything runs
+    emulate = None if args.emulate is None else parse_isas(args.emulate)
     report, failures = verify_bundle(args.bundle, gate(args, Gate.from_dict(manifest["gate"])), args.square_n,
-                                     progress=lambda m: print(m, file=sys.stderr), out=args.out)
+                                     progress=lambda m: print(m, file=sys.stderr), out=args.out, emulate=emulate)
     print(format_table(report["table"]))
     print(format_flags(report["flags"]), end="")
+    print_platforms(report)
     print(f"wrote {Path(report['out']) / 'verify.json'} and verify.md")
     return report_gate(failures, Path(args.bundle))

@@ -1,4 +1,4 @@
-"""``robustedge export`` and ``robustedge verify``: build and check a deployment bundle.
+"""``robustedge export``: build a deployment bundle and verify every file in it through its own runtime.
 
 A bundle folder holds the model files, ``manifest.json`` (sha256 of every file, input shape and
 range, classes, eps, the measured table and the gate), ``verify.npz`` (clean and adversarial samples
@@ -14,7 +14,6 @@ read through :mod:`robustedge.edge.formats`. The bundle is assembled in a tempor
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import shutil
@@ -33,12 +32,12 @@ from robustedge.edge.formats import (EXPORT_FORMATS, FLOAT_FIRST, ORT_SOURCES, Q
 from robustedge.edge.verify import (TRANSFER_ATTACKS, WHITEBOX_ATTACKS, check_transfer_attacks,
                                       check_whitebox_attacks, craft_samples, torch_row,
                                       verify_artifact)
-from robustedge.flags import FlagSettings, square_examples
+from robustedge.flags import FlagSettings
 from robustedge.files import (OutputKind, atomic_write_bytes, atomic_write_json, atomic_write_text,
                               check_output_folder, make_temp_dir, replace_folder)
 from robustedge.verifier import (BUNDLE_FORMAT, FORMAT_TABLE, FORMATS, MANIFEST_FILE, ORT_OPERATORS_FILE, SAMPLES_FILE,
-                                 VERIFIER_FILE, Gate, accuracy_row, artifact_row, bundle_flags, check_finite,
-                                 format_flags, format_table, predict, read_bundle, sha256, square_key, whitebox_key)
+                                 VERIFIER_FILE, Gate, check_finite, format_flags, format_table, platform_facts, sha256,
+                                 square_key, whitebox_key)
 from robustedge.verifier.assemble import assemble
 
 BUNDLE = OutputKind("export bundle", MANIFEST_FILE, BUNDLE_FORMAT)
@@ -67,6 +66,9 @@ class ExportOptions:
     seed: int = 0
     data_root: str | None = None
     gate: Gate = field(default_factory=Gate)
+    # processors whose builds of the runtimes replay the bundle too, under emulation (robustedge/edge/emulation.py);
+    # their rows join the gated table
+    emulate: tuple[str, ...] = ()
 
     def validate(self) -> "ExportOptions":
         """Every option checked before anything is read or written."""
@@ -97,6 +99,11 @@ class ExportOptions:
             raise RobustEdgeError(f"parity tolerance must be a positive number, got {self.parity_tol!r}")
         if not isinstance(self.gate, Gate):
             raise RobustEdgeError("gate must be a Gate")
+        from robustedge.edge.emulated_env import cache_folder, parse_isas
+
+        self.emulate = parse_isas(self.emulate)
+        if self.emulate:
+            cache_folder()  # a cache that cannot be made is refused before the export starts
         return self
 
 
@@ -362,8 +369,15 @@ def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=pri
         np.savez_compressed(tmp / SAMPLES_FILE, **samples)
         atomic_write_bytes(tmp / VERIFIER_FILE, assemble().encode("utf-8"))  # the verifier package as one file
         manifest = _manifest(source, out, meta, opts, tmp, built, samples, skipped, table, failures)
-        manifest |= {"flags": flags, "checks": checks, "seconds": timings, "parity": parity}
+        manifest |= {"flags": flags, "checks": checks, "seconds": timings, "parity": parity,
+                     "platform": platform_facts()}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
+        if opts.emulate:  # the finished bundle (its verify.py reads the manifest) replayed on each emulated ISA
+            from robustedge.edge.emulation import add_emulated_rows, emulated_rows
+
+            add_emulated_rows(manifest, emulated_rows(tmp, opts.emulate, progress=progress), opts.gate)
+            atomic_write_json(tmp / MANIFEST_FILE, manifest)
+            table, flags, failures = manifest["table"], manifest["flags"], manifest["gate_failures"]
         atomic_write_text(tmp / "verify.md", format_table(table) + "\n" + format_flags(flags))
         replace_folder(tmp, out, BUNDLE, replace=force)
     except BaseException:
@@ -399,89 +413,3 @@ def _manifest(checkpoint: Path | None, out: Path, meta, opts: ExportOptions, tmp
         "skipped": skipped, "table": table, "gate": opts.gate.to_dict(), "gate_failures": failures,
         "options": {k: v for k, v in asdict(opts).items() if k not in ("gate", "flags")} | {"flags": opts.flags.to_dict()},
     }
-
-
-def verify_out(bundle: str | Path, out: str | Path | None = None, flag: str = "--out") -> Path:
-    """Where `robustedge verify` writes its report: ``out``, by default ``<bundle>-verify`` beside the bundle;
-    never inside the bundle, whose files its manifest hashes and which a device may hold read-only."""
-    absolute = Path(os.path.abspath(bundle))  # `verify .` is named for the folder itself; a link keeps its name
-    if out is not None and not str(out).strip():
-        raise RobustEdgeError(f"{flag} must be a folder path, got an empty one")
-    folder = Path(out) if out is not None else absolute.parent / f"{absolute.name}-verify"
-    inside = folder.resolve()
-    if inside == absolute.resolve() or absolute.resolve() in inside.parents:
-        raise RobustEdgeError(f"{flag} {folder} is inside the bundle {bundle}; verify never writes into a bundle, "
-                              f"choose a folder outside it")
-    from robustedge.files import check_output_files
-
-    check_output_files(folder, VERIFY_OUTPUTS, flag)
-    parent = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise RobustEdgeError(f"{flag} {folder}: {parent} is not a folder this process can write into")
-    return folder
-
-
-def _is_verify_json(path: Path) -> bool:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return False
-    return isinstance(data, dict) and {"table", "flags", "gate", "gate_failures", "verified"} <= set(data)
-
-
-def _is_verify_md(path: Path) -> bool:
-    try:
-        return path.read_text(encoding="utf-8").startswith("| format |")
-    except (OSError, UnicodeDecodeError):
-        return False
-
-
-VERIFY_OUTPUTS = {"verify.json": _is_verify_json, "verify.md": _is_verify_md}  # what verify may overwrite
-
-
-def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | None = None,
-                  progress=print, out: str | Path | None = None, out_flag: str = "--out") -> tuple[dict, list[str]]:
-    """Re-run a bundle's checks through each runtime: replays of every stored example set (the same
-    as the bundle's own ``verify.py``), the comparison flags recomputed, the gradient checks as recorded
-    at export. ``square_n`` > 0 runs a fresh Square attack on each runtime instead of replaying the
-    stored one; the torch row comes from the manifest. The report goes to :func:`verify_out` (``out``,
-    default ``<bundle>-verify`` beside the bundle), never into the bundle."""
-    bundle = Path(bundle)
-    manifest, samples = read_bundle(bundle)
-    folder = verify_out(bundle, out, out_flag)
-    options = manifest["options"]
-    gate = gate or Gate.from_dict(manifest["gate"])
-    if square_n is not None and (not isinstance(square_n, int) or square_n < 0):
-        raise RobustEdgeError(f"square-n must be an integer >= 0, got {square_n!r}")
-    table = {"torch": manifest["table"]["torch"]}
-    flags = {"torch": manifest.get("flags", {}).get("torch", [])}
-    for fmt, entry in manifest["files"].items():
-        ok, why = available(fmt)  # the runtime its row needs
-        if not ok:
-            progress(f"skipping {fmt}: {why}")
-            continue
-        progress(f"verifying {fmt} through its runtime")
-        row, results, runner = artifact_row(bundle / entry["file"], fmt, samples)
-        if square_n is not None:
-            results.pop("square", None)
-            if square_n > 0:
-                fresh = square_examples(runner, samples, manifest["eps"], min(square_n, len(samples["y"])),
-                                        options["square_queries"], options["seed"], what=fmt)
-                results["square"] = predict(runner, fresh, what=fmt).argmax(1) == samples["y"][:len(fresh)]
-            row = {k: v for k, v in row.items() if k not in ("square", "worst")} | accuracy_row(results)
-        for key in ("twin_agreement", "twin_max_logit_diff", "max_abs_logit_diff"):
-            if key in manifest["table"].get(fmt, {}):
-                row[key] = manifest["table"][fmt][key]
-        table[fmt] = row
-        flags[fmt] = bundle_flags(manifest, fmt, results, gate.flag_tolerance)
-    failures = gate.check(table, flags)
-    report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
-              "verified": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RobustEdgeError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    atomic_write_json(folder / "verify.json", report)
-    atomic_write_text(folder / "verify.md", format_table(table) + "\n" + format_flags(flags))
-    report["out"] = str(folder)
-    return report, failures

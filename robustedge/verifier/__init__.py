@@ -14,7 +14,8 @@ RobustEdge, and the modules import each other with absolute ``from robustedge.ve
 lines only (the lines the assembly drops).
 """
 
-from robustedge.verifier.base import RobustEdgeError, exception_line, first_line, is_fraction, is_number, sha256
+from robustedge.verifier.base import (RobustEdgeError, exception_line, first_line, is_fraction, is_number, sha256,
+                                      write_atomically)
 from robustedge.verifier.cli import main
 from robustedge.verifier.flags import (FLAG_CHECKS, ITERATIVE_ATTACKS, bundle_flags, comparison_flags, describe_flag,
                                        iterative_columns, make_flag, reported_worst)
@@ -22,7 +23,7 @@ from robustedge.verifier.formats import FORMAT_TABLE, FORMATS, ExportFormat
 from robustedge.verifier.gate import Gate, distinct_percents
 from robustedge.verifier.replays import accuracy_row, artifact_row, replay, worst_case
 from robustedge.verifier.runners import (RUNNERS, DeviceBuffers, ExecuTorchRunner, OrtRunner, TrtRunner, check_finite,
-                                         check_input_shape, median_latency_ms, open_runner, predict)
+                                         check_input_shape, median_latency_ms, open_runner, platform_facts, predict)
 from robustedge.verifier.schema import (BUNDLE_FORMAT, MANIFEST_FILE, ORT_OPERATORS_FILE, SAMPLES_FILE, VERIFIER_FILE,
                                         bundle_path, check_hashes, check_manifest, load_manifest, load_samples,
                                         plain_name, read_bundle, sample_keys, square_key, whitebox_key)
@@ -36,6 +37,6 @@ __all__ = [
     "bundle_flags", "bundle_path", "check_finite", "check_hashes", "check_input_shape", "check_manifest",
     "comparison_flags", "describe_flag", "distinct_percents", "format_flags", "format_table", "is_fraction",
     "is_number", "iterative_columns", "load_manifest", "load_samples", "main", "make_flag", "median_latency_ms",
-    "open_runner", "plain_name", "predict", "read_bundle", "replay", "reported_worst", "sample_keys", "sha256",
-    "square_key", "whitebox_key", "worst_case",
+    "open_runner", "plain_name", "platform_facts", "predict", "read_bundle", "replay", "reported_worst", "sample_keys", "sha256",
+    "square_key", "whitebox_key", "worst_case", "write_atomically",
 ]

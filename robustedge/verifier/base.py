@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 
 
@@ -43,3 +44,17 @@ def is_number(value: object) -> bool:
 
 def is_fraction(v: object) -> bool:
     return is_number(v) and 0.0 <= v <= 1.0
+
+
+def write_atomically(path: Path, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, renamed over it once complete: a reader (or
+    the process that asked for the file) never sees half of it. The temporary file is removed on failure."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,6 +1,7 @@
 """Verify a RobustEdge export bundle on this device: numpy + the artifact's runtime, nothing else.
 
     python verify.py [BUNDLE] [--formats onnx,onnx-int8] [--max-drop 0.05] [--min-agreement 0.95]
+    python verify.py BUNDLE --no-latency --json report.json --logits logits.npz   # machine-readable
 
 These are the checks of ``robustedge verify``, and their messages, to the letter: RobustEdge keeps them
 in the package ``robustedge.verifier`` and assembles its modules into this one file, the ``verify.py``
@@ -15,19 +16,25 @@ from the manifest, and a ``verify.npz`` with missing, extra, mistyped or misshap
 replays the clean and adversarial samples through each model on this device, prints clean
 accuracy, top-1 agreement with the torch model and transfer robust accuracy next to the numbers
 measured at export time, and applies the bundle's gate (exit 1 when it fails). Non-finite logits are
-an error, never a result.
+an error, never a result. ``--json`` writes the table, the flags, the gate's verdict and where they
+were measured (ISA, Python, runtime builds); ``--logits`` every replayed logit (``<format>/<column>``),
+so two processors running the same file can be compared (``robustedge verify --emulate arm64``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from robustedge.verifier.base import RobustEdgeError, is_fraction
+import numpy as np
+
+from robustedge.verifier.base import RobustEdgeError, is_fraction, write_atomically
 from robustedge.verifier.flags import bundle_flags
 from robustedge.verifier.gate import Gate
 from robustedge.verifier.replays import artifact_row
+from robustedge.verifier.runners import platform_facts
 from robustedge.verifier.schema import read_bundle
 from robustedge.verifier.tables import format_flags, format_table
 
@@ -55,7 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-drop", type=_fraction_arg, default=None, help="gate override (fraction)")
     parser.add_argument("--min-agreement", type=_fraction_arg, default=None, help="gate override (fraction)")
     parser.add_argument("--allow-flags", action="store_true", help="report attack-failure flags without failing")
+    parser.add_argument("--no-latency", action="store_true",
+                        help="leave latency out (under an emulator it times the emulator, not the processor)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE",
+                        help="also write the table, flags, gate verdict and platform (ISA, runtime builds) as JSON")
+    parser.add_argument("--logits", type=Path, default=None, metavar="FILE",
+                        help="also write every replayed logit to this .npz (keys <format>/<column>)")
     args = parser.parse_args(argv)
+    for path in (args.json, args.logits):
+        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+            print(f"error: {path} must be a file in an existing folder", file=sys.stderr)
+            return 2
+    logits: dict[str, np.ndarray] = {}
+    skipped: dict[str, str] = {}
     try:
         manifest, samples = read_bundle(args.bundle)
         gate = Gate.from_dict(manifest["gate"]).override(args.max_drop, args.min_agreement, args.allow_flags or None)
@@ -66,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         table = {"torch": {k: v for k, v in manifest["table"]["torch"].items() if not k.startswith("latency")}}
         flags = {"torch": manifest.get("flags", {}).get("torch", [])}
         for fmt in wanted:
+            outputs: dict[str, np.ndarray] = {}
             try:
-                table[fmt], results, _ = artifact_row(args.bundle / manifest["files"][fmt]["file"], fmt, samples)
+                table[fmt], results, _ = artifact_row(args.bundle / manifest["files"][fmt]["file"], fmt, samples,
+                                                      latency=not args.no_latency, logits=outputs)
             except ImportError as exc:  # this device lacks that runtime
                 print(f"skipping {fmt}: {exc}", file=sys.stderr)
+                skipped[fmt] = str(exc)
                 continue
+            logits.update({f"{fmt}/{column}": out for column, out in outputs.items()})
             for key in ("twin_agreement", "twin_max_logit_diff"):
                 if key in manifest["table"].get(fmt, {}):
                     table[fmt][key] = manifest["table"][fmt][key]
@@ -82,6 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table), end="")
     print(format_flags(flags), end="")
     failures = gate.check(table, flags)
+    if args.json is not None:
+        report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
+                  "skipped": skipped, "platform": platform_facts()}
+        write_atomically(args.json, lambda fh: fh.write(json.dumps(report, indent=1).encode("utf-8")))
+    if args.logits is not None:
+        write_atomically(args.logits, lambda fh: np.savez(fh, **logits))
     if failures:
         print("GATE FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1

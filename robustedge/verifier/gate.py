@@ -27,6 +27,8 @@ class Gate:
     min_agreement: float = 0.95  # top-1 agreement with torch on clean inputs
     min_twin_agreement: float = 0.99  # white-box numbers need a twin this close to the runtime (top-1)
     flag_tolerance: float = 0.005  # a comparison flag fires above this fraction of the examples compared
+    # an emulated replay (a row "<format>@<isa>") must give the top-1 of the same file on this machine this often
+    min_isa_agreement: float = 0.99
     allow_flags: bool = False  # report attack-failure flags without failing the gate
 
     def __post_init__(self) -> None:
@@ -64,6 +66,10 @@ class Gate:
                 if row["agreement"] < self.min_agreement:
                     value, limit = distinct_percents(row["agreement"], self.min_agreement)
                     failures.append(f"{fmt}: agreement {value}% < {limit}%")
+                if row.get("isa_agreement") is not None and row["isa_agreement"] < self.min_isa_agreement:
+                    value, limit = distinct_percents(row["isa_agreement"], self.min_isa_agreement)
+                    failures.append(f"{fmt}: agrees with the same file on this machine on {value}% of the "
+                                    f"inputs (< {limit}%)")
                 if row.get("twin_agreement") is not None and row["twin_agreement"] < self.min_twin_agreement:
                     value, limit = distinct_percents(row["twin_agreement"], self.min_twin_agreement)
                     failures.append(f"{fmt}: its twin agrees with the runtime on {value}% "

@@ -6,7 +6,10 @@ files needs numpy and onnxruntime only.
 
 from __future__ import annotations
 
+import platform
+import sys
 import time
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +224,17 @@ def median_latency_ms(runner, sample: np.ndarray, batch: int, repeats: int = 30,
         runner(x)
         times.append(time.perf_counter() - start)
     return float(np.median(times) * 1000)
+
+
+def platform_facts() -> dict:
+    """Where this process measures: the processor's ISA as the OS reports it (``aarch64`` under an arm64
+    emulator too), the OS, Python, and the build of every runtime this process has loaded."""
+    builds = {}
+    for name in RUNNERS:
+        if name in sys.modules:
+            try:
+                builds[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:  # a build installed without metadata (a vendor's wheel)
+                builds[name] = str(getattr(sys.modules[name], "__version__", "unknown"))
+    return {"isa": platform.machine(), "system": platform.system(), "python": platform.python_version(),
+            "runtimes": builds}

@@ -136,6 +136,10 @@ def check_manifest(manifest: object) -> dict:
     _get(options, "square_queries", "options.", lambda v: _count(v, 1), "an integer >= 1")
     _get(options, "seed", "options.", lambda v: _count(v, -2**63), "an integer")
     _get(manifest, "skipped", "", _mapping, "an object", required=False)
+    emulated = _get(manifest, "emulated", "", _mapping, "an object", required=False)
+    if emulated is not None:
+        _get(emulated, "isas", "emulated.", lambda v: isinstance(v, list) and all(isinstance(i, str) and i for i in v),
+             "a list of processor families")
     return manifest
 
 
