@@ -1,6 +1,6 @@
 """The first GPU run, prepared on the CPU: one call that shows what the GPU path does and how fast.
 
-    python bench/gpu_check.py --out gpu_out                       # on the GPU machine (docs/design.md, "The GPU check")
+    python bench/gpu_check.py --out gpu_out                       # on the GPU machine (docs/design/gpu.md, "The GPU check")
     python bench/gpu_check.py --out /tmp/rehearsal --rehearse     # the same sequence on the CPU, toy sizes
     python bench/gpu_check.py --out gpu_out --stages step,profile # some stages only
 

@@ -6,7 +6,7 @@ PT2E files of each QAT scheme (the QAT file of zero epochs: same quantisers, cal
 For each file: the operators of ONNX Runtime's optimised graph (float ``Conv``/``FusedConv``/``Add`` in an
 INT8 file are convolutions or adds it could not run in integers) and the median batch-1 latency over
 ``--runs`` runs on one thread. The weights are random (the graph and its cost do not depend on them);
-calibration is on uniform random images. docs/design.md, section 10, quotes its figures.
+calibration is on uniform random images. docs/design/qat.md, section 10, quotes its figures.
 """
 
 from __future__ import annotations

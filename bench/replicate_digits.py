@@ -1,6 +1,6 @@
 """Replication on digits: the quickstart's teachers, every method, several seeds, full evaluation.
 
-    python bench/replicate_digits.py                 # 7 methods x 5 seeds, writes bench/RESULTS.md
+    python bench/replicate_digits.py                 # 7 methods x 5 seeds, writes docs/results/digits.md
     python bench/replicate_digits.py --methods bmtard,rslad --seeds 0
 
 Students are the quickstart's MobileNetV2 (width 0.25) with its settings (digits 8x8, eps 0.1,
@@ -11,7 +11,7 @@ trained once (seed 0) and shared, as in the papers. Finished runs are skipped wh
 started again, so an interrupted replication resumes where it stopped. Results: mean +- std over
 seeds on the whole test split (359 digits; --n for fewer), and paired per-seed differences of
 B-MTARD against MTARD and RSLAD with a 95% t-interval (which differences exceed seed noise),
-written between markers in bench/RESULTS.md and as JSON beside the runs.
+written between markers in docs/results/digits.md and as JSON beside the runs.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=QuickstartSettings.epochs, help="student epochs")
     p.add_argument("--n", type=int, default=None, help="test digits evaluated (default: all 359)")
     p.add_argument("--attacks", default=",".join(DEFAULT_ATTACKS), help="attacks of the evaluation")
-    p.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="Markdown to update")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "digits.md"), help="Markdown to update")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 

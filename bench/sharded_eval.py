@@ -8,7 +8,7 @@ Each configuration runs the real command line: ``python -m robustedge.cli eval .
 (all cores as threads) and ``torchrun --standalone --nproc_per_node P -m robustedge.cli eval ...`` with
 cores / P threads per rank. The examples, batch sizes and seed are the same, so ``eval.json``'s
 per-example ``correct`` strings must be identical (the bench stops if not). AutoAttack runs on blocks
-of ``--aa-batch-size`` whatever the process count (design.md section 11), so choose it as
+of ``--aa-batch-size`` whatever the process count (docs/design/any-model.md section 11), so choose it as
 examples / max(processes) to give every rank work. Times are wall seconds of the whole command
 (start-up, data, model load included), the median of ``--repeats`` alternating runs.
 """

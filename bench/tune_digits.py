@@ -11,7 +11,7 @@ checkpoints by: validation W-Robust = (clean + PGD-20) / 2 on the 144 held-out v
 the best epoch; a run whose loss diverged scores 0 (and is marked). Why it exists: the distillation losses now follow their authors' reduction (the KL
 averaged over batch x classes, 10x smaller on 10 classes than before), so the old learning rate no
 longer meant the same step. Finished runs are skipped when started again. Results go between markers
-in bench/RESULTS.md.
+in docs/results/digits.md.
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs-for", action="append", default=[], metavar="METHOD=LR,LR",
                    help="this method's learning rates instead of --lrs (repeatable)")
     p.add_argument("--seeds", default="0,1", help="comma-separated seeds")
-    p.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="Markdown to update")
+    p.add_argument("--results", default=str(Path(__file__).resolve().parents[1] / "docs" / "results" / "digits.md"), help="Markdown to update")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
 

@@ -272,7 +272,7 @@ distill = train  # the same trainer: the method named in the config decides whet
 
 
 # --------------------------------------------------------------------------------------------
-# A user's own model, dataset or method (docs/design.md, "Your own model, dataset or method")
+# A user's own model, dataset or method (docs/design/extending.md, "Your own model, dataset or method")
 # --------------------------------------------------------------------------------------------
 
 MODEL_KEYWORDS = ("num_classes", "in_channels", "width")

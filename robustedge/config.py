@@ -1,6 +1,6 @@
 """Run configuration: plain dataclasses, loadable from YAML, overridable from the command line.
 
-Defaults are the papers' (docs/design.md, "Training methods"): SGD lr 0.1, momentum 0.9, weight
+Defaults are the papers' (docs/design/training.md, "Training methods"): SGD lr 0.1, momentum 0.9, weight
 decay 2e-4, batch 128, 300 epochs with lr x0.1 at 215/260/285, eps 8/255, 10 attack steps of 2/255
 from x + 0.001 * N(0, I).
 

@@ -1,6 +1,6 @@
 """What an evaluation is and what it leaves behind: the suite's rows (from the one attack table), the
 report (accuracy, per-example results, W-Robust, flags, timings) and its ``eval.json``, and the checks that
-let a saved, interrupted evaluation be resumed as the same run (docs/design.md, "Resumable")."""
+let a saved, interrupted evaluation be resumed as the same run (docs/design/evaluation.md, "Resumable")."""
 
 from __future__ import annotations
 

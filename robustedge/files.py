@@ -1,6 +1,6 @@
 """Files on disk: atomic writes, temp files that name their writer, and who owns an output folder.
 
-Five rules keep a user's data safe (docs/design.md, "Files"):
+Five rules keep a user's data safe (docs/design/files.md, "Files"):
 
 1. Every file is written to a temporary name beside its target and renamed over it, so a reader
    never sees half a file and a crash leaves the old one intact.

@@ -3,7 +3,7 @@
 A robustness number is only as good as the attack behind it. Carlini et al. ("On Evaluating
 Adversarial Robustness", 2019) and Pintor et al. ("Indicators of Attack Failure", NeurIPS 2022) list
 the symptoms of an attack that failed rather than a model that resisted; these checks look for them
-on the first ``n`` examples (docs/design.md, "Attack-failure flags"):
+on the first ``n`` examples (docs/design/flags.md, "Attack-failure flags"):
 
 - ``zero_gradients``: the input gradient of the loss is exactly zero on correctly classified examples
   (a non-differentiable or saturated model masks gradients; the attacks cannot move);

@@ -3,10 +3,10 @@
 Robust training makes a model robust as a float function; after quantisation it is a different
 function. Here the student is trained under fake quantisation that matches the export's INT8 scheme,
 and the training attack runs on the fake-quantised student, so it learns to be robust as the INT8
-model (docs/design.md, "Quantization-aware training").
+model (docs/design/qat.md, "Quantization-aware training").
 
 The library is torchao's PT2E flow (``prepare_qat_pt2e`` / ``convert_pt2e`` with the
-``X86InductorQuantizer``), chosen by measurement over NVIDIA ModelOpt (docs/design.md gives the
+``X86InductorQuantizer``), chosen by measurement over NVIDIA ModelOpt (docs/design/qat.md gives the
 comparison): per-channel symmetric int8 weights and per-tensor asymmetric uint8 activations, which is
 exactly the QDQ scheme ONNX Runtime's x86 kernels run (``onnx-int8``'s default), with conv+BN folded
 during training as it is at deployment; ``int8-symmetric`` activations (zero points 0) give files
@@ -57,7 +57,7 @@ def _onnxruntime_x86_quantizer():
     input is quantised, the convolution's output is not. ONNX Runtime has no such fusion; it runs
     DQ-Conv-Q as QLinearConv and DQ-DQ-Add-Q as QLinearAdd, and a convolution without an output quantiser
     in float, with layout transposes around it. On a 32x32 MobileNetV2 that made the QAT file 6x slower
-    than onnxruntime's own PTQ file (docs/design.md, section 10). Here every add the x86 quantizer
+    than onnxruntime's own PTQ file (docs/design/qat.md, section 10). Here every add the x86 quantizer
     annotated gets the missing input quantiser too (the convolution's output), which is where
     onnxruntime's quantizer puts it: the trained function is then the one ONNX Runtime runs in integers."""
     from torch.fx import Node
@@ -113,7 +113,7 @@ def _quantizer(activations: str, patterns: str):
     # Every fake quantiser is the unfused FakeQuantize, which takes its scales from the observer's
     # calculate_qparams, as convert_pt2e does. The default fused kernel computes per-channel symmetric
     # weight scales with another divisor (about 0.4% apart), so training simulated weights the converted
-    # model does not have, and the two disagreed on 3.5% of digits (docs/design.md).
+    # model does not have, and the two disagreed on 3.5% of digits (docs/design/qat.md).
     weight = replace(config.weight, observer_or_fake_quant_ctr=FakeQuantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver, eps=2**-12))
     act = replace(config.input_activation, observer_or_fake_quant_ctr=FakeQuantize.with_args(

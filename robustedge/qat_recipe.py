@@ -14,7 +14,7 @@ config (the one FILE records): the same method, teachers, data and attack, with
   left them, not their initial values), when the float run's ``last.safetensors`` is beside FILE;
 - the float student as an extra teacher of its fake-quantised copy on x and x' (``float_teacher``).
 
-docs/design.md section 10 gives the measurement behind each value. Flags and ``--set`` override any field
+docs/design/qat.md section 10 gives the measurement behind each value. Flags and ``--set`` override any field
 of the result, as they do for any config.
 """
 

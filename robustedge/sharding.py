@@ -11,7 +11,7 @@ Sharding is asked for, never implied by an initialised process group: a DDP trai
 rank 0 alone, and a collective there would wait for ranks that never come. Ranks advance in lock-step
 rounds (one block each), and the examples finished in a round are summed over ranks, so rank 0's
 progress bar shows the total. Works with gloo (CPUs) and NCCL (GPUs); multi-node through torchrun's
-rendezvous (docs/design.md, "Evaluation over many processes").
+rendezvous (docs/design/any-model.md, "Evaluation over many processes").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The robustness suite (docs/design.md, "Evaluation protocol"): runs the attacks of the report (robustedge/eval_report.py).
+"""The robustness suite (docs/design/evaluation.md, "Evaluation protocol"): runs the attacks of the report (robustedge/eval_report.py).
 
 Step sizes (robustedge/attack_table.py) are stated relative to eps so that the protocol keeps its meaning at any eps: at
 eps = 8/255 they are exactly the field's numbers (PGD_SAT 2/255 = eps/4, PGD_TRADES 0.003,

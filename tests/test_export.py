@@ -248,7 +248,7 @@ def test_a_corrupted_ort_file_is_refused_by_both_verifiers(mobile_bundle, tmp_pa
 def phone_checkpoint(tmp_path_factory, fit_natural):
     """A MobileNetV2 (the phone student) on 8x8 digits. (ExecuTorch's XNNPACK quantizer broke the
     pre-activation WRN-10-1 of the other tests: its own converted torch graph agreed with the float
-    model on 55.5% of digits, which the bundle's agreement column and gate report; docs/design.md.)"""
+    model on 55.5% of digits, which the bundle's agreement column and gate report; docs/design/export.md.)"""
     from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
     from robustedge.data import load_dataset
 

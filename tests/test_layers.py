@@ -1,4 +1,4 @@
-"""The package's layers (docs/design.md, "The map"): every module imports only from its own layer or the
+"""The package's layers (docs/design/index.md, "The map"): every module imports only from its own layer or the
 layers below it, and never in a circle. Read from the source (every import, including the ones inside
 functions that keep ``import robustedge`` light), so a new upward import fails here, not in review."""
 
@@ -111,6 +111,6 @@ def test_only_the_entry_points_import_the_package_root():
 
 
 def test_no_source_module_is_over_500_lines():
-    """A module that outgrows this holds more than one job: split it by job (docs/design.md, "The map")."""
+    """A module that outgrows this holds more than one job: split it by job (docs/design/index.md, "The map")."""
     long = {name: n for name, path in MODULES.items() if (n := len(path.read_text(encoding="utf-8").splitlines())) > 500}
     assert not long, f"split these modules by job: {long}"

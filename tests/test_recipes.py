@@ -1,4 +1,4 @@
-"""The paper recipes: docs/design.md's tables ("Paper recipes": field, value per recipe, released line)
+"""The paper recipes: docs/design/training.md's tables ("Paper recipes": field, value per recipe, released line)
 against the shipped YAML files and against what `robustedge distill --dry-run` prints."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from robustedge.config import RECIPES, config_from_dict, config_to_dict, load_co
 from robustedge.methods import get_method
 from robustedge.options import parse_number
 
-DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+DESIGN = Path(__file__).resolve().parents[1] / "docs" / "design" / "training.md"
 DISTILLATION = ("bmtard", "mtard", "rslad", "ard")
 
 

@@ -1,6 +1,6 @@
 """One registry for models, methods and datasets (robustedge/registry.py): listings and unknown-name errors
 as before, registration refused in one line when it is wrong, and a user's own model, dataset and method
-working end to end (the example in docs/design.md, section 13, run as written)."""
+working end to end (the example in docs/design/extending.md, section 13, run as written)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from robustedge.methods.base import Method
 from robustedge.models import MODELS, Classifier, build_model, check_arch, model_names
 from robustedge.registry import Registry
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "design.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "design" / "extending.md"
 
 
 @pytest.fixture(autouse=True)
@@ -269,7 +269,7 @@ def test_a_registered_dataset_is_brought_to_the_asked_shape():
 
 def _doc_example() -> str:
     text = DOC.read_text(encoding="utf-8")
-    section = text[text.index("## 13. Your own model, dataset or method"):]
+    section = text[text.index("# 13. Your own model, dataset or method"):]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -4,7 +4,7 @@ Each command is a thin function over the library, in its own module here, which 
 ``add(sub)`` and holds its ``cmd_*`` function; common.py has what their parsers share. Every option is parsed
 and range-checked where it is read (:mod:`robustedge.options`); a :class:`RobustEdgeError` or a bad option
 becomes one line on stderr and exit status 2, before anything is written; anything else is a bug and keeps
-its traceback. docs/design.md describes what each command computes.
+its traceback. docs/design/index.md describes what each command computes.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ EXAMPLES = """examples:
   robustedge export runs/quickstart/student_bmtard/best.safetensors --out bundle
   robustedge verify bundle     re-check a bundle (or: python bundle/verify.py, without torch)
   robustedge app               the browser demo on runs/quickstart
-docs/design.md (in the source tree) describes the algorithms, the evaluation protocol and the bundle format.
+docs/design/index.md (in the source tree) describes the algorithms, the evaluation protocol and the bundle format.
 """
 
 COMMANDS = (quickstart, training, eval_cmd, export, verify, import_cmd, report, app, listing)  # --help's order

@@ -17,7 +17,7 @@ def add(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "eval", help="robustness suite (clean, FGSM, PGD-20, CW-inf, AutoAttack) on a checkpoint",
-        description="Evaluate a RobustEdge checkpoint with the suite of docs/design.md (\"Evaluation protocol\") "
+        description="Evaluate a RobustEdge checkpoint with the suite of docs/design/evaluation.md (\"Evaluation protocol\") "
                     "and write JSON + Markdown. Attacks: " + "; ".join(f"{a.name}: {a.description}"
                                                                      for a in SUITE.values()),
         formatter_class=Defaults)
@@ -65,7 +65,7 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.epilog = ("many processes: torchrun --standalone --nproc_per_node N -m robustedge.cli eval CKPT "
                 "--num-examples 10000 ... shards the examples over "
                 "the ranks (gloo on CPUs, NCCL on GPUs) with per-example seeds: the same numbers as one process "
-                "(docs/design.md, \"Evaluation over many processes\")")
+                "(docs/design/any-model.md, \"Evaluation over many processes\")")
     p.set_defaults(func=cmd_eval)
 
 
@@ -163,6 +163,6 @@ def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device
     say(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
     if report.flags and not args.allow_flags:
         say(f"robustedge: {len(report.flags)} attack-failure flag(s) fired: these robustness numbers are not "
-            f"trustworthy (docs/design.md, \"Attack-failure flags\"); --allow-flags to exit 0", file=sys.stderr)
+            f"trustworthy (docs/design/flags.md, \"Attack-failure flags\"); --allow-flags to exit 0", file=sys.stderr)
         return 1
     return 0

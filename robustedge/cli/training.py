@@ -87,12 +87,12 @@ def config_flags() -> tuple[ConfigFlag, ...]:
                    name="teacher-precision", choices=PRECISIONS),
         ConfigFlag("sync_bn", "SyncBatchNorm under DDP"),
         ConfigFlag("qat.enabled", "quantization-aware training: train (and attack) the student as its "
-                                  "fake-quantised INT8 function (torchao PT2E; docs/design.md, \"Quantization-aware "
+                                  "fake-quantised INT8 function (torchao PT2E; docs/design/qat.md, \"Quantization-aware "
                                   "training\")", name="qat", negatable=True),
         ConfigFlag("qat.from_checkpoint", "QAT fine-tuning: start from this trained float student (implies --qat; "
                                           "without --config, the run is the config FILE was trained with, turned "
                                           "into its QAT fine-tune: 30%% of its epochs, cosine from a tenth of its "
-                                          "lr, the float student as a teacher, docs/design.md section 10; the "
+                                          "lr, the float student as a teacher, docs/design/qat.md section 10; the "
                                           "ranges are first calibrated on qat.calibration_n training images, as "
                                           "post-training quantisation does)",
                    name="qat-from", metavar="FILE"),

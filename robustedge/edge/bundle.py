@@ -8,7 +8,7 @@ each format is (file, runtime, source, builder, needs) is its row in :mod:`robus
 read through :mod:`robustedge.edge.formats`. The bundle is assembled in a temporary folder beside
 ``--out`` and renamed into place at the end, so a failure never leaves a half-written bundle;
 ``--force`` replaces only a folder that is a RobustEdge bundle and does not hold the source checkpoint
-(docs/design.md, "Files").
+(docs/design/files.md, "Files").
 """
 
 from __future__ import annotations

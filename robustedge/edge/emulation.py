@@ -6,7 +6,7 @@ and Jetsons run the arm64 builds of the same runtimes, whose kernels round diffe
 environment on this machine (:mod:`robustedge.edge.emulated_env`: Debian's arm64 Python and the
 aarch64 wheels of numpy and ONNX Runtime, executed by qemu's user-mode emulator). It compares every
 logit with the same replay on this machine (``verify.py --logits``, both sides), and the emulated rows,
-named ``<format>@<isa>``, join the table the gate checks (docs/design.md, "Export, bundles and
+named ``<format>@<isa>``, join the table the gate checks (docs/design/export.md, "Export, bundles and
 verification"). Latency under emulation times the emulator, not the processor: emulated rows have none.
 """
 

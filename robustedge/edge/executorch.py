@@ -11,7 +11,7 @@ formats are skipped with that instruction. A QAT student trained with ``--qat-ac
 (XNNPACK's own scheme) is lowered from its learned scales (:func:`qat_program`). The x86 schemes are
 not: XNNPACK's compiler refuses uint8 convolutions with per-channel weights, and the x86 quantizer
 leaves each convolution before a residual add without an output quantiser, so those run outside the
-delegate in float, which the portable runtime cannot (measured with executorch 1.5.1; docs/design.md,
+delegate in float, which the portable runtime cannot (measured with executorch 1.5.1; docs/design/export.md,
 section 5).
 """
 

@@ -27,7 +27,7 @@ def quantize_biases(model) -> int:
     DequantizeLinear, the QDQ convention integer runtimes execute (and what onnxruntime's own quantizer
     writes). convert_pt2e leaves the folded biases in float; ONNX Runtime then fuses the convolutions
     differently, and its output moved by up to 0.75 logits against the file's own reference semantics
-    (0.10 with int32 biases: docs/design.md). Returns how many biases it quantised."""
+    (0.10 with int32 biases: docs/design/qat.md). Returns how many biases it quantised."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -72,7 +72,7 @@ def drop_relus_before_clamping_quantize(model) -> int:
     point, i.e. to 0, as the Relu would. convert_pt2e keeps the Relu between the convolution and its output quantiser, where it
     stands between ONNX Runtime and its DQ-Conv-Q fusion; onnxruntime's own quantiser writes these
     groups without it. (The larger gap between QAT and PTQ files on ONNX Runtime has another cause:
-    docs/design.md, section 10.) Returns how many it removed."""
+    docs/design/qat.md, section 10.) Returns how many it removed."""
     from onnx import TensorProto, numpy_helper
 
     graph = model.graph

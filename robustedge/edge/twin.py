@@ -26,7 +26,7 @@ ONNX Runtime runs fused integer kernels instead (``QLinearConv`` etc.: int32 acc
 float requantisation multiplier), so a float emulation can differ from it by one quantisation step
 where a value lands within float rounding of a .5 boundary. :func:`agreement` measures how often that
 changes the prediction; white-box numbers are refused when the twin disagrees with the runtime beyond
-a stated tolerance (docs/design.md, "White-box robustness of the artifact").
+a stated tolerance (docs/design/whitebox.md, "White-box robustness of the artifact").
 """
 
 from __future__ import annotations

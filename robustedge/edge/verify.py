@@ -1,6 +1,6 @@
 """Robustness of the exported artifacts, measured on their own runtimes (the torch side).
 
-What every artifact gets (docs/design.md, "Export, bundles and verification"):
+What every artifact gets (docs/design/export.md, "Export, bundles and verification"):
 
 - replays through its runtime of the clean inputs and of the adversarial examples crafted on the
   torch model (``transfer_*``);

@@ -2,7 +2,7 @@
 
 x' = CE-PGD-10 on the student; L_adv = KL(Ta(x') || S(x')), L_nat = KL(Tn(x) || S(x));
 loss = w_adv * L_adv + w_nat * L_nat with the Normalization Loss Balance of the weights
-(docs/design.md, "Training methods") and temperatures fixed at 1. B-MTARD (``bmtard.py``) adds the
+(docs/design/training.md, "Training methods") and temperatures fixed at 1. B-MTARD (``bmtard.py``) adds the
 Entropy-Based Balance of the temperatures.
 
 Follows zhaoshiji123/MTARD ``mtard/mtard_resnet18_cifar10.py`` and ``mtard_loss.py``

@@ -2,7 +2,7 @@
 
 Every built-in entry returns a :class:`~robustedge.models.base.Classifier` whose parameter names match
 the community checkpoint the papers use, so published weights load with ``strict=True``. A user's own
-builder is added with :func:`robustedge.register_model` (docs/design.md, "Your own model, dataset or
+builder is added with :func:`robustedge.register_model` (docs/design/extending.md, "Your own model, dataset or
 method") and must return a ``Classifier`` too.
 """
 
