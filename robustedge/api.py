@@ -222,7 +222,7 @@ def export(model, out: str | os.PathLike, *, formats: str | list[str] = "onnx,on
 
 
 def verify(bundle: str | os.PathLike, *, square_n: int | None = None, progress=None,
-           out: str | os.PathLike | None = None, emulate: str | None = None):
+           out: str | os.PathLike | None = None, emulate: str | list[str] | None = None):
     """``robustedge verify``: re-check a bundle's files and numbers; returns ``(report, gate failures)`` and
     writes ``verify.json``/``verify.md`` to ``out`` (default ``<bundle>-verify`` beside it, never into it).
     ``emulate`` (``--emulate``): ``"arm64"`` also replays every file on arm64 builds of its runtimes under

@@ -155,6 +155,7 @@ CASES = [
     # --- replays on other processors -------------------------------------------------------------
     (EXPORT + ["--out", "{new}", "--emulate", "sparc"], "unknown emulated processor 'sparc'; known: arm64"),
     (["verify", "{bundle}", "--emulate", "sparc"], "unknown emulated processor 'sparc'; known: arm64"),
+    (["verify", "{bundle}", "--emulate", ""], "emulate must name processor families (arm64) or none, got ''"),
     (["export", "{qat_ckpt}", "--out", "{new}", "--formats", "onnx,onnx-fp16"], "a QAT student exports to"),
     # --- verify: bundles that are not what their manifest says ----------------------------------
     (["verify", "{world}"], "is not an export bundle (no manifest.json)"),

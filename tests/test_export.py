@@ -333,6 +333,13 @@ def test_the_verifier_writes_its_table_platform_and_every_logit_as_the_library_r
             np.testing.assert_array_equal(logits[f"{fmt}/{column}"], values)
         assert report["table"][fmt]["clean"] == row["clean"] == (mine["clean"].argmax(1) == samples["y"]).mean()
     assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left beside
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    for args, message in (([str(out / "verify.npz")], "is inside the bundle"),
+                          ([str(tmp_path / "same"), "--json", str(tmp_path / "same")], "name the same file")):
+        proc = subprocess.run([sys.executable, str(out / "verify.py"), str(out), "--formats", "onnx", "--no-latency",
+                               "--logits", *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before  # the bundle is untouched
 
 
 def test_emulated_rows_compare_logits_sit_under_their_format_and_face_the_gate():
@@ -358,6 +365,12 @@ def test_emulated_rows_compare_logits_sit_under_their_format_and_face_the_gate()
     assert parse_isas("arm64,arm64") == ("arm64",) and parse_isas("none") == () and parse_isas(()) == ()
     with pytest.raises(RobustEdgeError, match="unknown emulated processor 'riscv'; known: arm64"):
         parse_isas("riscv")
+    for bad in ("", " ", ",", 5, {"arm64": 1}, ["arm64", ""]):
+        with pytest.raises(RobustEdgeError, match="emulate must name processor families"):
+            parse_isas(bad)
+    from robustedge.edge.emulated_env import _release_key
+
+    assert _release_key("1.27") == _release_key("1.27.0") < _release_key("1.28.0")  # a pin may omit the .0
 
 
 def test_an_old_verifier_is_refused_for_emulated_replays(bundle, tmp_path):
@@ -377,8 +390,11 @@ def _emulation_ready() -> str | None:
 
     from robustedge.edge.emulated_env import ENVIRONMENT_FILE, cache_folder
 
-    if (cache_folder() / "emulate/arm64" / ENVIRONMENT_FILE).is_file():
-        return None
+    try:
+        if (cache_folder() / "emulate/arm64" / ENVIRONMENT_FILE).is_file():
+            return None
+    except RobustEdgeError as exc:
+        return str(exc)
     if shutil.which("qemu-aarch64-static"):
         return None
     return ("no arm64 environment prepared and qemu-user-static is not installed "

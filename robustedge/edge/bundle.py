@@ -336,6 +336,13 @@ def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=pri
     formats, skipped = plan_formats(opts.formats, meta.extra.get("qat"))
     if meta.eps is None:
         raise RobustEdgeError(f"{name} records no eps; it is needed for the robustness checks (pass --eps)")
+    if opts.emulate:  # a processor that cannot be emulated here is refused before minutes of export
+        from robustedge.edge.emulated_env import prepare
+        from robustedge.edge.emulation import runnable
+
+        if runnable(formats)[0]:
+            for isa in opts.emulate:
+                prepare(isa, progress=progress)
     split = split_for_model(meta, None, opts.data_root, "test", opts.n)
     x, y = split.float_images(device), split.labels.to(device)
     with torch.no_grad():

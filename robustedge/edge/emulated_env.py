@@ -1,10 +1,11 @@
 """The emulated environment a bundle is replayed in: another processor's Python and runtime builds.
 
-Prepared once per cache folder (``$ROBUSTEDGE_CACHE``, default ``~/.cache/robustedge``) with the real
+Prepared once per cache folder (``$ROBUSTEDGE_CACHE``, else ``$XDG_CACHE_HOME/robustedge``, else
+``~/.cache/robustedge``), by one process at a time, with the real
 tools, never a re-implementation: ``apt-get`` with a private state folder (the host's package state is
 never touched) downloads and verifies Debian's signed packages, ``dpkg-deb`` unpacks them, and
 ``pip install --target --platform`` fetches the wheels. qemu comes from the system
-(``qemu-user-static``) or, where the system has apt but not qemu, from Debian's package unpacked into
+(``qemu-user-static``) or, where the system has apt but not qemu, from its package unpacked into
 the cache. ONNX Runtime is the newest release whose build for the processor runs a probe model under
 this qemu (measured: 1.28 and newer crash at import under Debian's qemu 7.2), found by bisection and
 recorded in ``environment.json``; ``$ROBUSTEDGE_EMULATE_ONNXRUNTIME`` pins one release instead. The
@@ -17,6 +18,8 @@ reported as not replayed, with that reason.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -60,6 +63,7 @@ ENVIRONMENT_FILE = "environment.json"
 # Python runtime links the libtorch it was built against and imports in about two minutes with torch 2.10.0's
 # CPU wheel, but then fails at execution, "tensor does not have a device"; torch 2.9.1 lacks one of its symbols;
 # and PyPI's torch 2.11.0 for aarch64 is a CUDA build that needs the CUDA libraries to import)
+RUNTIMES = ("onnxruntime",)  # what an environment holds
 WITHOUT = {"executorch": "ExecuTorch's aarch64 Python runtime needs the exact torch build it links, which PyPI has "
                          "only with CUDA for aarch64 (run the bundle's verify.py on the device itself)"}
 SETUP_TIMEOUT = 900
@@ -67,11 +71,18 @@ PROBE_TIMEOUT = 180
 
 
 def parse_isas(value) -> tuple[str, ...]:
-    """``arm64`` / ``["arm64"]`` / ``()``: the ISAs named, each known."""
-    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value or ())
-    if not all(isinstance(v, str) for v in names):
-        raise RobustEdgeError(f"emulate must name processor families, got {value!r}")
-    names = [v for v in names if v and v != "none"]
+    """``arm64`` / ``["arm64"]`` / ``none`` / ``()``: the processor families named, each known; anything else
+    (an empty name, a number) is refused in one line."""
+    if isinstance(value, str):
+        names = [v.strip() for v in value.split(",")]
+        if value.strip().lower() == "none":
+            return ()
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        names = [v.strip() for v in value]
+    else:
+        raise RobustEdgeError(f"emulate must name processor families (arm64) or none, got {value!r}")
+    if any(not v for v in names):
+        raise RobustEdgeError(f"emulate must name processor families (arm64) or none, got {value!r}")
     for name in names:
         if name not in ISAS:
             raise RobustEdgeError(f"unknown emulated processor '{name}'; known: {', '.join(ISAS)}")
@@ -85,9 +96,13 @@ def cache_folder() -> Path:
         folder = Path(os.environ["ROBUSTEDGE_CACHE"])
     else:
         folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "robustedge"
-    existing = next(p for p in [folder.absolute(), *folder.absolute().parents] if p.exists())
+    folder = folder.absolute()
+    existing = next(p for p in [folder, *folder.parents] if p.exists())
     if not existing.is_dir():
         raise RobustEdgeError(f"the cache folder {folder} ($ROBUSTEDGE_CACHE) is not a folder: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RobustEdgeError(f"the cache folder {folder} ($ROBUSTEDGE_CACHE) cannot be written: {existing} is not "
+                              f"writable by this process")
     return folder
 
 
@@ -104,6 +119,17 @@ class Environment:
 
     def runtimes(self) -> dict[str, str]:
         return self.facts["runtimes"]
+
+    def complete(self) -> bool:
+        """Everything ``environment.json`` lists is there (a cache someone pruned is prepared again)."""
+        return (Path(self.facts["qemu"]).is_file() and (self.folder / "root/usr/bin/python3.11").is_file()
+                and all((self.folder / site).is_dir() for site in self.facts["sites"])
+                and (self.folder / self.facts["host_site"]).is_dir())
+
+    def host_env(self) -> dict[str, str]:
+        """This machine's Python with the x86 wheel of the emulated environment's ONNX Runtime release: the
+        reference an emulated replay is compared with, so the comparison is the processors', not the releases'."""
+        return os.environ | {"PYTHONPATH": str(self.folder / self.facts["host_site"]), "PYTHONNOUSERSITE": "1"}
 
     def python(self, *args: str) -> list[str]:
         """The emulated Python's command line (``-s -B``: no user site, no bytecode written)."""
@@ -183,12 +209,16 @@ def find_qemu(isa: EmulatedIsa, cache: Path, progress) -> Path:
     if not shutil.which("apt-get") or not shutil.which("dpkg-deb"):
         raise RobustEdgeError(f"{isa.qemu} not found: install qemu-user-static from your system's packages "
                               f"(Debian/Ubuntu: apt-get install qemu-user-static; Fedora: dnf install qemu-user-static)")
-    progress(f"{isa.qemu} is not installed: unpacking Debian's qemu-user-static into {cache / 'qemu'}")
+    progress(f"{isa.qemu} is not installed: unpacking the system's qemu-user-static package into {cache / 'qemu'}")
     cache.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(cache)
     tmp = make_temp_dir(cache / "qemu")
     try:
-        _run(["apt-get", "download", "qemu-user-static"], "apt-get download qemu-user-static", cwd=tmp)
+        try:
+            _run(["apt-get", "download", "qemu-user-static"], "apt-get download qemu-user-static", cwd=tmp)
+        except RobustEdgeError as exc:
+            raise RobustEdgeError(f"{isa.qemu} not found and {exc}; install qemu-user-static from your system's "
+                                  f"packages (Debian/Ubuntu: apt-get install qemu-user-static)") from None
         _unpack(sorted(tmp.glob("*.deb")), tmp / "unpacked")
         if not (tmp / "unpacked/usr/bin" / isa.qemu).is_file():
             raise RobustEdgeError(f"Debian's qemu-user-static has no {isa.qemu}")
@@ -222,7 +252,8 @@ def _released(package: str, isa: EmulatedIsa) -> list[str]:
 
 
 def _release_key(version: str) -> tuple[int, ...]:
-    return tuple(int(part) if part.isdigit() else -1 for part in version.split(".")[:3])
+    parts = [int(part) if part.isdigit() else -1 for part in version.split(".")[:3]]
+    return tuple(parts + [0] * (3 - len(parts)))  # 1.27 is 1.27.0
 
 
 PROBE = r'''
@@ -258,20 +289,20 @@ def _probe_model(folder: Path) -> tuple[Path, Path]:
 def _try_onnxruntime(folder: Path, facts: dict, version: str, probe: tuple[Path, Path]) -> str | None:
     """None when ONNX Runtime ``version`` runs the probe under emulation; else why not (one line)."""
     site = folder / f"site-onnxruntime-{version}"
-    try:
-        _pip_target(site, ISAS[facts["isa"]], [f"onnxruntime=={version}"])
-    except RobustEdgeError as exc:
-        return str(exc)
+    _pip_target(site, ISAS[facts["isa"]], [f"onnxruntime=={version}"])  # a download that fails is an error
     env = Environment(folder, facts | {"sites": ["site", site.name]})
     script = folder / "probe.py"
     script.write_text(PROBE)
     try:
         done = subprocess.run(env.python(str(script), str(probe[0]), str(probe[1])), capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT, env=env.env())
-    except subprocess.TimeoutExpired:
-        why = f"no answer after {PROBE_TIMEOUT} s"
+    except subprocess.TimeoutExpired:  # a slow machine, not a verdict on the release
+        shutil.rmtree(site, ignore_errors=True)
+        raise RobustEdgeError(f"onnxruntime {version} gave no answer under the emulator after {PROBE_TIMEOUT} s; "
+                              f"try again on a less loaded machine") from None
     else:
-        if done.returncode == 0 and done.stdout.strip().endswith(version):
+        answer = done.stdout.strip().split()[-1] if done.stdout.strip() else ""
+        if done.returncode == 0 and _release_key(answer) == _release_key(version):
             return None
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         why = lines[-1].strip() if lines else f"exit {done.returncode}"
@@ -331,25 +362,55 @@ def _qemu_version(qemu: str) -> str:
     return out.splitlines()[0].strip() if out.strip() else "unknown"
 
 
+@contextlib.contextmanager
+def _preparing(folder: Path):
+    """One process prepares an environment at a time (``<folder>.lock``); a second waits, then finds it made."""
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(folder.with_name(folder.name + ".lock"), "a")
+    except OSError as exc:
+        raise RobustEdgeError(f"cannot prepare {folder}: {exc.strerror or exc}") from None
+    with handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _cached(folder: Path) -> Environment | None:
+    try:
+        env = Environment(folder, json.loads((folder / ENVIRONMENT_FILE).read_text(encoding="utf-8")))
+        return env if env.complete() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def prepare(isa: str = "arm64", cache: Path | None = None, progress=print) -> Environment:
-    """The emulated environment for ``isa``, prepared once per cache folder (minutes, about 250 MB)."""
+    """The emulated environment for ``isa``, prepared once per cache folder (minutes; about 200 MB, and the
+    qemu package's 370 MB where the system has no qemu)."""
     names = parse_isas(isa)
     if len(names) != 1:
         raise RobustEdgeError(f"prepare one emulated processor at a time, got {isa!r}")
     spec = ISAS[names[0]]
-    cache = Path(cache) if cache is not None else cache_folder()
+    cache = Path(cache).absolute() if cache is not None else cache_folder()
     folder = cache / "emulate" / spec.name
-    if (folder / ENVIRONMENT_FILE).is_file():
+    env = _cached(folder)
+    if env is not None:
+        return env
+    with _preparing(folder):
+        env = _cached(folder)  # another process may have made it while this one waited
+        if env is not None:
+            return env
+        if folder.exists():
+            progress(f"the {spec.name} environment in {folder} is incomplete; preparing it again")
         try:
-            facts = json.loads((folder / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
-            if Path(facts["qemu"]).is_file():
-                return Environment(folder, facts)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-        progress(f"the {spec.name} environment in {folder} is incomplete; preparing it again")
+            return _prepare(spec, cache, folder, progress)
+        except OSError as exc:
+            raise RobustEdgeError(f"preparing the {spec.name} environment in {folder} failed: "
+                                  f"{exc.strerror or exc}") from None
+
+
+def _prepare(spec: EmulatedIsa, cache: Path, folder: Path, progress) -> Environment:
     qemu = find_qemu(spec, cache, progress)
     progress(f"preparing the {spec.name} environment in {folder} (once; later runs reuse it)")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(folder.parent)
     tmp = make_temp_dir(folder)
     start = time.perf_counter()
@@ -364,6 +425,11 @@ def prepare(isa: str = "arm64", cache: Path | None = None, progress=print) -> En
         version = _choose_onnxruntime(tmp, facts, progress)
         facts["sites"].append(f"site-onnxruntime-{version}")
         facts["runtimes"]["onnxruntime"] = version
+        progress(f"  onnxruntime {version} for this machine too (the reference of the comparison)")
+        facts["host_site"] = f"host-onnxruntime-{version}"
+        _run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target",
+              str(tmp / facts["host_site"]), "--only-binary=:all:", "--no-deps", f"onnxruntime=={version}"],
+             f"pip install onnxruntime=={version} (this machine's wheel)")
         for name in ("probe.onnx", "probe_w.npy", "probe.py"):
             (tmp / name).unlink(missing_ok=True)
         staged = Environment(tmp, facts)
@@ -371,7 +437,7 @@ def prepare(isa: str = "arm64", cache: Path | None = None, progress=print) -> En
                                "the emulated Python", env=staged.env()).stdout.strip()
         facts["setup_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write_json(tmp / ENVIRONMENT_FILE, facts)
-        if folder.exists():  # an incomplete one (no environment.json); ours replaces it
+        if folder.exists():  # incomplete (checked under the lock): ours replaces it
             shutil.rmtree(folder)
         tmp.rename(folder)
     except BaseException:

@@ -75,8 +75,11 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     manifest, samples = read_bundle(bundle)
     folder = verify_out(bundle, out, out_flag)
     isas = parse_isas(manifest.get("emulated", {}).get("isas", []) if emulate is None else emulate)
-    if isas:
-        cache_folder()  # refused before the replays
+    if isas:  # an old verifier, or a processor that cannot be emulated here, refused before the replays
+        from robustedge.edge.emulation import prepare_for
+
+        cache_folder()
+        prepare_for(bundle, isas, progress)
     options = manifest["options"]
     gate = gate or Gate.from_dict(manifest["gate"])
     if square_n is not None and (not isinstance(square_n, int) or square_n < 0):

@@ -69,10 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logits", type=Path, default=None, metavar="FILE",
                         help="also write every replayed logit to this .npz (keys <format>/<column>)")
     args = parser.parse_args(argv)
-    for path in (args.json, args.logits):
-        if path is not None and (path.is_dir() or not path.parent.is_dir()):
+    outputs = [path for path in (args.json, args.logits) if path is not None]
+    for path in outputs:
+        folder = path.absolute().parent
+        if path.is_dir() or not folder.is_dir():
             print(f"error: {path} must be a file in an existing folder", file=sys.stderr)
             return 2
+        if folder.resolve() == args.bundle.resolve() or args.bundle.resolve() in folder.resolve().parents:
+            print(f"error: {path} is inside the bundle; the verifier never writes into a bundle", file=sys.stderr)
+            return 2
+    if len(outputs) == 2 and outputs[0].absolute() == outputs[1].absolute():
+        print("error: --json and --logits name the same file", file=sys.stderr)
+        return 2
     logits: dict[str, np.ndarray] = {}
     skipped: dict[str, str] = {}
     try:
@@ -105,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(table), end="")
     print(format_flags(flags), end="")
     failures = gate.check(table, flags)
-    if args.json is not None:
-        report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
-                  "skipped": skipped, "platform": platform_facts()}
-        write_atomically(args.json, lambda fh: fh.write(json.dumps(report, indent=1).encode("utf-8")))
-    if args.logits is not None:
-        write_atomically(args.logits, lambda fh: np.savez(fh, **logits))
+    try:
+        if args.json is not None:
+            report = {"table": table, "flags": flags, "gate": gate.to_dict(), "gate_failures": failures,
+                      "skipped": skipped, "platform": platform_facts()}
+            write_atomically(args.json, lambda fh: fh.write(json.dumps(report, indent=1).encode("utf-8")))
+        if args.logits is not None:
+            write_atomically(args.logits, lambda fh: np.savez(fh, **logits))
+    except OSError as exc:
+        print(f"error: cannot write {exc.filename or 'the report'}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     if failures:
         print("GATE FAILED: " + "; ".join(failures), file=sys.stderr)
         return 1
