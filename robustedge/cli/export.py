@@ -133,7 +133,7 @@ def print_platforms(report: dict) -> None:
               + (", emulated rows as below" if report.get("emulated") else ""))
     emulated = report.get("emulated") or {}
     for isa, where in emulated.get("platforms", {}).items():
-        if isa != "host":
+        if "emulator" in where:  # not the x86 reference of the comparison (<isa>_reference)
             print(f"<format>@{isa}: {where['isa']} under {where['emulator']} (cpu {where['cpu']}), Python "
                   f"{where['python']}, {builds(where)}; no latency under emulation")
     for row, why in emulated.get("skipped", {}).items():
