@@ -9,7 +9,7 @@ environment in a new cache under ``--out`` first, so the first-run setup time is
 
 Where a file's logits differ between the two, it says why, in two steps:
 1. the same replay on this machine with the arm64 environment's ONNX Runtime release (its x86 wheel,
-   installed under ``--out``): the difference that remains is the processor's kernels, not the release;
+   kept in the environment): the difference that remains is the processor's kernels, not the release;
 2. the first operator whose output differs: ONNX Runtime's optimised graph (extended level, the
    operators both builds have) with every intermediate tensor made an output, run on the input with the
    largest logit difference on both processors.
@@ -96,31 +96,6 @@ def first_divergence(path: Path, x: np.ndarray, env, scratch: Path, host_python:
                                               "(the difference comes from the kernels the full level selects)"}
 
 
-def x86_release_site(version: str, out: Path) -> Path:
-    """This machine's wheel of the ONNX Runtime release the arm64 environment runs, beside numpy."""
-    site = out / f"x86-onnxruntime-{version}"
-    if not (site / "onnxruntime").is_dir():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target",
-                        str(site), "--no-deps", f"onnxruntime=={version}"], check=True, timeout=900)
-    return site
-
-
-def replay_x86_release(bundle: Path, formats: list[str], site: Path, scratch: Path) -> dict[str, np.ndarray]:
-    """The bundle's verify.py on this machine under another ONNX Runtime release: its logits."""
-    from robustedge.edge.emulation import run_verifier
-
-    env = os.environ | {"PYTHONPATH": str(site)}
-    old = os.environ.copy()
-    os.environ.update(env)
-    try:
-        report, logits = run_verifier(bundle, formats, scratch)
-    finally:
-        os.environ.clear()
-        os.environ.update(old)
-    assert report["platform"]["runtimes"]["onnxruntime"] == site.name.rsplit("-", 1)[1], report["platform"]
-    return logits
-
-
 def main(argv: list[str] | None = None) -> int:
     from robustedge.edge.reverify import verify_bundle
     from robustedge.edge.emulated_env import prepare
@@ -176,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                 _, host = run_verifier(bundle, differing, scratch / "h")
                 _, arm = run_verifier(bundle, differing, scratch / "a", env)
                 version = env.runtimes()["onnxruntime"]
-                same_release = replay_x86_release(bundle, differing, x86_release_site(version, args.out), scratch / "r")
+                # the environment keeps this machine's wheel of its release: the reference of every comparison
+                _, same_release = run_verifier(bundle, differing, scratch / "r", host_env=env.host_env())
                 samples = load_samples(bundle, manifest)
                 for fmt in differing:
                     release = compare_logits(same_release, arm, fmt)

@@ -69,7 +69,7 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     stored one; the torch row comes from the manifest. The report goes to :func:`verify_out` (``out``,
     default ``<bundle>-verify`` beside the bundle), never into the bundle. ``emulate``: processors to replay
     on as well, under emulation (None: those the export replayed on; ``()``: none)."""
-    from robustedge.edge.emulated_env import cache_folder, parse_isas
+    from robustedge.edge.emulated_env import parse_isas
 
     bundle = Path(bundle)
     manifest, samples = read_bundle(bundle)
@@ -78,8 +78,7 @@ def verify_bundle(bundle: str | Path, gate: Gate | None = None, square_n: int | 
     if isas:  # an old verifier, or a processor that cannot be emulated here, refused before the replays
         from robustedge.edge.emulation import prepare_for
 
-        cache_folder()
-        prepare_for(bundle, isas, progress)
+        prepare_for(bundle, isas, progress)  # checks the cache folder too
     options = manifest["options"]
     gate = gate or Gate.from_dict(manifest["gate"])
     if square_n is not None and (not isinstance(square_n, int) or square_n < 0):
