@@ -3,6 +3,7 @@
     python bench/qat_compare.py digits --teachers runs/quickstart --seeds 0 1 2 3 4 --n 359 --out runs/qat26
     python bench/qat_compare.py digits ... --qat-epochs 3 --qat-lr 0.002 --qat-schedule piecewise \
         --freeze-epochs 0 --no-carry-method-state --float-teacher 0      # the recipe before issue 26
+    python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --control
     python bench/qat_compare.py run runs/mnv2_32 --n 50 --out runs/qat_mnv2_32
 
 ``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
@@ -15,6 +16,9 @@
    with the fields the flags set instead, exported straight to INT8;
 3. both INT8 files attacked white-box through their twins (PGD-20, CW-inf, AutoAttack, DIVA) and
    black-box (Square) on ONNX Runtime; the headline is the per-example worst case over every attack.
+With ``--control``, 4. the same fine-tune in float (``qat.float_control``: same start, schedule, carried
+method state and float teacher, no fake quantisers) and its onnxruntime PTQ file, attacked alike: what the
+extra training alone buys, so that QAT's gain is not mistaken for it.
 The float row is the torch model under AutoAttack (its white-box figure). Also compares the median
 training speed (img/s) of the float run and of the QAT fine-tune. Results go to
 ``<out>/qat_compare_<recipe>.json`` and ``.md`` (the recipe's tag, e.g. ``e6_lr0.08_cosine_freeze2_carry_ft1``), with the
@@ -36,7 +40,7 @@ from robustedge.checkpoint import read_meta
 from robustedge.config import TrainConfig, load_config
 from robustedge.edge.bundle import ExportOptions, export_bundle
 from robustedge.files import atomic_write_json, atomic_write_text
-from robustedge.qat_recipe import fine_tune_config
+from robustedge.qat_recipe import fine_tune_config, float_control_config
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs
 from robustedge.trainer import train
@@ -94,23 +98,36 @@ def compare(job: dict) -> dict:
     qat_bundle = _export(Path(qat.out_dir) / qat.name / "last.safetensors", out / f"{qat.name}_export", n,
                          job["qat_transfer"], square_n, seed, job["whitebox"])
 
-    def int8_row(manifest: dict) -> dict:
-        row = manifest["table"]["onnx-int8"]
-        # no white-box figure when the twin was refused (agreement with the runtime below the gate's)
-        return {"clean": row["clean"], "autoattack": row.get("whitebox_autoattack"), "worst": row["worst"],
-                "size_mb": row["size_mb"], "latency_b1_ms": row["latency_b1_ms"],
-                "latency_b64_ms": row["latency_b64_ms"], "twin_agreement": row.get("twin_agreement")}
+    result = {"name": base.name, "seed": seed, "variant": job["tag"], "float": float_row(ptq),
+              "ptq_int8": int8_row(ptq), "pt2e_ptq_int8": int8_row(pt2e), "qat_int8": int8_row(qat_bundle),
+              "qat_patterns": read_meta(Path(qat.out_dir) / qat.name / "last.safetensors").extra["qat"].get("patterns"),
+              "qat_parity": qat_bundle["parity"], "flags": {"ptq": ptq["flags"], "qat": qat_bundle["flags"]},
+              "train": {"float_img_per_s": float_speed, "qat_img_per_s": qat_speed,
+                        "float_seconds": float_seconds, "qat_seconds": qat_seconds, "qat_epochs": qat.epochs}}
+    if job["control"]:  # the same fine-tune in float, then post-training INT8: what the extra training alone buys
+        control = float_control_config(qat)
+        t0 = time.perf_counter()
+        _, control_speed = _train_once(control)
+        result["train"] |= {"control_img_per_s": control_speed, "control_seconds": time.perf_counter() - t0}
+        bundle = _export(Path(control.out_dir) / control.name / "last.safetensors", out / f"{control.name}_ptq", n,
+                         ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
+        result["control_float"], result["control_ptq_int8"] = float_row(bundle), int8_row(bundle)
+    return result
 
-    torch_row = ptq["table"]["torch"]
-    return {"name": base.name, "seed": seed, "variant": job["tag"],
-            "float": {"clean": torch_row["clean"], "autoattack": torch_row["transfer_autoattack"],
-                      "worst": torch_row["worst"], "size_mb": torch_row["size_mb"],
-                      "latency_b1_ms": torch_row["latency_b1_ms"], "latency_b64_ms": torch_row["latency_b64_ms"]},
-            "ptq_int8": int8_row(ptq), "pt2e_ptq_int8": int8_row(pt2e), "qat_int8": int8_row(qat_bundle),
-            "qat_patterns": read_meta(Path(qat.out_dir) / qat.name / "last.safetensors").extra["qat"].get("patterns"),
-            "qat_parity": qat_bundle["parity"], "flags": {"ptq": ptq["flags"], "qat": qat_bundle["flags"]},
-            "train": {"float_img_per_s": float_speed, "qat_img_per_s": qat_speed,
-                      "float_seconds": float_seconds, "qat_seconds": qat_seconds, "qat_epochs": qat.epochs}}
+
+def float_row(manifest: dict) -> dict:
+    """The torch model of a PTQ bundle: its white-box figure is transfer AutoAttack (the source is the model)."""
+    row = manifest["table"]["torch"]
+    return {"clean": row["clean"], "autoattack": row["transfer_autoattack"], "worst": row["worst"],
+            "size_mb": row["size_mb"], "latency_b1_ms": row["latency_b1_ms"], "latency_b64_ms": row["latency_b64_ms"]}
+
+
+def int8_row(manifest: dict) -> dict:
+    row = manifest["table"]["onnx-int8"]
+    # no white-box figure when the twin was refused (agreement with the runtime below the gate's)
+    return {"clean": row["clean"], "autoattack": row.get("whitebox_autoattack"), "worst": row["worst"],
+            "size_mb": row["size_mb"], "latency_b1_ms": row["latency_b1_ms"],
+            "latency_b64_ms": row["latency_b64_ms"], "twin_agreement": row.get("twin_agreement")}
 
 
 def _mean_std(values: list[float]) -> str:
@@ -157,7 +174,9 @@ def table(results: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for key, label in (("float", "float (torch)"), ("ptq_int8", "PTQ INT8, onnxruntime quantizer"),
                        ("pt2e_ptq_int8", "PTQ INT8, PT2E quantizer (QAT of 0 epochs)"),
-                       ("qat_int8", "QAT INT8 (ONNX Runtime)")):
+                       ("qat_int8", "QAT INT8 (ONNX Runtime)"),
+                       ("control_float", "control: the same fine-tune in float (torch)"),
+                       ("control_ptq_int8", "control: its PTQ INT8, onnxruntime quantizer")):
         rows = [r[key] for r in results if key in r]  # results of an older version have no PT2E row
         if not rows:
             continue
@@ -171,7 +190,11 @@ def table(results: list[dict]) -> str:
               "within 1 point, QAT - best PTQ above the seed noise):", ""]
     for label, pick in (("QAT - float", lambda r: r["qat_int8"]["worst"] - r["float"]["worst"]),
                         ("best PTQ - float", lambda r: _best_ptq(r) - r["float"]["worst"]),
-                        ("QAT - best PTQ", lambda r: r["qat_int8"]["worst"] - _best_ptq(r))):
+                        ("QAT - best PTQ", lambda r: r["qat_int8"]["worst"] - _best_ptq(r)),
+                        ("control float - float", lambda r: r["control_float"]["worst"] - r["float"]["worst"]),
+                        ("QAT - control PTQ", lambda r: r["qat_int8"]["worst"] - r["control_ptq_int8"]["worst"])):
+        if "control" in label and not all("control_float" in r for r in results):
+            continue
         diffs = [pick(r) for r in results]
         lines.append(f"- {label}: {_mean_std(diffs)} (per seed: {' / '.join(f'{100 * d:+.1f}' for d in diffs)})")
     speed = [r["train"]["qat_img_per_s"] / r["train"]["float_img_per_s"] for r in results]
@@ -206,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="start the QAT method from the float run's state (qat.carry_method_state; recipe: on)")
         p.add_argument("--float-teacher", type=float,
                        help="weight of the float student as an extra teacher on x and x' (qat.float_teacher; recipe: 1)")
+        p.add_argument("--control", action="store_true",
+                       help="also run the QAT fine-tune's float control (the same start, schedule, method state and "
+                            "float teacher, no fake quantisers; qat.float_control) and its onnxruntime PTQ file: "
+                            "tells what QAT buys from what the extra training buys")
         p.add_argument("--float-only", action="store_true",
                        help="stop after the float students and their onnxruntime PTQ files (which no QAT setting "
                             "changes: a later run reuses them)")
@@ -214,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="transfer attacks crafted on the fake-quantised model (AutoAttack on its eager graph "
                             "is slow; without it the QAT bundle's reference row, and its gate, are weaker)")
     args = parser.parse_args(argv)
+    if args.control and args.float_only:
+        parser.error("--control fine-tunes the float students; --float-only stops before any fine-tune")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.mode == "digits":
@@ -231,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
                    for c in configs]
     tag = recipe_tag(qat_configs[0])
     jobs = [{"config": c, "qat_config": q, "tag": tag, "out": str(out), "n": args.n, "square_n": args.square_n,
-             "whitebox": tuple(args.whitebox.split(",")), "qat_transfer": tuple(args.qat_transfer.split(",")), "float_only": args.float_only}
+             "whitebox": tuple(args.whitebox.split(",")), "qat_transfer": tuple(args.qat_transfer.split(",")),
+             "float_only": args.float_only, "control": args.control}
             for c, q in zip(configs, qat_configs)]
     workers, threads = parallel_plan(resolve_device("cpu"), len(jobs))
     results = run_jobs(compare, jobs, workers, threads)

@@ -250,20 +250,24 @@ def train(config: str | os.PathLike | Any = None, *, resume: bool = False, qat_f
     ``overrides`` set fields by dotted name with ``__`` for the dot (``epochs=2``, ``optim__lr=0.01``),
     as ``--set optim.lr=0.01`` does. ``qat_from`` (``--qat-from``) fine-tunes that float student as its INT8
     function; without ``config``, from the float run's own config under the measured QAT recipe
-    (robustedge/qat_recipe.py). Returns the run's ``TrainResult``."""
+    (robustedge/qat_recipe.py); with ``qat__float_control=True`` (``--qat-float-control``), the same
+    fine-tune in float, the control. Returns the run's ``TrainResult``."""
     from robustedge.config import TrainConfig, apply_values, load_config, validate_config
     from robustedge.trainer import train as _train
 
     if config is None and qat_from is None:
         raise RobustEdgeError("train needs a config (a recipe name, a YAML file or a TrainConfig) or qat_from")
     if config is None:
-        from robustedge.qat_recipe import recipe_config
+        from robustedge.qat_recipe import float_control_config, recipe_config
 
         cfg = recipe_config(qat_from, overrides.get("epochs"))
+        if overrides.get("qat__float_control") is True:
+            cfg = float_control_config(cfg)
     else:
         cfg = copy.deepcopy(config) if isinstance(config, TrainConfig) else load_config(str(config))
         if qat_from is not None:
-            overrides = {"qat__enabled": True, "qat__from_checkpoint": str(qat_from), **overrides}
+            enable = {} if overrides.get("qat__float_control") is True else {"qat__enabled": True}
+            overrides = {**enable, "qat__from_checkpoint": str(qat_from), **overrides}
     cfg = apply_values(cfg, {k.replace("__", "."): v for k, v in overrides.items()})
     return _train(validate_config(cfg), resume=resume)
 

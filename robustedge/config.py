@@ -79,6 +79,10 @@ class QATConfig:
     # with from_checkpoint: the float student as an extra teacher of the fake-quantised one, on x and on the
     # method's x' (weight * (KL(F(x) || Q(x)) + KL(F(x') || Q(x'))), the methods' KL scale); 0: off
     float_teacher: float = 0.0
+    # with from_checkpoint and enabled: false: the same fine-tune (start, schedule, method state, float teacher)
+    # in float, without fake quantisers: the control that tells what QAT buys from what more training buys
+    # (bench/qat_compare.py --control)
+    float_control: bool = False
 
 
 @dataclass
@@ -393,9 +397,9 @@ def _validate_qat(cfg: TrainConfig) -> None:
     if q.carry_method_state and q.from_checkpoint is None:
         raise RobustEdgeError("config key 'qat.carry_method_state' needs qat.from_checkpoint (the float run to carry "
                               "the method state from)")
-    if q.enabled and q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():
+    if q.from_checkpoint is not None and not Path(q.from_checkpoint).is_file():
         raise RobustEdgeError(f"config key 'qat.from_checkpoint': no such file {q.from_checkpoint}")
-    if q.enabled and q.carry_method_state:
+    if q.carry_method_state:
         last = Path(q.from_checkpoint).parent / "last.safetensors"
         if not last.is_file():
             raise RobustEdgeError(f"qat.carry_method_state needs the float run's training state {last} (the run "
@@ -408,8 +412,12 @@ def _validate_qat(cfg: TrainConfig) -> None:
             raise RobustEdgeError(f"qat.carry_method_state: {last} was trained with method '{method}', this run "
                                   f"with '{cfg.method}'; there is no method state to carry "
                                   f"(--no-qat-carry-method-state)")
-    if q.from_checkpoint is not None and not q.enabled:
-        raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE)")
+    if q.float_control and (q.enabled or q.from_checkpoint is None):
+        raise RobustEdgeError("config key 'qat.float_control' runs the fine-tune of qat.from_checkpoint in float: it "
+                              "needs qat.from_checkpoint and qat.enabled: false (--qat-from FILE --qat-float-control)")
+    if q.from_checkpoint is not None and not q.enabled and not q.float_control:
+        raise RobustEdgeError("config key 'qat.from_checkpoint' needs qat.enabled: true (or --qat-from FILE), or "
+                              "qat.float_control: true for the same fine-tune in float")
     if q.enabled and cfg.amp in ("bf16", "fp16"):
         raise RobustEdgeError(f"quantization-aware training runs in fp32 (under amp {cfg.amp} the fake quantisers "
                               f"would see {cfg.amp} values, not the INT8 function the export computes); "

@@ -62,6 +62,9 @@ def float_run_config(checkpoint: str | Path) -> TrainConfig:
         raise RobustEdgeError(f"{checkpoint} does not record the config it was trained with (files written by "
                               f"`robustedge train`/`distill` do); give its recipe with --config")
     cfg = config_from_dict(raw)
+    if cfg.qat.float_control:  # its recorded config is already a fine-tune: the recipe would shrink it again
+        raise RobustEdgeError(f"{checkpoint} is the float control of a fine-tune of {cfg.qat.from_checkpoint}; "
+                              f"fine-tune from that float student instead")
     cfg.out_dir = str(checkpoint.resolve().parent.parent)
     return cfg
 
@@ -93,6 +96,18 @@ def fine_tune_config(float_cfg: TrainConfig, checkpoint: str | Path, recipe: QAT
     return cfg
 
 
+def float_control_config(qat: TrainConfig) -> TrainConfig:
+    """The float control of the QAT fine-tune ``qat``: the same start, epochs, schedule, carried method state
+    and float teacher, without fake quantisers (so without observers to freeze: ``freeze_epochs`` 0), in a
+    run of its own (``_qat`` in the name becomes ``_float_control``). Exported with post-training INT8, it
+    measures what the fine-tune's extra training buys without quantisation awareness."""
+    control = copy.deepcopy(qat)
+    control.qat.enabled, control.qat.float_control, control.qat.freeze_epochs = False, True, 0
+    stem, qat_mark, tag = qat.name.rpartition("_qat")
+    control.name = f"{stem}_float_control{tag}" if qat_mark else f"{qat.name}_float_control"
+    return control
+
+
 def recipe_config(checkpoint: str | Path, epochs: object = None) -> TrainConfig:
     """The fine-tune `distill --qat-from FILE` runs without --config (``epochs``: --epochs, when given)."""
     if epochs is not None:
@@ -100,4 +115,5 @@ def recipe_config(checkpoint: str | Path, epochs: object = None) -> TrainConfig:
     return fine_tune_config(float_run_config(checkpoint), checkpoint, epochs=epochs)
 
 
-__all__ = ["FINE_TUNE", "QATRecipe", "fine_tune_config", "float_run_config", "recipe_config"]
+__all__ = ["FINE_TUNE", "QATRecipe", "fine_tune_config", "float_control_config", "float_run_config",
+           "recipe_config"]

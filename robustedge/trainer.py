@@ -232,8 +232,8 @@ class Trainer:
                                  "library": library_version(), "from_checkpoint": cfg.qat.from_checkpoint}
             if cfg.qat.from_checkpoint and cfg.qat.calibration_n and not self.resume:
                 calibrate(parts.model, calibration_images(data.train, cfg.qat.calibration_n, cfg.seed, device))
-            if cfg.qat.carry_method_state and not self.resume:
-                parts.method.load_state_dict(float_method_state(cfg.qat.from_checkpoint, cfg.method))
+        if cfg.qat.carry_method_state and not self.resume:  # a fine-tune, under QAT or its float control
+            parts.method.load_state_dict(float_method_state(cfg.qat.from_checkpoint, cfg.method))
         if self.resume:
             self._restore(run, spec)
         run.student = parts.wrap(world, device)

@@ -24,8 +24,10 @@ def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype |
     mode = cfg.amp
     if mode == "auto":
         # QAT stays fp32: under autocast the fake quantisers would see bf16 values, not the INT8
-        # function the export computes (validate_config refuses an explicit amp with QAT)
-        mode = "bf16" if not cfg.qat.enabled and device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        # function the export computes (validate_config refuses an explicit amp with QAT); its float
+        # control too, so that the two differ only by the quantisers
+        fp32 = cfg.qat.enabled or cfg.qat.float_control
+        mode = "bf16" if not fp32 and device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
     if mode == "off":
         return None, False
     if mode == "bf16":
@@ -109,7 +111,9 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     (models/folding.py), compiled along with the student when ``compile`` is set.
     """
     seed_everything(cfg.seed)
-    model = spec.build().to(device)
+    model = spec.build().to(device)  # built even when replaced below: the seeded stream stays the same
+    if cfg.qat.from_checkpoint:
+        model = _trained_start(cfg, spec).to(device)
     if cfg.qat.enabled:
         model = _qat_student(cfg, spec, model, world).to(device)
     if cfg.sync_bn and world > 1:
@@ -132,7 +136,7 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     amp_dtype, use_scaler = _amp_settings(cfg, device)
     parts = TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
                           amp_dtype, device)
-    if cfg.qat.enabled and cfg.qat.float_teacher:
+    if cfg.qat.float_teacher:  # the config check makes sure qat.from_checkpoint is set
         parts.float_teacher = _float_teacher(cfg.qat.from_checkpoint, device)
     return parts
 
@@ -148,21 +152,26 @@ def _float_teacher(checkpoint: str, device: torch.device) -> nn.Module:
     return model
 
 
-def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:
-    """The student under fake quantisation; with ``qat.from_checkpoint``, from a trained float student."""
+def _trained_start(cfg: TrainConfig, spec: ModelSpec) -> nn.Module:
+    """The trained float student a fine-tune starts from (``qat.from_checkpoint``): under fake quantisation
+    (QAT), or in float with ``qat.enabled: false``, the control that tells QAT's gain from more training."""
     from robustedge.weights import load_model
+
+    source, meta = load_model(cfg.qat.from_checkpoint)
+    if meta.extra.get("qat"):
+        raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is already a QAT student; fine-tune from a float one")
+    if (meta.spec.arch, meta.spec.num_classes, meta.spec.in_channels, meta.spec.width, meta.spec.image_size) != \
+            (spec.arch, spec.num_classes, spec.in_channels, spec.width, spec.image_size):
+        raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is {meta.spec.arch} (width {meta.spec.width}, "
+                              f"{meta.spec.image_size}px, {meta.spec.in_channels} channels); the config trains "
+                              f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
+    return source  # the same architecture, with the trained weights (load_model checked them strictly)
+
+
+def _qat_student(cfg: TrainConfig, spec: ModelSpec, model: nn.Module, world: int) -> nn.Module:
+    """The student under fake quantisation (with ``qat.from_checkpoint``, already the trained float one)."""
     from robustedge.qat import prepare_qat
 
     if world > 1:
         raise RobustEdgeError("quantization-aware training under DDP is not supported; run it in one process")
-    if cfg.qat.from_checkpoint:
-        source, meta = load_model(cfg.qat.from_checkpoint)
-        if meta.extra.get("qat"):
-            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is already a QAT student; fine-tune from a float one")
-        if (meta.spec.arch, meta.spec.num_classes, meta.spec.in_channels, meta.spec.width, meta.spec.image_size) != \
-                (spec.arch, spec.num_classes, spec.in_channels, spec.width, spec.image_size):
-            raise RobustEdgeError(f"{cfg.qat.from_checkpoint} is {meta.spec.arch} (width {meta.spec.width}, "
-                                  f"{meta.spec.image_size}px, {meta.spec.in_channels} channels); the config trains "
-                                  f"{spec.arch} (width {spec.width}, {spec.image_size}px, {spec.in_channels} channels)")
-        model = source  # the same architecture, with the trained weights (load_model checked them strictly)
     return prepare_qat(model, spec.input_shape, cfg.qat.activations)

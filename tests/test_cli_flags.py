@@ -54,6 +54,12 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
                 "teachers.robust.checkpoint": "r.safetensors", "teachers.clean.checkpoint": "c.safetensors",
                 "teachers.robust.precision": "fp16", "teachers.clean.precision": "fp16", "progress": False}
     assert {key: _at(cfg, key) for key in expected} == pytest.approx(expected)
+    # --qat-float-control: the same fine-tune in float (no --qat implied, so nothing frozen)
+    at = argv.index("--qat-freeze-epochs")
+    control = argv[:at] + ["--qat-float-control"] + argv[at + 2:]
+    cfg = config_to_dict(resolve_train_config(build_parser().parse_args(control)))
+    expected |= {"qat.enabled": False, "qat.float_control": True, "qat.freeze_epochs": 0}
+    assert {key: _at(cfg, key) for key in expected} == pytest.approx(expected)
     keys = {f.key for f in config_flags()} - {"teachers.*.precision"}
     assert keys <= set(expected)
 

@@ -169,6 +169,54 @@ def test_wrong_input_shape_and_missing_calibration_are_clear_errors(bundle):
     assert parse_formats("onnx-int8,onnx-int8") == ["onnx-int8"]
 
 
+@pytest.mark.parametrize("float_layers", ["first", "last", "first-last"])
+def test_int8_float_layers_keep_exactly_those_layers_in_float(bundle, digits, tmp_path, float_layers):
+    """--int8-float-layers: the first / last weighted node of the INT8 file reads its float weight (no
+    DequantizeLinear before it), every other one stays INT8, and the twin still computes the file."""
+    from robustedge.edge.convert import quantize_int8
+    from robustedge.edge.twin import OnnxTwin, agreement
+
+    out, _, _ = bundle
+    x = digits.test.float_images()[:64].numpy()
+    path = quantize_int8(out / "model.onnx", tmp_path / "q.onnx", x, float_layers=float_layers)
+    graph = onnx.load(str(path)).graph
+    producers = {o: node.op_type for node in graph.node for o in node.output}
+    weighted = [node for node in graph.node if node.op_type in ("Conv", "Gemm", "MatMul")]
+    in_float = [producers.get(node.input[1]) != "DequantizeLinear" for node in weighted]
+    expected = [False] * len(weighted)
+    if float_layers in ("first", "first-last"):
+        expected[0] = True
+    if float_layers in ("last", "first-last"):
+        expected[-1] = True
+    assert in_float == expected and len(weighted) > 2
+    twin = agreement(OnnxTwin(path), OrtRunner(path), x)  # as close as for a wholly INT8 file (rounding steps)
+    assert twin["agreement"] >= 0.99 and twin["max_abs_logit_diff"] < 0.1
+    with pytest.raises(RobustEdgeError, match="unknown INT8 float layers 'middle'; valid: none, first, last"):
+        quantize_int8(out / "model.onnx", tmp_path / "r.onnx", x, float_layers="middle")
+
+
+def test_the_export_quantises_with_its_float_layers(digits_checkpoint, tmp_path, monkeypatch):
+    """ExportOptions.int8_float_layers reaches onnxruntime's quantizer (the manifest records the option: the
+    file must then be what it says); a failure there leaves nothing behind."""
+    from robustedge.edge import convert
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, float_layers="none", **kwargs):
+        seen.append(float_layers)
+        raise Stop
+
+    monkeypatch.setattr(convert, "quantize_int8", spy)
+    with pytest.raises(Stop):
+        export_bundle(digits_checkpoint, tmp_path / "b", ExportOptions(formats=["onnx-int8"],
+                                                                       int8_float_layers="first-last", **OPTS),
+                      progress=lambda m: None)
+    assert seen == ["first-last"] and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.gpu
 def test_tensorrt_engines_build_and_verify(digits_checkpoint, tmp_path):
     pytest.importorskip("tensorrt")
@@ -371,6 +419,32 @@ def test_emulated_rows_compare_logits_sit_under_their_format_and_face_the_gate()
     from robustedge.edge.emulated_env import _release_key
 
     assert _release_key("1.27") == _release_key("1.27.0") < _release_key("1.28.0")  # a pin may omit the .0
+
+
+def test_the_platform_lines_name_each_processor_once_and_skip_the_reference(capsys):
+    """export and verify print where each row was measured after the bundle is written: the x86 reference
+    of a replay (``<isa>_reference``, no emulator) is no row's processor and once crashed these lines."""
+    from robustedge.cli.export import print_platforms
+    from robustedge.edge.emulation import add_emulated_rows
+
+    here = {"isa": "x86_64", "system": "Linux", "python": "3.11.7", "runtimes": {"onnxruntime": "1.32.0"}}
+    arm = {"isa": "aarch64", "system": "Linux", "python": "3.11.2", "runtimes": {"onnxruntime": "1.27.0"},
+           "emulator": "qemu-aarch64 version 7.2.22", "cpu": "neoverse-n1", "debian": "bookworm"}
+    report = {"platform": here, "table": {"torch": {"clean": 0.9, "agreement": 1.0},
+                                        "onnx": {"clean": 0.9, "agreement": 1.0}}, "flags": {}}
+    emulated = {"isas": ["arm64"], "table": {"onnx@arm64": {"clean": 0.9, "agreement": 1.0, "isa_agreement": 1.0}},
+                "flags": {"onnx@arm64": []}, "seconds": {},
+                "platforms": {"arm64_reference": here | {"runtimes": {"onnxruntime": "1.27.0"}}, "arm64": arm},
+                "skipped": {"executorch@arm64": "no arm64 ExecuTorch runtime runs under emulation"}}
+    add_emulated_rows(report, emulated, Gate())
+    print_platforms(report)
+    assert capsys.readouterr().out.splitlines() == [
+        "measured on x86_64 (onnxruntime 1.32.0), emulated rows as below",
+        "<format>@arm64: aarch64 under qemu-aarch64 version 7.2.22 (cpu neoverse-n1), Python 3.11.2, "
+        "onnxruntime 1.27.0; no latency under emulation",
+        "executorch@arm64 not replayed: no arm64 ExecuTorch runtime runs under emulation"]
+    print_platforms({"platform": here | {"runtimes": {}}, "table": {}})  # no replay; a bundle without runtimes
+    assert capsys.readouterr().out.splitlines() == ["measured on x86_64 (no runtime)"]
 
 
 def test_an_old_verifier_is_refused_for_emulated_replays(bundle, tmp_path):

@@ -466,6 +466,57 @@ def test_the_float_student_teaches_its_fake_quantised_copy_on_x_and_x_adv(tmp_pa
         validate_config(qat_config(tmp_path, "ft2", float_teacher=1.0))
 
 
+def test_the_float_control_is_the_same_fine_tune_without_fake_quantisers(tmp_path, float_student, monkeypatch):
+    """qat.float_control: the fine-tune of qat.from_checkpoint (its weights, the carried method state, the float
+    teacher) in float, the control that tells QAT's gain from more training; it ships as a float model."""
+    import shutil
+
+    import robustedge.trainer as trainer_module
+    from robustedge.checkpoint import read_meta
+    from robustedge.config import validate_config
+    from robustedge.training_state import save_training_state
+
+    run = tmp_path / "float_run"
+    run.mkdir()
+    checkpoint = Path(shutil.copy(float_student, run / "best.safetensors"))
+    start, meta = load_model(checkpoint)
+    meta.extra["config"] = {"method": "pgd_at"}
+    save_training_state(run / "last.safetensors", start, meta, {"config": {"method": "pgd_at"}, "method": {}})
+    cfg = qat_config(tmp_path, "control", epochs=1, from_checkpoint=str(checkpoint), float_teacher=1.0,
+                     carry_method_state=True, float_control=True)
+    cfg.qat.enabled = False
+    parts = build_parts(validate_config(copy.deepcopy(cfg)), SPEC, torch.device("cpu"))
+    assert not isinstance(parts.model, QATStudent) and parts.float_teacher is not None
+    assert parts.model.state_dict().keys() == start.state_dict().keys()
+    assert all(torch.equal(v, start.state_dict()[k]) for k, v in parts.model.state_dict().items())
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    logs, _ = parts.step(parts.model, x, y)
+    assert float(logs["loss_float_teacher"]) > 0  # the float student teaches its float copy (train-mode BN differs)
+    carried = []
+    monkeypatch.setattr(trainer_module, "float_method_state",
+                        lambda file, method: carried.append((file, method)) or {})
+    result = train(validate_config(cfg))
+    assert carried == [(str(checkpoint), "pgd_at")]
+    from robustedge.qat_recipe import float_run_config
+
+    with pytest.raises(RobustEdgeError, match="is the float control of a fine-tune of .*; fine-tune from that float"):
+        float_run_config(result.last_path)  # the recipe would shrink an already shortened run again
+    assert "qat" not in read_meta(result.last_path).extra  # a float model: the export quantises it after training
+    trained, _ = load_model(result.last_path)
+    assert any(not torch.equal(v, start.state_dict()[k]) for k, v in trained.state_dict().items())
+    for change, message in (({"enabled": True}, "'qat.float_control' runs the fine-tune of qat.from_checkpoint in "
+                                                "float: it needs qat.from_checkpoint and qat.enabled: false"),
+                            ({"float_control": False}, "'qat.from_checkpoint' needs qat.enabled: true"),
+                            ({"from_checkpoint": None, "float_teacher": 0.0, "carry_method_state": False},
+                             "'qat.float_control' runs the fine-tune")):
+        bad = copy.deepcopy(cfg)
+        for key, value in change.items():
+            setattr(bad.qat, key, value)
+        with pytest.raises(RobustEdgeError, match=message):
+            validate_config(bad)
+
+
 def test_qat_from_alone_fine_tunes_the_float_runs_own_config_under_the_recipe(tmp_path, float_student, capsys,
                                                                                 monkeypatch):
     """`train/distill --qat-from FILE` without --config, and `robustedge.train(qat_from=FILE)`: the config FILE
@@ -488,7 +539,7 @@ def test_qat_from_alone_fine_tunes_the_float_runs_own_config_under_the_recipe(tm
     assert printed["out_dir"] == str((tmp_path / "runs").resolve())  # beside the float run, wherever it was
     assert printed["qat"] == {"enabled": True, "activations": "uint8", "from_checkpoint": checkpoint,
                               "calibration_n": 512, "freeze_epochs": 2, "float_teacher": 1.0,
-                              "carry_method_state": False}  # no last.safetensors beside the checkpoint
+                              "carry_method_state": False, "float_control": False}  # no last.safetensors beside it
     # --epochs sets the fine-tune's length, and what depends on it follows
     assert main(["train", "--qat-from", checkpoint, "--dry-run", "--timing-steps", "0", "--epochs", "1"]) == 0
     short = yaml.safe_load(capsys.readouterr().out.split("\n\n")[0])
@@ -497,6 +548,15 @@ def test_qat_from_alone_fine_tunes_the_float_runs_own_config_under_the_recipe(tm
     monkeypatch.setattr("robustedge.trainer.train", lambda cfg, resume=False: seen.setdefault("cfg", cfg))
     robustedge.train(qat_from=checkpoint, seed=7)
     assert config_to_dict(seen["cfg"]) | {"progress": printed["progress"]} == printed  # the API builds the same run
+    # --qat-float-control: the same fine-tune in float, in a run of its own; the API the same
+    assert main(["train", "--qat-from", checkpoint, "--qat-float-control", "--dry-run", "--timing-steps", "0",
+                 "--seed", "7"]) == 0
+    control = yaml.safe_load(capsys.readouterr().out.split("\n\n")[0])
+    assert control == printed | {"name": "float_float_control",
+                                 "qat": printed["qat"] | {"enabled": False, "float_control": True, "freeze_epochs": 0}}
+    seen.clear()
+    robustedge.train(qat_from=checkpoint, seed=7, qat__float_control=True)
+    assert config_to_dict(seen["cfg"]) | {"progress": control["progress"]} == control
     meta.extra["qat"] = {"activations": "uint8"}
     qat_file = save_model(tmp_path / "qat.safetensors", model, meta)
     with pytest.raises(RobustEdgeError, match="is already a QAT student"):

@@ -36,7 +36,7 @@ def report_gate(failures: list[str], where: Path) -> int:
 
 def add(sub: argparse._SubParsersAction) -> None:
     from robustedge.edge.bundle import INT8_QUANTIZERS
-    from robustedge.edge.convert import CALIBRATION_METHODS, INT8_ACTIVATIONS
+    from robustedge.edge.convert import CALIBRATION_METHODS, FLOAT_LAYERS, INT8_ACTIVATIONS
     from robustedge.edge.formats import formats_help
 
     p = sub.add_parser(
@@ -64,6 +64,9 @@ def add(sub: argparse._SubParsersAction) -> None:
                    help="who quantises a float student's onnx-int8 file: onnxruntime's static quantizer, or pt2e: "
                         "torchao's PT2E quantizer that QAT trains under, calibrated, no training (the QAT file of "
                         "zero epochs; min-max calibration)")
+    p.add_argument("--int8-float-layers", default="none", choices=FLOAT_LAYERS,
+                   help="keep the first and/or last weighted layer of onnxruntime's INT8 files in float (mixed "
+                        "precision every ONNX Runtime build runs; docs/design/qat.md section 10 measures it)")
     p.add_argument("--transfer-attacks", default="pgd20,autoattack", help="attacks crafted on torch and replayed")
     p.add_argument("--whitebox-attacks", default="pgd20,cw,autoattack,diva",
                    help="attacks run on the exact differentiable twin of each INT8 artifact and replayed on its "
@@ -100,6 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     opts = ExportOptions(formats=args.formats, n=args.n, calibration_n=args.calibration_n,
                          calibration_method=args.calibration_method, calibrate_adversarial=args.calibrate_adversarial,
                          int8_activations=args.int8_activations, int8_quantizer=args.int8_quantizer,
+                         int8_float_layers=args.int8_float_layers,
                          transfer_attacks=_names(args.transfer_attacks), whitebox_attacks=_names(args.whitebox_attacks),
                          square_n=args.square_n, square_queries=args.square_queries, data_root=args.data_root,
                          seed=args.seed, gate=gate(args), flags=FlagSettings(n=args.flags_n), emulate=args.emulate)

@@ -111,6 +111,11 @@ def config_flags() -> tuple[ConfigFlag, ...]:
                                         "teacher of the fake-quantised one, on x and the training attack's x' "
                                         "(the fine-tune recipe: 1; 0: off)", name="qat-float-teacher", parse=_weight,
                    metavar="W"),
+        ConfigFlag("qat.float_control", "with --qat-from: its fine-tune in float instead, without fake quantisers "
+                                        "(same start, schedule, method state and float teacher; the run "
+                                        "<name>_float_control): the control that tells what QAT buys from what the "
+                                        "extra training buys (docs/design/qat.md section 10)",
+                   name="qat-float-control"),
         ConfigFlag("device", "auto, cpu, cuda or cuda:N"),
         ConfigFlag("seed", "seed of initialisation, data order and attacks", parse=options.parse_seed),
         ConfigFlag("name", "run name (folder under --out-dir)"),
@@ -205,15 +210,17 @@ def resolve_train_config(args: argparse.Namespace):
 
     given = [(f, getattr(args, f.dest)) for f in _flags(args.kind) if getattr(args, f.dest) is not None]
     values = {f.key: value for f, value in given if "*" not in f.key}
-    if args.qat_from is not None and args.qat is None:
+    if args.qat_from is not None and args.qat is None and not args.qat_float_control:
         values["qat.enabled"] = True
     values |= parse_overrides(args.overrides)
     if args.config:
         cfg = load_config(args.config)
     elif args.qat_from is not None:  # the float run's own config, as its QAT fine-tune (robustedge/qat_recipe.py)
-        from robustedge.qat_recipe import recipe_config
+        from robustedge.qat_recipe import float_control_config, recipe_config
 
         cfg = recipe_config(args.qat_from, values.get("epochs"))
+        if args.qat_float_control:
+            cfg = float_control_config(cfg)
     else:
         cfg = TrainConfig()
     cfg = apply_values(cfg, values)

@@ -57,6 +57,8 @@ class ExportOptions:
     # who quantises the float student's onnx-int8 file: onnxruntime's static quantizer, or pt2e: torchao's PT2E
     # quantizer that QAT trains under, calibrated and converted with no training (a QAT run of zero epochs)
     int8_quantizer: str = "onnxruntime"
+    # onnxruntime's INT8 files (onnx-int8, ort-int8, trt-int8) with these layers in float (convert.FLOAT_LAYERS)
+    int8_float_layers: str = "none"
     transfer_attacks: tuple[str, ...] = TRANSFER_ATTACKS
     whitebox_attacks: tuple[str, ...] = WHITEBOX_ATTACKS  # on the twin of every INT8 artifact (empty: none)
     square_n: int = 100
@@ -85,6 +87,12 @@ class ExportOptions:
         if self.int8_quantizer == "pt2e" and self.calibration_method != "minmax":
             raise RobustEdgeError("the pt2e quantizer calibrates by min-max, as QAT's observers do; "
                                   f"--calibration-method {self.calibration_method} is onnxruntime's")
+        if self.int8_float_layers not in convert.FLOAT_LAYERS:
+            raise RobustEdgeError(f"unknown INT8 float layers '{self.int8_float_layers}'; valid: "
+                                  f"{', '.join(convert.FLOAT_LAYERS)}")
+        if self.int8_quantizer == "pt2e" and self.int8_float_layers != "none":
+            raise RobustEdgeError("the pt2e quantizer quantises every layer QAT trains quantised; --int8-float-layers "
+                                  "is onnxruntime's")
         if self.int8_activations not in convert.INT8_ACTIVATIONS:
             raise RobustEdgeError(f"INT8 activations must be one of {', '.join(convert.INT8_ACTIVATIONS)}, "
                                   f"got '{self.int8_activations}'")
@@ -122,6 +130,19 @@ def parse_formats(text: str | list[str]) -> list[str]:
     if bad or not names:
         raise RobustEdgeError(f"unknown export format '{(bad or [''])[0]}'; valid formats: {', '.join(FORMATS)}")
     return list(dict.fromkeys(names))
+
+
+def _check_float_layers(opts: ExportOptions, formats: list[str], qat: bool) -> None:
+    """--int8-float-layers changes onnxruntime's post-training INT8 files only: refused where it would change
+    nothing (the manifest records the option, so it would claim mixed precision the files do not have)."""
+    if opts.int8_float_layers == "none":
+        return
+    if qat:
+        raise RobustEdgeError("a QAT student's INT8 files are the function it trained as; --int8-float-layers is for "
+                              "post-training INT8 of a float student")
+    if not any(FORMATS[f].int8 and FORMATS[f].runtime in ("onnxruntime", "tensorrt") for f in formats):
+        raise RobustEdgeError("--int8-float-layers changes onnxruntime's INT8 files (onnx-int8, ort-int8, trt-int8); "
+                              f"--formats asked for none of them ({', '.join(opts.formats)})")
 
 
 def plan_formats(requested: list[str], qat: dict | None) -> tuple[list[str], dict[str, str]]:
@@ -244,7 +265,7 @@ def _float_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptio
             _pt2e_ptq(model, meta, calibration, opts.int8_activations, _file(tmp, fmt), progress)
         else:
             builder(fmt)(_file(tmp, source_format(fmt)), _file(tmp, fmt), calibration, opts.calibration_method,
-                         activations=opts.int8_activations)
+                         activations=opts.int8_activations, float_layers=opts.int8_float_layers)
     skipped = _executorch([f for f in formats if FORMATS[f].runtime == "executorch"], model, meta, calibration, tmp,
                           progress)
     sources = {}
@@ -254,7 +275,8 @@ def _float_formats(model, meta, formats: list[str], tmp: Path, opts: ExportOptio
             sources[fmt] = _file(tmp, row.source)
         elif available(fmt)[0]:  # TensorRT INT8: a QDQ file of its own, in the scheme it takes (zero points of 0)
             sources[fmt] = convert.quantize_int8(_file(tmp, row.source), tmp / TRT_INT8_SOURCE, calibration,
-                                                 opts.calibration_method, activations=row.activations)
+                                                 opts.calibration_method, activations=row.activations,
+                                                 float_layers=opts.int8_float_layers)
     return sources, skipped
 
 
@@ -334,6 +356,7 @@ def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=pri
     model, meta = load(checkpoint, facts=facts, device=device)
     name = source.name if source else meta.spec.arch
     formats, skipped = plan_formats(opts.formats, meta.extra.get("qat"))
+    _check_float_layers(opts, formats, bool(meta.extra.get("qat")))
     if meta.eps is None:
         raise RobustEdgeError(f"{name} records no eps; it is needed for the robustness checks (pass --eps)")
     if opts.emulate:  # a processor that cannot be emulated here is refused before minutes of export

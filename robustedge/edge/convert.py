@@ -95,10 +95,14 @@ class _Batches:
 
 
 INT8_ACTIVATIONS = ("uint8", "int8", "int8-symmetric")
+# layers a post-training INT8 file keeps in float: the first convolution sees the raw image (quantising its
+# input costs the most relative precision there) and the last layer gives the logits the attacks read
+FLOAT_LAYERS = ("none", "first", "last", "first-last")
+_WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "minmax",
-                  per_channel: bool = True, activations: str = "uint8") -> Path:
+                  per_channel: bool = True, activations: str = "uint8", float_layers: str = "none") -> Path:
     """Static INT8 quantisation in QDQ format: symmetric int8 weights per output channel, and
     activations as
 
@@ -109,7 +113,9 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
     - ``int8-symmetric``: zero points 0, which TensorRT's explicit quantisation requires.
 
     ``quant_pre_process`` runs first (shape inference + ORT's graph optimisations) as onnxruntime
-    recommends. ``calibration`` is float32 in [0, 1], drawn from training data.
+    recommends. ``calibration`` is float32 in [0, 1], drawn from training data. ``float_layers``: the first
+    and/or last weighted layer (convolution or matrix product, in graph order) left in float through
+    onnxruntime's ``nodes_to_exclude``, mixed precision every ONNX Runtime build runs.
     """
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
@@ -118,6 +124,8 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
         raise RobustEdgeError(f"unknown calibration method '{method}'; valid: {', '.join(CALIBRATION_METHODS)}")
     if activations not in INT8_ACTIVATIONS:
         raise RobustEdgeError(f"INT8 activations must be one of {', '.join(INT8_ACTIVATIONS)}, got '{activations}'")
+    if float_layers not in FLOAT_LAYERS:
+        raise RobustEdgeError(f"unknown INT8 float layers '{float_layers}'; valid: {', '.join(FLOAT_LAYERS)}")
     if calibration is None or len(calibration) == 0:
         raise RobustEdgeError("INT8 quantisation needs calibration images (none were given)")
     prepared = dst.with_name(dst.stem + ".pre.onnx")
@@ -132,10 +140,45 @@ def quantize_int8(src: Path, dst: Path, calibration: np.ndarray, method: str = "
                             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
                             weight_type=QuantType.QInt8, calibrate_method=calib,
                             extra_options={"ActivationSymmetric": activations == "int8-symmetric",
-                                           "WeightSymmetric": True})
+                                           "WeightSymmetric": True},
+                            nodes_to_exclude=_float_nodes(prepared, float_layers, src.name))
     finally:
         prepared.unlink(missing_ok=True)
     return dst
+
+
+def _float_nodes(model_path: Path, float_layers: str, source_name: str) -> list[str]:
+    """The names of the nodes ``float_layers`` keeps in float: the first and/or last layer with a constant
+    weight (a convolution or a matrix product, in graph order), and the bias ``Add`` that follows a
+    ``MatMul``, so that its output, the logits, is float too. Nodes without a name get one, written back,
+    since onnxruntime's quantizer excludes nodes by name."""
+    if float_layers == "none":
+        return []
+    import onnx
+
+    model = onnx.load(str(model_path))
+    constants = {t.name for t in model.graph.initializer}
+    weighted = [node for node in model.graph.node
+                if node.op_type in _WEIGHTED_OPS and len(node.input) > 1 and node.input[1] in constants]
+    if not weighted:
+        raise RobustEdgeError(f"{source_name} has no convolution or matrix product with a constant weight to keep "
+                              f"in float")
+    chosen = {"first": weighted[:1], "last": weighted[-1:], "first-last": [weighted[0], weighted[-1]]}[float_layers]
+    for node in list(chosen):
+        if node.op_type == "MatMul":
+            readers = [n for n in model.graph.node if node.output[0] in n.input]
+            if len(readers) == 1 and readers[0].op_type == "Add" and any(i in constants for i in readers[0].input):
+                chosen.append(readers[0])
+    if any(not node.name for node in chosen):
+        taken = {node.name for node in model.graph.node}
+        for index, node in enumerate(model.graph.node):
+            if not node.name:
+                node.name = f"_robustedge_float_{index}"
+                while node.name in taken:
+                    node.name += "_"
+                taken.add(node.name)
+        onnx.save(model, str(model_path))
+    return list(dict.fromkeys(node.name for node in chosen))
 
 
 def convert_to_ort(sources: dict[Path, Path], config: Path) -> Path:
