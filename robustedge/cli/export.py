@@ -66,7 +66,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "zero epochs; min-max calibration)")
     p.add_argument("--int8-float-layers", default="none", choices=FLOAT_LAYERS,
                    help="keep the first and/or last weighted layer of onnxruntime's INT8 files in float (mixed "
-                        "precision every ONNX Runtime build runs; docs/design/qat.md section 10 measures it)")
+                        "precision every ONNX Runtime build runs; measured in docs/results/qat.md)")
     p.add_argument("--transfer-attacks", default="pgd20,autoattack", help="attacks crafted on torch and replayed")
     p.add_argument("--whitebox-attacks", default="pgd20,cw,autoattack,diva",
                    help="attacks run on the exact differentiable twin of each INT8 artifact and replayed on its "
