@@ -4,6 +4,8 @@ so the benchmark times the trainer's own step."""
 
 from __future__ import annotations
 
+import copy
+
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -112,8 +114,11 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     """
     seed_everything(cfg.seed)
     model = spec.build().to(device)  # built even when replaced below: the seeded stream stays the same
+    float_teacher = None
     if cfg.qat.from_checkpoint:
         model = _trained_start(cfg, spec).to(device)
+        if cfg.qat.float_teacher:  # the start itself, frozen, before fake quantisation or training touch it
+            float_teacher = _frozen(copy.deepcopy(model))
     if cfg.qat.enabled:
         model = _qat_student(cfg, spec, model, world).to(device)
     if cfg.sync_bn and world > 1:
@@ -136,17 +141,14 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     amp_dtype, use_scaler = _amp_settings(cfg, device)
     parts = TrainingParts(cfg, model, method, optimizer, torch.amp.GradScaler(device.type, enabled=use_scaler),
                           amp_dtype, device)
-    if cfg.qat.float_teacher:  # the config check makes sure qat.from_checkpoint is set
-        parts.float_teacher = _float_teacher(cfg.qat.from_checkpoint, device)
+    parts.float_teacher = float_teacher
     return parts
 
 
-def _float_teacher(checkpoint: str, device: torch.device) -> nn.Module:
-    """The float student QAT starts from, frozen in eval mode, as a teacher (qat.float_teacher)."""
-    from robustedge.weights import load_model
-
-    model, _ = load_model(checkpoint)
-    model = model.to(device).eval()
+def _frozen(model: nn.Module) -> nn.Module:
+    """The float student a fine-tune starts from, in eval mode without gradients: its teacher
+    (qat.float_teacher)."""
+    model.eval()
     for param in model.parameters():
         param.requires_grad_(False)
     return model
