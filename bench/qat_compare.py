@@ -4,6 +4,7 @@
     python bench/qat_compare.py digits ... --qat-epochs 3 --qat-lr 0.002 --qat-schedule piecewise \
         --freeze-epochs 0 --no-carry-method-state --float-teacher 0      # the recipe before issue 26
     python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --control
+    python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --disagreement 1
     python bench/qat_compare.py run runs/mnv2_32 --n 50 --out runs/qat_mnv2_32
 
 ``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
@@ -106,6 +107,11 @@ def compare(job: dict) -> dict:
                         "float_seconds": float_seconds, "qat_seconds": qat_seconds, "qat_epochs": qat.epochs}}
     if job["control"]:  # the same fine-tune in float, then post-training INT8: what the extra training alone buys
         control = float_control_config(qat)
+        # named by the QAT recipe it controls, less the disagreement term it drops: a variant of the recipe
+        # with that term alone shares the recipe's control
+        tagged = copy.deepcopy(qat)
+        tagged.qat.disagreement = 0.0
+        control.name = f"{qat.name.rpartition('_qat_')[0]}_float_control_{recipe_tag(tagged)}"
         t0 = time.perf_counter()
         _, control_speed = _train_once(control)
         result["train"] |= {"control_img_per_s": control_speed, "control_seconds": time.perf_counter() - t0}
@@ -152,6 +158,8 @@ def recipe_tag(qat: TrainConfig) -> str:
         tag += "_carry"
     if q.float_teacher:
         tag += f"_ft{q.float_teacher:g}"
+    if q.disagreement:
+        tag += f"_diva{q.disagreement:g}"
     return tag
 
 
@@ -162,7 +170,8 @@ def qat_config(base: TrainConfig, checkpoint: Path, out: Path, args: argparse.Na
     for value, owner, key in ((args.qat_lr, qat.optim, "lr"), (args.qat_schedule, qat.optim, "schedule"),
                               (args.freeze_epochs, qat.qat, "freeze_epochs"),
                               (args.carry_method_state, qat.qat, "carry_method_state"),
-                              (args.float_teacher, qat.qat, "float_teacher")):
+                              (args.float_teacher, qat.qat, "float_teacher"),
+                              (args.disagreement, qat.qat, "disagreement")):
         if value is not None:
             setattr(owner, key, value)
     qat.name, qat.out_dir = f"{base.name}_qat_{recipe_tag(qat)}", str(out)
@@ -219,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--n", type=int, default=200, help="test images attacked")
         p.add_argument("--square-n", type=int, default=100)
         # the QAT recipe's fields (robustedge/qat_recipe.py); unset: the recipe's own, as `distill --qat-from` runs
-        p.add_argument("--qat-epochs", type=int, help="epochs of the fine-tune (recipe: 30%% of the float run's)")
+        p.add_argument("--qat-epochs", type=int,
+                       help="epochs of the fine-tune (recipe: 30%% of the float run's, at least 2)")
         p.add_argument("--qat-lr", type=float, help="its peak learning rate (recipe: a tenth of the float run's)")
         p.add_argument("--qat-schedule", choices=("piecewise", "cosine", "constant"),
                        help="its schedule (recipe: cosine; piecewise: one decay by 10 before the last epoch)")
@@ -229,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
                        help="start the QAT method from the float run's state (qat.carry_method_state; recipe: on)")
         p.add_argument("--float-teacher", type=float,
                        help="weight of the float student as an extra teacher on x and x' (qat.float_teacher; recipe: 1)")
+        p.add_argument("--disagreement", type=float,
+                       help="weight of the DIVA training term: KL(F(x_d) || Q(x_d)) on float-vs-INT8 disagreement "
+                            "examples crafted each step (qat.disagreement; recipe: 0)")
         p.add_argument("--control", action="store_true",
                        help="also run the QAT fine-tune's float control (the same start, schedule, method state and "
-                            "float teacher, no fake quantisers; qat.float_control) and its onnxruntime PTQ file: "
-                            "tells what QAT buys from what the extra training buys")
+                            "float teacher, no fake quantisers nor --disagreement; qat.float_control) and its "
+                            "onnxruntime PTQ file: tells what QAT buys from what the extra training buys")
         p.add_argument("--float-only", action="store_true",
                        help="stop after the float students and their onnxruntime PTQ files (which no QAT setting "
                             "changes: a later run reuses them)")

@@ -61,7 +61,7 @@ ATTACK_TABLE: tuple[AttackSpec, ...] = (
     AttackSpec("cw", "CW-inf: CW margin (kappa 50) by PGD, 30 steps of eps/4", "cw", steps=30, iterative=True),
     AttackSpec("autoattack", "AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square 5000), pyautoattack",
                "autoattack", iterative=True),
-    # white-box on an exported INT8 file: float-vs-INT8 disagreement (DIVA, Hong et al., MLSys 2022)
+    # white-box on an exported INT8 file: float-vs-INT8 disagreement (DIVA, Hao et al., MLSys 2022)
     AttackSpec("diva", "DIVA: p_float(y) - p_int8(y) by PGD, 20 steps of eps/4", "disagreement", steps=20,
                iterative=True),
     # the attack-failure flags: a stronger PGD (more_steps) and the black-box Square of `robustedge eval`

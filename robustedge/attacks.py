@@ -147,7 +147,7 @@ def run_table_attack(spec: AttackSpec | str, model: nn.Module, x: torch.Tensor, 
 def disagreement(reference: nn.Module, target: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                  step_size: float, steps: int = 20, c: float = 1.0,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """DIVA-style attack (Hong et al., MLSys 2022): maximise p_ref(y | x') - c * p_target(y | x').
+    """DIVA-style attack (Hao et al., MLSys 2022): maximise p_ref(y | x') - c * p_target(y | x').
 
     It looks for inputs that the ``target`` (the deployed INT8 artifact's twin) gets wrong while the
     ``reference`` (the float model) still gets right: the adversarial examples a float-only

@@ -79,6 +79,11 @@ class QATConfig:
     # with from_checkpoint: the float student as an extra teacher of the fake-quantised one, on x and on the
     # method's x' (weight * (KL(F(x) || Q(x)) + KL(F(x') || Q(x'))), the methods' KL scale); 0: off
     float_teacher: float = 0.0
+    # with from_checkpoint and enabled: the training attack aimed at what the export measures as well. Each step,
+    # DIVA examples x_d (float-vs-INT8 disagreement, robustedge.attacks.disagreement) are crafted against the
+    # fake-quantised student in eval mode, with the training attack's eps, step size and steps, and
+    # weight * KL(F(x_d) || Q(x_d)) is added to the loss; 0: off
+    disagreement: float = 0.0
     # with from_checkpoint and enabled: false: the same fine-tune (start, schedule, method state, float teacher)
     # in float, without fake quantisers: the control that tells what QAT buys from what more training buys
     # (bench/qat_compare.py --control)
@@ -374,6 +379,9 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
     if cfg.amp == "fp16" and resolve_device(cfg.device).type != "cuda":
         raise RobustEdgeError("amp fp16 needs CUDA; use amp bf16 or off on the CPU")
     _validate_qat(cfg)
+    if cfg.qat.disagreement and (not method.adversarial or a.steps < 1):
+        raise RobustEdgeError(f"config key 'qat.disagreement' crafts its examples with the training attack's budget; "
+                              f"method '{cfg.method}' with attack.steps {a.steps} has no training attack")
     return cfg
 
 
@@ -394,6 +402,11 @@ def _validate_qat(cfg: TrainConfig) -> None:
     if q.float_teacher and q.from_checkpoint is None:
         raise RobustEdgeError("config key 'qat.float_teacher' needs qat.from_checkpoint (the float student that "
                               "teaches the fake-quantised one)")
+    q.disagreement = check_range(parse_number(q.disagreement, "config key 'qat.disagreement'"),
+                                 "config key 'qat.disagreement'", 0.0)
+    if q.disagreement and (q.from_checkpoint is None or not q.enabled):
+        raise RobustEdgeError("config key 'qat.disagreement' needs qat.from_checkpoint and qat.enabled: true (the "
+                              "float student and the fake-quantised one that the attack sets against each other)")
     if q.carry_method_state and q.from_checkpoint is None:
         raise RobustEdgeError("config key 'qat.carry_method_state' needs qat.from_checkpoint (the float run to carry "
                               "the method state from)")

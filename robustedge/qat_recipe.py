@@ -4,12 +4,15 @@
 ``quickstart --qat`` and ``bench/qat_compare.py`` all build their QAT run here, from the float run's own
 config (the one FILE records): the same method, teachers, data and attack, with
 
-- a schedule that is a real fraction of the float run's: ``epoch_fraction`` of its epochs, cosine from
-  ``lr_fraction`` of its learning rate (the short 3-epoch fine-tune at lr 0.002 recovered nothing,
-  bench/RESULTS.md);
+- a schedule that is a real fraction of the float run's: ``epoch_fraction`` of its epochs (``min_epochs`` at
+  least), cosine from ``lr_fraction`` of its learning rate (the short 3-epoch fine-tune at lr 0.002
+  recovered nothing, bench/RESULTS.md);
 - the observers and batch-norm statistics frozen for the last ``freeze_epochs`` epochs (fewer in a
   fine-tune of fewer than three epochs: one epoch at least moves them), so the last steps train against
-  the scales the export ships (PyTorch's QAT recipes end that way);
+  the scales the export ships (PyTorch's QAT recipes end that way). Of the recipe's parts this one
+  matters most: without it the fine-tune ended 4.5 points of worst case lower, below post-training
+  INT8 (docs/results/qat.md), hence ``min_epochs`` 2, so a fine-tune of a short float run still has one
+  frozen epoch;
 - the float run's method state carried over (B-MTARD's temperatures and loss weights where the float run
   left them, not their initial values), when the float run's ``last.safetensors`` is beside FILE;
 - the float student as an extra teacher of its fake-quantised copy on x and x' (``float_teacher``).
@@ -32,12 +35,14 @@ from robustedge.options import parse_int
 
 @dataclass(frozen=True)
 class QATRecipe:
-    epoch_fraction: float = 0.3  # of the float run's epochs (at least 1)
+    epoch_fraction: float = 0.3  # of the float run's epochs
+    min_epochs: int = 2  # one epoch with moving ranges and statistics, then at least one frozen
     lr_fraction: float = 0.1  # of the float run's (peak) learning rate, the start of the cosine
     schedule: str = "cosine"
     freeze_epochs: int = 2  # the last epochs against frozen scales and BN statistics (at most all of them)
     carry_method_state: bool = True  # when the float run's last.safetensors (same method) is beside FILE
     float_teacher: float = 1.0  # weight of KL(F(x) || Q(x)) + KL(F(x') || Q(x'))
+    disagreement: float = 0.0  # weight of KL(F(x_d) || Q(x_d)) on DIVA examples: measured, not adopted
 
 
 FINE_TUNE = QATRecipe()
@@ -79,7 +84,7 @@ def fine_tune_config(float_cfg: TrainConfig, checkpoint: str | Path, recipe: QAT
     is there and from the same method."""
     cfg = copy.deepcopy(float_cfg)
     cfg.name = f"{float_cfg.name}_qat"
-    cfg.epochs = epochs if epochs is not None else max(1, round(float_cfg.epochs * recipe.epoch_fraction))
+    cfg.epochs = epochs if epochs is not None else max(recipe.min_epochs, round(float_cfg.epochs * recipe.epoch_fraction))
     cfg.eval_every = cfg.epochs
     cfg.optim.lr = float(f"{float_cfg.optim.lr * recipe.lr_fraction:.6g}")  # 0.08, not 0.08000000000000002
     cfg.optim.schedule = recipe.schedule
@@ -92,7 +97,7 @@ def fine_tune_config(float_cfg: TrainConfig, checkpoint: str | Path, recipe: QAT
     cfg.qat = QATConfig(enabled=True, activations=float_cfg.qat.activations, from_checkpoint=str(checkpoint),
                         calibration_n=float_cfg.qat.calibration_n, freeze_epochs=freeze,
                         carry_method_state=recipe.carry_method_state and state_beside,
-                        float_teacher=recipe.float_teacher)
+                        float_teacher=recipe.float_teacher, disagreement=recipe.disagreement)
     return cfg
 
 
@@ -103,6 +108,7 @@ def float_control_config(qat: TrainConfig) -> TrainConfig:
     measures what the fine-tune's extra training buys without quantisation awareness."""
     control = copy.deepcopy(qat)
     control.qat.enabled, control.qat.float_control, control.qat.freeze_epochs = False, True, 0
+    control.qat.disagreement = 0.0  # there is no INT8 function to disagree with
     stem, qat_mark, tag = qat.name.rpartition("_qat")
     control.name = f"{stem}_float_control{tag}" if qat_mark else f"{qat.name}_float_control"
     return control

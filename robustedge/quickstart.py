@@ -188,6 +188,7 @@ def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
         if cfg.qat.enabled:  # the float student it starts from (and its state) is trained by this very quickstart
             cfg = copy.deepcopy(cfg)
             cfg.qat.from_checkpoint, cfg.qat.carry_method_state, cfg.qat.float_teacher = None, False, 0.0
+            cfg.qat.disagreement = 0.0
         validate_config(cfg)
     _check_out(s.out)
     return configs

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from robustedge.attacks import disagreement
 from robustedge.checkpoint import ModelSpec
 from robustedge.config import TrainConfig
 from robustedge.errors import RobustEdgeError
@@ -53,7 +54,8 @@ class TrainingParts:
     amp_dtype: torch.dtype | None
     device: torch.device
     params: list[torch.Tensor] = field(default_factory=list)  # what the gradient norm is taken over
-    float_teacher: nn.Module | None = None  # QAT: the float student that also teaches (qat.float_teacher)
+    # QAT: the float student that also teaches (qat.float_teacher) and that DIVA sets Q against (qat.disagreement)
+    float_teacher: nn.Module | None = None
 
     def __post_init__(self) -> None:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -77,10 +79,12 @@ class TrainingParts:
         with autocast:
             self.method.last_adversarial = None
             loss, logs = self.method.step(student, x, y)
-            if self.float_teacher is not None:
-                term = self.float_teacher_loss(student, x)
-                loss = loss + self.cfg.qat.float_teacher * term
-                logs = {**logs, "loss": loss.detach(), "loss_float_teacher": term.detach()}
+            for key, weight, term_of in (("loss_float_teacher", self.cfg.qat.float_teacher, self.float_teacher_loss),
+                                         ("loss_disagreement", self.cfg.qat.disagreement, self.disagreement_loss)):
+                if weight:
+                    term = term_of(student, x, y)
+                    loss = loss + weight * term
+                    logs = {**logs, "loss": loss.detach(), key: term.detach()}
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -91,7 +95,7 @@ class TrainingParts:
         return logs, grad_norm
 
 
-    def float_teacher_loss(self, student: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def float_teacher_loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """KL(F(x) || Q(x)) + KL(F(x') || Q(x')): the float student F teaches its fake-quantised copy Q the
         function it had, on the clean batch and on this step's training adversarial batch (when the method
         attacks). Each input gets its own forward, as the methods' own student forwards do, so batch norm
@@ -104,6 +108,19 @@ class TrainingParts:
             total = total + kl_div_mean(student(batch), target)
         return total
 
+    def disagreement_loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """KL(F(x_d) || Q(x_d)) on this step's DIVA examples x_d: the inputs, within the training attack's eps,
+        where the fake-quantised student Q is least right while the float student F stays right (the attack
+        the export runs on the INT8 file's twin, here with the training attack's step size and steps). The
+        attack sees Q in eval mode, the function the export ships; the loss then teaches Q the float
+        answer there, in training mode like the method's own forwards."""
+        a = self.cfg.attack
+        with self.method.eval_view(student) as net:
+            x_d = disagreement(self.float_teacher, net, x, y, eps=a.eps, step_size=a.step_size, steps=a.steps)
+        with torch.no_grad():
+            target = torch.softmax(self.float_teacher(x_d).float(), dim=1)
+        return kl_div_mean(student(x_d), target)
+
 
 def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: int = 1,
                 num_classes: int | None = None) -> TrainingParts:
@@ -115,9 +132,12 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     seed_everything(cfg.seed)
     model = spec.build().to(device)  # built even when replaced below: the seeded stream stays the same
     float_teacher = None
+    if (cfg.qat.float_teacher or cfg.qat.disagreement) and not cfg.qat.from_checkpoint:
+        raise RobustEdgeError("qat.float_teacher and qat.disagreement need qat.from_checkpoint (the float student)")
     if cfg.qat.from_checkpoint:
         model = _trained_start(cfg, spec).to(device)
-        if cfg.qat.float_teacher:  # the start itself, frozen, before fake quantisation or training touch it
+        if cfg.qat.float_teacher or cfg.qat.disagreement:
+            # the start itself, frozen, before fake quantisation or training touch it
             float_teacher = _frozen(copy.deepcopy(model))
     if cfg.qat.enabled:
         model = _qat_student(cfg, spec, model, world).to(device)
@@ -147,7 +167,7 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
 
 def _frozen(model: nn.Module) -> nn.Module:
     """The float student a fine-tune starts from, in eval mode without gradients: its teacher
-    (qat.float_teacher)."""
+    (qat.float_teacher) and the reference its DIVA examples are set against (qat.disagreement)."""
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -252,6 +252,10 @@ CASES = [
     (TRAIN + ["--qat", "--qat-float-teacher", "-1"], "--qat-float-teacher must be >= 0, got -1"),
     (TRAIN + ["--qat", "--qat-float-teacher", "nan"], "--qat-float-teacher must be a finite number"),
     (TRAIN + ["--qat", "--qat-float-teacher", "1"], "config key 'qat.float_teacher' needs qat.from_checkpoint"),
+    (TRAIN + ["--qat", "--qat-disagreement", "-0.5"], "--qat-disagreement must be >= 0, got -0.5"),
+    (TRAIN + ["--qat", "--qat-disagreement", "1"], "config key 'qat.disagreement' needs qat.from_checkpoint"),
+    (TRAIN + ["--qat-from", "{ckpt}", "--qat-float-control", "--qat-disagreement", "1"],
+     "'qat.disagreement' needs qat.from_checkpoint and qat.enabled: true"),
     (TRAIN + ["--qat-float-control"], "'qat.float_control' runs the fine-tune of qat.from_checkpoint in "
                                       "float: it needs qat.from_checkpoint and qat.enabled: false"),
     (TRAIN + ["--qat-from", "{ckpt}", "--qat-float-control", "--qat"], "it needs qat.from_checkpoint and qat.enabled"),

@@ -39,7 +39,7 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
             "--lr", "1/100", "--eps", "4/255", "--step-size", "1/255", "--amp", "off", "--no-compile",
             "--no-channels-last", "--no-fold-attack", "--teacher-precision", "fp16", "--sync-bn", "--qat-from",
             str(student), "--qat-activations", "int8-symmetric", "--qat-freeze-epochs", "1", "--qat-carry-method-state",
-            "--qat-float-teacher", "0.5",
+            "--qat-float-teacher", "0.5", "--qat-disagreement", "0.25",
             "--device", "cpu", "--seed", "5", "--name", "x",
             "--out-dir", str(tmp_path / "runs"), "--robust-teacher", "r.safetensors", "--clean-teacher",
             "c.safetensors", "--no-progress"]
@@ -49,7 +49,8 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
                 "attack.eps": 4 / 255, "attack.step_size": 1 / 255, "amp": "off", "compile": False,
                 "channels_last": False, "fold_attack": False, "sync_bn": True, "qat.enabled": True,
                 "qat.from_checkpoint": str(student), "qat.activations": "int8-symmetric", "qat.freeze_epochs": 1,
-                "qat.carry_method_state": True, "qat.float_teacher": 0.5, "device": "cpu",
+                "qat.carry_method_state": True, "qat.float_teacher": 0.5, "qat.disagreement": 0.25,
+                "device": "cpu",
                 "seed": 5, "name": "x", "out_dir": str(tmp_path / "runs"),
                 "teachers.robust.checkpoint": "r.safetensors", "teachers.clean.checkpoint": "c.safetensors",
                 "teachers.robust.precision": "fp16", "teachers.clean.precision": "fp16", "progress": False}
@@ -57,8 +58,10 @@ def test_all_distill_flags_at_once_set_their_keys(tmp_path):
     # --qat-float-control: the same fine-tune in float (no --qat implied, so nothing frozen)
     at = argv.index("--qat-freeze-epochs")
     control = argv[:at] + ["--qat-float-control"] + argv[at + 2:]
+    at = control.index("--qat-disagreement")  # there is no INT8 function in a float run to disagree with
+    control = control[:at] + control[at + 2:]
     cfg = config_to_dict(resolve_train_config(build_parser().parse_args(control)))
-    expected |= {"qat.enabled": False, "qat.float_control": True, "qat.freeze_epochs": 0}
+    expected |= {"qat.enabled": False, "qat.float_control": True, "qat.freeze_epochs": 0, "qat.disagreement": 0.0}
     assert {key: _at(cfg, key) for key in expected} == pytest.approx(expected)
     keys = {f.key for f in config_flags()} - {"teachers.*.precision"}
     assert keys <= set(expected)

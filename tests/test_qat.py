@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -466,6 +467,59 @@ def test_the_float_student_teaches_its_fake_quantised_copy_on_x_and_x_adv(tmp_pa
         validate_config(qat_config(tmp_path, "ft2", float_teacher=1.0))
 
 
+def test_the_disagreement_term_teaches_q_the_float_answer_on_diva_examples_of_its_eval_function(tmp_path,
+                                                                                                float_student):
+    """qat.disagreement: the step's loss is the method's plus W * KL(F(x_d) || Q(x_d)), with x_d the DIVA examples
+    (float-vs-INT8 disagreement, the training attack's budget) crafted against Q in eval mode, the function the
+    export ships, and Q(x_d) a training-mode forward like the method's own."""
+    from robustedge.attacks import disagreement, pgd
+    from robustedge.config import validate_config
+    from robustedge.methods.losses import kl_div_mean
+
+    weight = 2.0
+    cfg = qat_config(tmp_path, "diva", from_checkpoint=str(float_student), disagreement=weight)
+    parts = build_parts(validate_config(cfg), SPEC, torch.device("cpu"))
+    assert parts.float_teacher is not None  # kept for the attack although the float-teacher term is off
+    teacher, _ = load_model(float_student)
+    teacher.eval()
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.rand(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    reference = copy.deepcopy(parts.model).train()
+    torch.manual_seed(5)
+    x_adv = pgd(reference, x, y, eps=0.1, step_size=0.05, steps=2, start=parts.method.attack_start, init_std=0.001)
+    method_loss = F.cross_entropy(reference(x_adv), y).detach()
+    x_d = disagreement(teacher, reference.eval(), x, y, eps=0.1, step_size=0.05, steps=2)
+    reference.train()
+    with torch.no_grad():
+        target = F.softmax(teacher(x_d), 1)
+    term = kl_div_mean(reference(x_d), target).detach()
+    with torch.no_grad():  # the attack did its job: Q is less right than F on x_d, by more than on x
+        gap = [float((F.softmax(teacher(v), 1) - F.softmax(reference.eval()(v), 1)).gather(1, y[:, None]).sum())
+               for v in (x, x_d)]
+    assert gap[1] > gap[0]
+    torch.manual_seed(5)
+    logs, _ = parts.step(parts.model, x, y)
+    assert parts.model.training  # the attack's eval view handed the student back in training mode
+    assert "loss_float_teacher" not in logs
+    assert float(term) > 1e-4
+    assert float(logs["loss_disagreement"]) == pytest.approx(float(term), rel=1e-5)
+    assert float(logs["loss"]) == pytest.approx(float(method_loss + weight * term), rel=1e-5)
+    for change, message in (({"from_checkpoint": None}, "'qat.disagreement' needs qat.from_checkpoint and "
+                                                        "qat.enabled: true"),
+                            ({"enabled": False, "float_control": True}, "'qat.disagreement' needs"),
+                            ({"disagreement": float("nan")}, "'qat.disagreement' must be a finite number")):
+        bad = copy.deepcopy(cfg)
+        for key, value in change.items():
+            setattr(bad.qat, key, value)
+        with pytest.raises(RobustEdgeError, match=message):
+            validate_config(bad)
+    for method, steps in (("natural", 2), ("pgd_at", 0)):  # no training attack, no budget to craft x_d with
+        bad = dataclasses.replace(copy.deepcopy(cfg), method=method)
+        bad.attack.steps = steps
+        with pytest.raises(RobustEdgeError, match=f"method '{method}' with attack.steps {steps} has no training"):
+            validate_config(bad)
+
+
 def test_the_float_control_is_the_same_fine_tune_without_fake_quantisers(tmp_path, float_student, monkeypatch):
     """qat.float_control: the fine-tune of qat.from_checkpoint (its weights, the carried method state, the float
     teacher) in float, the control that tells QAT's gain from more training; it ships as a float model."""
@@ -538,8 +592,13 @@ def test_qat_from_alone_fine_tunes_the_float_runs_own_config_under_the_recipe(tm
     assert (printed["optim"]["lr"], printed["optim"]["schedule"], printed["seed"]) == (0.05, "cosine", 7)
     assert printed["out_dir"] == str((tmp_path / "runs").resolve())  # beside the float run, wherever it was
     assert printed["qat"] == {"enabled": True, "activations": "uint8", "from_checkpoint": checkpoint,
-                              "calibration_n": 512, "freeze_epochs": 2, "float_teacher": 1.0,
+                              "calibration_n": 512, "freeze_epochs": 2, "float_teacher": 1.0, "disagreement": 0.0,
                               "carry_method_state": False, "float_control": False}  # no last.safetensors beside it
+    # a short float run's fine-tune still ends with a frozen epoch (without one QAT lost 4.5 points)
+    from robustedge.qat_recipe import fine_tune_config
+
+    short_run = fine_tune_config(dataclasses.replace(float_cfg, epochs=4), checkpoint)
+    assert (short_run.epochs, short_run.qat.freeze_epochs) == (2, 1)
     # --epochs sets the fine-tune's length, and what depends on it follows
     assert main(["train", "--qat-from", checkpoint, "--dry-run", "--timing-steps", "0", "--epochs", "1"]) == 0
     short = yaml.safe_load(capsys.readouterr().out.split("\n\n")[0])

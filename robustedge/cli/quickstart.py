@@ -30,7 +30,7 @@ def add(sub: argparse._SubParsersAction) -> None:
                         "and show float / PTQ INT8 / QAT INT8 side by side, each INT8 file attacked white-box "
                         "(off by default: it takes the quickstart past its 5-minute budget; docs/design/qat.md, section 10)")
     p.add_argument("--qat-epochs", type=count(1, "--qat-epochs"), default=None,
-                   help="epochs of the QAT fine-tune (default: the QAT recipe's, 30%% of --epochs; "
+                   help="epochs of the QAT fine-tune (default: the QAT recipe's, 30%% of --epochs, at least 2; "
                         "robustedge/qat_recipe.py)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)

@@ -91,7 +91,7 @@ def config_flags() -> tuple[ConfigFlag, ...]:
                                   "training\")", name="qat", negatable=True),
         ConfigFlag("qat.from_checkpoint", "QAT fine-tuning: start from this trained float student (implies --qat; "
                                           "without --config, the run is the config FILE was trained with, turned "
-                                          "into its QAT fine-tune: 30%% of its epochs, cosine from a tenth of its "
+                                          "into its QAT fine-tune: 30%% of its epochs (at least 2), cosine from a tenth of its "
                                           "lr, the float student as a teacher, docs/design/qat.md section 10; the "
                                           "ranges are first calibrated on qat.calibration_n training images, as "
                                           "post-training quantisation does)",
@@ -111,6 +111,11 @@ def config_flags() -> tuple[ConfigFlag, ...]:
                                         "teacher of the fake-quantised one, on x and the training attack's x' "
                                         "(the fine-tune recipe: 1; 0: off)", name="qat-float-teacher", parse=_weight,
                    metavar="W"),
+        ConfigFlag("qat.disagreement", "QAT fine-tuning: weight W of a second training attack aimed at what the "
+                                       "export measures: each step, DIVA examples (float-vs-INT8 disagreement) "
+                                       "against the fake-quantised student, on which it learns the float "
+                                       "student's answer (docs/design/qat.md section 10; off in the recipe: "
+                                       "docs/results/qat.md)", name="qat-disagreement", parse=_weight, metavar="W"),
         ConfigFlag("qat.float_control", "with --qat-from: its fine-tune in float instead, without fake quantisers "
                                         "(same start, schedule, method state and float teacher; the run "
                                         "<name>_float_control): the control that tells what QAT buys from what the "
