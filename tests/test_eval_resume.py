@@ -177,6 +177,7 @@ def test_a_damaged_saved_evaluation_is_one_line_never_a_wrong_number(digits, dig
 
     raw, x, y = _saved(digits, digits_model)
     edit(raw)
+    digits_model.eval()  # a shared fixture: another test on this worker may have left it training
     with pytest.raises(RobustEdgeError, match="resume") as info:
         evaluate(digits_model, x, y, attacks=["clean", "fgsm", "autoattack"], eps=0.08, seed=3, aa_batch_size=4,
                  show_progress=False, resume=resumable_report(raw))
