@@ -13,7 +13,8 @@ def add(sub: argparse._SubParsersAction) -> None:
                        description="Train a clean teacher (natural) and a robust teacher (TRADES) on the embedded "
                                    "digits data, distil a MobileNetV2 student with B-MTARD, train the same student "
                                    "with PGD-AT as the baseline, evaluate both with the full suite and print a table. "
-                                   "Re-running replaces the previous quickstart folder (and nothing else).",
+                                   "Re-running replaces the previous quickstart folder (and nothing else). Exits 1 when an "
+                                   "export gate fails (every output is still written).",
                        formatter_class=Defaults)
     p.add_argument("--out", default="runs/quickstart", help="output folder")
     p.add_argument("--epochs", type=count(1, "--epochs"), default=20, help="epochs of each student")
@@ -40,8 +41,10 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from robustedge.eval_report import parse_attacks
     from robustedge.quickstart import QuickstartSettings, run_quickstart
 
-    run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs, teacher_epochs=args.teacher_epochs,
-                                      eval_n=args.n, device=args.device, seed=args.seed,
-                                      attacks=tuple(parse_attacks(args.attacks)), progress=not args.no_progress,
-                                      export=not args.no_export, qat=args.qat, qat_epochs=args.qat_epochs))
-    return 0
+    summary = run_quickstart(QuickstartSettings(out=Path(args.out), epochs=args.epochs,
+                                                teacher_epochs=args.teacher_epochs, eval_n=args.n, device=args.device,
+                                                seed=args.seed, attacks=tuple(parse_attacks(args.attacks)),
+                                                progress=not args.no_progress, export=not args.no_export, qat=args.qat,
+                                                qat_epochs=args.qat_epochs))
+    # like `robustedge export`: a failed gate is a finished run whose artifact must not ship, so a script sees it
+    return 1 if summary.get("export_gate_failures") or summary.get("qat_gate_failures") else 0
