@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from robustedge.checkpoint import ModelMeta, ModelSpec, save_model
-from robustedge.config import TrainConfig, dump_config
+from robustedge.config import TrainConfig, dump_config, validate_config
 from robustedge.data import load_dataset
 from robustedge.errors import RobustEdgeError, first_line
 from robustedge.methods import get_method
@@ -52,6 +52,7 @@ def dry_run(cfg: TrainConfig, steps: int = 2, warmup: int = 1) -> str:
     ``steps=0``, stops after the recipe and the student's size (no teacher built, no step run)."""
     from robustedge.training_parts import build_parts
 
+    validate_config(cfg)  # as Trainer.run does: build_parts trusts a validated config
     device = resolve_device(cfg.device)
     channels, size, classes, n_train, source = _shape(cfg)
     spec = ModelSpec(cfg.model.arch, classes, channels, cfg.model.width, size, cfg.model.mean, cfg.model.std)

@@ -131,9 +131,7 @@ def build_parts(cfg: TrainConfig, spec: ModelSpec, device: torch.device, world: 
     """
     seed_everything(cfg.seed)
     model = spec.build().to(device)  # built even when replaced below: the seeded stream stays the same
-    float_teacher = None
-    if (cfg.qat.float_teacher or cfg.qat.disagreement) and not cfg.qat.from_checkpoint:
-        raise RobustEdgeError("qat.float_teacher and qat.disagreement need qat.from_checkpoint (the float student)")
+    float_teacher = None  # the config's validation made sure it has a float student to come from
     if cfg.qat.from_checkpoint:
         model = _trained_start(cfg, spec).to(device)
         if cfg.qat.float_teacher or cfg.qat.disagreement:
