@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
                 __import__(module)
             except ImportError:
                 parser.error(f"the {need} variants need {module} (pip install {module.replace('_', '-')})")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file, not a folder")
     for path in (args.run / "best.safetensors", args.bundle / "model.onnx", args.bundle / "verify.npz"):
         if not path.is_file():
             parser.error(f"no such file {path}")
