@@ -239,7 +239,6 @@ def test_autoattack_on_a_twin_asks_the_runtime_for_square_and_finds_the_same_exa
     assert survives.sum() >= 4, f"only {int(survives.sum())} of 96 examples survive the short APGD stage"
     x = torch.cat([pool_x[survives], pool_x[~survives]])[:16]
     y = torch.cat([pool_y[survives], pool_y[~survives]])[:16]
-    _short_autoattack(monkeypatch, ["apgd-ce"])
     robust_before_square = (model(_attack("autoattack", model, x, y, 0.1, seed=0)).argmax(1) == y).sum()
     _short_autoattack(monkeypatch, ["apgd-ce", "square"])
     twin = _Counting(model.eval())
