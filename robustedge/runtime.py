@@ -109,8 +109,47 @@ def worker_pool(workers: int, threads: int) -> Iterator[Executor | None]:
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+    with contextlib.ExitStack() as stack:
+        with _interrupts_deferred():  # every worker is started here, whole, before an interruption acts
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                           initargs=(threads,)))
+            for _ in range(workers):  # each submit that finds no idle worker starts one
+                pool.submit(_started)
         yield pool
+
+
+def _started() -> None:
+    """The job that makes the pool start a worker (see :func:`worker_pool`)."""
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM held back while the block runs, then raised again to the handlers that were
+    in place (the quickstart turns SIGTERM into an interruption, see quickstart.py).
+
+    Why: an interruption raised half-way through ``multiprocessing``'s starting of a worker leaves a
+    child reading a truncated pickle (an ``EOFError`` traceback under "robustedge: interrupted"), or a
+    child the executor never learns about, which dies at exit holding a semaphore registered with the
+    resource tracker ("leaked semaphore objects"). Starting two workers takes milliseconds of the
+    main thread, so the delay is not felt."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    previous = {signum: handler for signum, handler in previous.items() if handler is not None}
+    for signum in previous:
+        signal.signal(signum, lambda got, frame: caught.append(got))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(caught):
+            signal.raise_signal(signum)
 
 
 def iter_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int,

@@ -171,12 +171,44 @@ def test_a_worker_pool_serves_several_rounds_of_jobs():
     from robustedge.runtime import worker_pool
 
     with worker_pool(2, 1) as pool:
+        assert len(pool._processes) == 2  # started on entry, where an interruption is held back
         first = set(run_jobs(worker_pid, list(range(6)), 2, 1, pool))
         assert os.getpid() not in first and 1 <= len(first) <= 2
         assert set(run_jobs(worker_pid, list(range(6)), 2, 1, pool)) <= set(pool._processes)
         assert set(pool._processes) >= first  # the first round's workers are still there
     with worker_pool(1, 1) as none:  # one worker: jobs run in this process
         assert none is None and run_jobs(worker_pid, [0], 1, 1, none) == [os.getpid()]
+
+
+def test_an_interruption_acts_once_the_workers_are_started():
+    """A SIGTERM that arrives while worker_pool starts its processes acts after, through the handler
+    that was in place (raised half-way through a start it left a child with a truncated pickle)."""
+    import os
+    import signal
+    import time
+
+    from robustedge.runtime import _interrupts_deferred
+
+    seen = []
+
+    def on_term(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with _interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # delivered here: it must not act yet
+                seen.append("block finished")
+        assert seen == ["block finished", signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is on_term
+        with _interrupts_deferred():  # nothing caught: nothing raised
+            seen.append("quiet block")
+        assert seen[-1] == "quiet block"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_int8_activation_types(tmp_path):
