@@ -82,7 +82,7 @@ def quantise(variant: str, bundle: Path, out: Path, calibration: np.ndarray, ada
 def attack_file(path: Path, float_model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
                 attacks: list[str], seed: int) -> dict:
     from robustedge.edge.twin import OnnxTwin, agreement
-    from robustedge.edge.verify import _attack
+    from robustedge.edge.verify import verification_attack
     from robustedge.runners import RunnerModule
     from robustedge.verifier import OrtRunner
 
@@ -91,7 +91,8 @@ def attack_file(path: Path, float_model: torch.nn.Module, x: torch.Tensor, y: to
     row = {"clean": 100 * float(correct.mean()), "twin_agreement": agreement(twin, runner, x.numpy())["agreement"]}
     for name in attacks:
         start = time.perf_counter()
-        adv = _attack(name, twin, x, y, eps, seed, reference=float_model, runtime=RunnerModule(runner, "onnx-int8"))
+        adv = verification_attack(name, twin, x, y, eps, seed, reference=float_model,
+                                  runtime=RunnerModule(runner, "onnx-int8"))
         adv = adv.numpy().astype(np.float32)
         held = runner(adv).argmax(1) == y.numpy()
         correct &= held

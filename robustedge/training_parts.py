@@ -95,11 +95,11 @@ class TrainingParts:
         return logs, grad_norm
 
 
-    def float_teacher_loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def float_teacher_loss(self, student: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """KL(F(x) || Q(x)) + KL(F(x') || Q(x')): the float student F teaches its fake-quantised copy Q the
         function it had, on the clean batch and on this step's training adversarial batch (when the method
         attacks). Each input gets its own forward, as the methods' own student forwards do, so batch norm
-        sees the same batches it sees there."""
+        sees the same batches it sees there. ``y`` is not needed: the extra terms share one signature."""
         inputs = [x] if self.method.last_adversarial is None else [self.method.last_adversarial, x]
         total = torch.zeros((), device=x.device)
         for batch in inputs:

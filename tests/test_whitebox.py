@@ -226,26 +226,26 @@ def test_autoattack_on_a_twin_asks_the_runtime_for_square_and_finds_the_same_exa
     function being measured) and keeps the twin for gradients. With a runtime that computes the twin's
     function exactly, the examples are the package's own, per example, and no query reached the twin."""
     from robustedge.runners import RunnerModule, TorchRunner
-    from robustedge.edge.verify import _attack
+    from robustedge.edge.verify import verification_attack
 
     model, data = student
     model.eval()
     pool_x, pool_y = data.test.float_images()[:96], data.test.labels[:96]
     _short_autoattack(monkeypatch, ["apgd-ce"])
     with torch.no_grad():
-        survives = model(_attack("autoattack", model, pool_x, pool_y, 0.1, seed=0)).argmax(1) == pool_y
+        survives = model(verification_attack("autoattack", model, pool_x, pool_y, 0.1, seed=0)).argmax(1) == pool_y
     # Square gets work only on what APGD left: which examples those are depends on the fixture's training
     # (its thread count among others), so the test picks them instead of trusting the first 16
     assert survives.sum() >= 4, f"only {int(survives.sum())} of 96 examples survive the short APGD stage"
     x = torch.cat([pool_x[survives], pool_x[~survives]])[:16]
     y = torch.cat([pool_y[survives], pool_y[~survives]])[:16]
-    robust_before_square = (model(_attack("autoattack", model, x, y, 0.1, seed=0)).argmax(1) == y).sum()
+    robust_before_square = (model(verification_attack("autoattack", model, x, y, 0.1, seed=0)).argmax(1) == y).sum()
     _short_autoattack(monkeypatch, ["apgd-ce", "square"])
     twin = _Counting(model.eval())
-    alone = _attack("autoattack", twin, x, y, 0.1, seed=0)
+    alone = verification_attack("autoattack", twin, x, y, 0.1, seed=0)
     calls_alone, twin.calls = twin.calls, 0
     runtime = _CountingRunner(TorchRunner(model))
-    routed = _attack("autoattack", twin, x, y, 0.1, seed=0, runtime=RunnerModule(runtime))
+    routed = verification_attack("autoattack", twin, x, y, 0.1, seed=0, runtime=RunnerModule(runtime))
     assert runtime.calls >= 300  # Square's queries, one per iteration at least ...
     assert twin.calls == calls_alone - runtime.calls  # ... none of which reached the twin
     assert torch.equal(routed, alone)
@@ -254,14 +254,14 @@ def test_autoattack_on_a_twin_asks_the_runtime_for_square_and_finds_the_same_exa
 
 def test_the_square_stage_on_an_int8_file_queries_onnx_runtime(student, int8_file, monkeypatch):
     from robustedge.runners import RunnerModule
-    from robustedge.edge.verify import _attack
+    from robustedge.edge.verify import verification_attack
 
     _, data = student
     _, int8 = int8_file
     x, y = data.test.float_images()[:16], data.test.labels[:16]
     _short_autoattack(monkeypatch, ["apgd-ce", "square"])
     twin, runtime = _Counting(OnnxTwin(int8)), _CountingRunner(OrtRunner(int8))
-    adv = _attack("autoattack", twin, x, y, 0.1, seed=0, runtime=RunnerModule(runtime, "onnx-int8"))
+    adv = verification_attack("autoattack", twin, x, y, 0.1, seed=0, runtime=RunnerModule(runtime, "onnx-int8"))
     assert runtime.calls >= 300 and twin.calls < runtime.calls  # the twin: APGD's steps and AutoAttack's checks
     assert (adv - x).abs().max() <= 0.1 + 1e-6 and 0 <= adv.min() and adv.max() <= 1
 

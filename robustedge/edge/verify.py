@@ -54,7 +54,7 @@ def check_whitebox_attacks(attacks: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(attacks))
 
 
-def _attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
+def verification_attack(name: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, seed: int,
             reference: torch.nn.Module | None = None, runtime: torch.nn.Module | None = None) -> torch.Tensor:
     """One suite attack, exactly as `robustedge eval` runs it, or DIVA against ``reference``, on ``model``.
 
@@ -85,7 +85,8 @@ def craft_samples(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     samples = {"x": x.cpu().numpy().astype(np.float32), "y": y.cpu().numpy().astype(np.int64)}
     samples["torch_pred"] = predict(TorchRunner(model), samples["x"], what="the torch model").argmax(1).astype(np.int64)
     for name in attacks:
-        adv = precomputed[name] if precomputed and name in precomputed else _attack(name, model, x, y, eps, seed)
+        adv = precomputed[name] if precomputed and name in precomputed \
+            else verification_attack(name, model, x, y, eps, seed)
         samples[f"adv_{name}"] = adv.detach().cpu().numpy().astype(np.float32)
     return samples
 
@@ -159,7 +160,7 @@ def verify_artifact(path: Path, fmt: str, samples: dict[str, np.ndarray], eps: f
                 crafted[name] = samples[reused]
                 continue
             start = time.perf_counter()
-            crafted[name] = _attack(name, twin, x, y, eps, seed, reference=float_model,
+            crafted[name] = verification_attack(name, twin, x, y, eps, seed, reference=float_model,
                                     runtime=RunnerModule(runner, fmt)).cpu().numpy().astype(np.float32)
             seconds[f"whitebox_{name}"] = time.perf_counter() - start
         clean = agreement(twin, runner, samples["x"])
