@@ -34,7 +34,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from pathlib import Path
 
 from robustedge.checkpoint import read_meta
@@ -47,15 +46,17 @@ from robustedge.runtime import parallel_plan, resolve_device, run_jobs
 from robustedge.trainer import train
 
 
-def _train_once(cfg: TrainConfig) -> tuple[Path, float]:
-    """Train (or reuse) a run; returns (best checkpoint, training images per second over the run)."""
+def _train_once(cfg: TrainConfig) -> tuple[Path, float, float]:
+    """Train (or reuse) a run; returns (best checkpoint, training images per second over the run, the run's
+    own training seconds: a reused run's, not the moment this call spent reading it)."""
     folder = Path(cfg.out_dir) / cfg.name
     if not (folder / "result.json").exists():
         train(cfg)
     elif load_config(folder / "config.yaml") != cfg:  # a finished run is reused only if it is this very run
         raise SystemExit(f"{folder} holds another run than the one asked for (its config.yaml differs); "
                          f"use another --out")
-    return folder / "best.safetensors", _images_per_second(folder)
+    seconds = float(json.loads((folder / "result.json").read_text())["seconds"])
+    return folder / "best.safetensors", _images_per_second(folder), seconds
 
 
 def _images_per_second(folder: Path) -> float:
@@ -80,9 +81,7 @@ def compare(job: dict) -> dict:
     """One float student: its PTQ INT8 and QAT INT8 artifacts, measured."""
     base: TrainConfig = job["config"]
     out = Path(job["out"])
-    t0 = time.perf_counter()
-    best, float_speed = _train_once(base)
-    float_seconds = time.perf_counter() - t0
+    best, float_speed, float_seconds = _train_once(base)
     n, seed, square_n = job["n"], base.seed, job["square_n"]
     ptq = _export(best, out / f"{base.name}_ptq", n, ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
     if job["float_only"]:
@@ -91,9 +90,7 @@ def compare(job: dict) -> dict:
     pt2e = _export(best, out / f"{base.name}_pt2e_ptq", n, ("pgd20",), square_n, seed, job["whitebox"], "pt2e")
 
     qat = copy.deepcopy(job["qat_config"])  # the recipe's fine-tune of this float run (main)
-    t0 = time.perf_counter()
-    qat_best, qat_speed = _train_once(qat)
-    qat_seconds = time.perf_counter() - t0
+    _, qat_speed, qat_seconds = _train_once(qat)
     # the reference row (the fake-quantised torch model) gets the same transfer attacks as the float
     # bundle's, so the two bundles' worst cases and gates compare like with like
     qat_bundle = _export(Path(qat.out_dir) / qat.name / "last.safetensors", out / f"{qat.name}_export", n,
@@ -112,9 +109,8 @@ def compare(job: dict) -> dict:
         tagged = copy.deepcopy(qat)
         tagged.qat.disagreement = 0.0
         control.name = f"{qat.name.rpartition('_qat_')[0]}_float_control_{recipe_tag(tagged)}"
-        t0 = time.perf_counter()
-        _, control_speed = _train_once(control)
-        result["train"] |= {"control_img_per_s": control_speed, "control_seconds": time.perf_counter() - t0}
+        _, control_speed, control_seconds = _train_once(control)
+        result["train"] |= {"control_img_per_s": control_speed, "control_seconds": control_seconds}
         bundle = _export(Path(control.out_dir) / control.name / "last.safetensors", out / f"{control.name}_ptq", n,
                          ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
         result["control_float"], result["control_ptq_int8"] = float_row(bundle), int8_row(bundle)

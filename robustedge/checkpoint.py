@@ -166,6 +166,20 @@ def is_robustedge_file(path: str | os.PathLike) -> bool:
     return header.get("format") == FORMAT and "robustedge" in header
 
 
+def weights_file_bytes(path: str | os.PathLike) -> int:
+    """The size of the weights file a model ships as: the file itself, or for a run's training state
+    (``last.safetensors``, which also holds the optimizer's buffers: about twice the model) the weights
+    file :func:`save_model` would write from it. Export tables quote it beside the INT8 files."""
+    path = Path(path)
+    header = _read_header(path)
+    if header.get("kind") != TRAINING_KIND:
+        return path.stat().st_size
+    from safetensors.torch import save
+
+    _, _, tensors = read_robustedge_file(path)
+    return len(save(model_part(tensors), {"format": FORMAT, "robustedge": header["robustedge"]}))
+
+
 def read_meta(path: str | os.PathLike) -> ModelMeta:
     """The metadata of a RobustEdge model file, without loading its weights."""
     path = Path(path)

@@ -29,6 +29,23 @@ def test_round_trip_keeps_weights_metadata_and_normalisation(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left behind
 
 
+def test_a_training_state_measures_as_the_weights_file_it_holds(tmp_path):
+    """Export tables quote the torch model's size: a run's last.safetensors, with the optimizer's
+    momentum (as large as the model), must not count twice the model."""
+    from robustedge.checkpoint import weights_file_bytes
+    from robustedge.training_state import save_training_state
+
+    model, meta = _model_and_meta()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(4, 1, 16, 16)).sum().backward()
+    optimizer.step()  # the momentum buffers exist now
+    weights = save_model(tmp_path / "best.safetensors", model, meta)
+    state = save_training_state(tmp_path / "last.safetensors", model, meta, {"optimizer": optimizer.state_dict()})
+    assert state.stat().st_size > 1.8 * weights.stat().st_size
+    assert weights_file_bytes(weights) == weights.stat().st_size
+    assert weights_file_bytes(state) == weights.stat().st_size
+
+
 def test_atomic_path_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")

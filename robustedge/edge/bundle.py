@@ -208,6 +208,20 @@ def _parity(model: torch.nn.Module, onnx_path: Path, x: np.ndarray, seed: int) -
             "n_agreement": int(len(refs[0]))}
 
 
+def _torch_row_bytes(source: Path | None, model: torch.nn.Module) -> int:
+    """The torch row's size: the weights file the model ships as (a run's ``last.safetensors`` also holds
+    the optimizer's buffers, which no one ships), the file itself for foreign checkpoints, and the
+    weights' bytes for a model passed in memory."""
+    from robustedge.checkpoint import weights_file_bytes
+
+    if source is None:
+        return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    try:
+        return weights_file_bytes(source)
+    except RobustEdgeError:  # not a safetensors file: a foreign checkpoint, loaded weights-only
+        return source.stat().st_size
+
+
 def _file(tmp: Path, fmt: str) -> Path:
     return tmp / FORMATS[fmt].file
 
@@ -386,7 +400,7 @@ def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=pri
         common = dict(square_n=min(opts.square_n, len(y)), square_queries=opts.square_queries, seed=opts.seed,
                       flag_settings=opts.flags, gate=opts.gate)
         table, flags, checks = {}, {}, {}
-        size = source.stat().st_size if source else sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        size = _torch_row_bytes(source, model)
         table["torch"], flags["torch"], checks["torch"] = torch_row(model, samples, size, meta.eps, **common)
         built = [f for f in FORMATS if f in formats and _file(tmp, f).exists()]  # sources first
         for fmt in built:
