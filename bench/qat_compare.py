@@ -5,10 +5,11 @@
         --freeze-epochs 0 --no-carry-method-state --float-teacher 0      # the recipe before issue 26
     python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --control
     python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --disagreement 1
-    python bench/qat_compare.py run runs/mnv2_32 --n 50 --out runs/qat_mnv2_32
+    python bench/qat_compare.py run runs/mnv2_32/mnv2_32_s0 runs/mnv2_32/mnv2_32_s1 --n 48 --out runs/qat_mnv2_32
 
 ``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
-``run``: an existing training run folder (its config.yaml and best.safetensors). Then, for each:
+``run``: existing training run folders, e.g. one per seed (each with its config.yaml and
+best.safetensors). Then, for each:
 1. the float student exported with post-training INT8 (``onnx-int8``, min-max calibration), once by
    onnxruntime's quantizer and once by the PT2E quantizer QAT trains under (``--int8-quantizer pt2e``:
    the QAT file of zero epochs, the fair baseline);
@@ -217,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     digits = sub.add_parser("digits", help="the quickstart's B-MTARD student, several seeds")
     digits.add_argument("--teachers", default="runs/quickstart", help="a quickstart folder with both teachers")
     digits.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    run = sub.add_parser("run", help="an existing training run folder")
-    run.add_argument("folder")
+    run = sub.add_parser("run", help="existing training run folders (e.g. one per seed)")
+    run.add_argument("folders", nargs="+", help="run folders (each with config.yaml and best.safetensors)")
     for p in (digits, run):
         p.add_argument("--out", required=True)
         p.add_argument("--n", type=int, default=200, help="test images attacked")
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.control and args.float_only:
         parser.error("--control fine-tunes the float students; --float-only stops before any fine-tune")
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {out} is a file, not a folder")
     if args.mode == "digits":
         base = quickstart_configs(QuickstartSettings(out=Path(args.teachers), progress=False))["student_bmtard"]
         configs = []
@@ -262,9 +264,16 @@ def main(argv: list[str] | None = None) -> int:
             cfg.name, cfg.seed, cfg.out_dir = f"bmtard_s{seed}", seed, str(out)
             configs.append(cfg)
     else:
-        cfg = load_config(Path(args.folder) / "config.yaml")
-        cfg.name, cfg.out_dir, cfg.progress = Path(args.folder).name, str(Path(args.folder).parent), False
-        configs = [cfg]
+        configs = []
+        for folder in map(Path, args.folders):
+            if not (folder / "config.yaml").is_file() or not (folder / "best.safetensors").is_file():
+                parser.error(f"{folder} is not a finished training run (no config.yaml or best.safetensors)")
+            cfg = load_config(folder / "config.yaml")
+            cfg.name, cfg.out_dir, cfg.progress = folder.name, str(folder.parent), False
+            configs.append(cfg)
+        if len({c.name for c in configs}) < len(configs):
+            parser.error("two run folders share a name; their bundles would share a folder in --out")
+    out.mkdir(parents=True, exist_ok=True)  # after every check above
     qat_configs = [qat_config(c, Path(c.out_dir) / c.name / "best.safetensors", out, args, args.mode == "digits")
                    for c in configs]
     tag = recipe_tag(qat_configs[0])
