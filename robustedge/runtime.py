@@ -76,9 +76,10 @@ def parallel_plan(device: torch.device, jobs: int) -> tuple[int, int]:
     return workers, max(1, cores // workers)
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(parent: int) -> None:
     """Linux: have the kernel stop this worker when its parent dies (a killed quickstart must not
-    leave runs training in the background and writing into its folder)."""
+    leave runs training in the background and writing into its folder). A parent that died before
+    this line ran is caught by comparing pids: the worker would otherwise wait for jobs forever."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -87,11 +88,13 @@ def _die_with_parent() -> None:
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:  # pragma: no cover - no glibc
-        pass
+        return
+    if os.getppid() != parent:
+        os._exit(1)
 
 
-def _init_worker(threads: int) -> None:
-    _die_with_parent()
+def _init_worker(threads: int, parent: int) -> None:
+    _die_with_parent(parent)
     torch.set_num_threads(threads)
     os.environ["ROBUSTEDGE_NO_PROGRESS"] = "1"  # interleaved bars from several processes are unreadable
 
@@ -101,7 +104,13 @@ def worker_pool(workers: int, threads: int) -> Iterator[Executor | None]:
     """Spawned workers kept for several rounds of jobs (None when ``workers`` <= 1: jobs then run in this
     process). Each new worker is a fresh interpreter that imports torch and RobustEdge (about 2 s on the
     2-core build machine) and then its jobs' lazy imports (torchao, onnx, AutoAttack), so a command that
-    runs jobs in several phases, the quickstart, starts its workers once."""
+    runs jobs in several phases, the quickstart, starts its workers once.
+
+    All workers start on entry, with interruptions held back (:func:`_interrupts_deferred`). When the
+    block ends with an exception (an interruption, a failed job) the workers are stopped rather than
+    waited for: their running jobs may have minutes left, and a second Ctrl-C while the executor's
+    shutdown waits can leave it hung (CPython 3.11-3.12 mark the executor's thread as stopped when
+    its join is interrupted, and the exit then closes the queue its stop messages travel on)."""
     if workers <= 1:
         yield None
         return
@@ -109,23 +118,50 @@ def worker_pool(workers: int, threads: int) -> Iterator[Executor | None]:
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
-    with contextlib.ExitStack() as stack:
-        with _interrupts_deferred():  # every worker is started here, whole, before an interruption acts
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                           initargs=(threads,)))
+    pool = None
+    try:
+        with _interrupts_deferred():  # every worker is started here, whole; an interruption acts after
+            pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                       initargs=(threads, os.getpid()))
             for _ in range(workers):  # each submit that finds no idle worker starts one
                 pool.submit(_started)
         yield pool
+    except BaseException:
+        if pool is not None:
+            with _interrupts_deferred():
+                _stop_workers(pool)
+        raise
+    with _interrupts_deferred():
+        pool.shutdown(wait=True)
 
 
 def _started() -> None:
     """The job that makes the pool start a worker (see :func:`worker_pool`)."""
 
 
+def _stop_workers(pool: Executor) -> None:
+    """Cancel the queued jobs, terminate the workers and wait for the executor's thread to notice (it
+    fails their futures and closes the queues): ``ProcessPoolExecutor.terminate_workers`` from Python
+    3.14 on, the same steps on older ones."""
+    manager = getattr(pool, "_executor_manager_thread", None)  # shutdown(wait=False) forgets it
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:  # pragma: no cover - Python 3.14+
+        terminate()
+    else:
+        processes = dict(getattr(pool, "_processes", None) or {})
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()
+    if manager is not None:
+        manager.join()
+
+
 @contextlib.contextmanager
 def _interrupts_deferred() -> Iterator[None]:
     """SIGINT and SIGTERM held back while the block runs, then raised again to the handlers that were
-    in place (the quickstart turns SIGTERM into an interruption, see quickstart.py).
+    in place (the quickstart turns SIGTERM into an interruption, see quickstart.py). Signals that are
+    ignored stay ignored (spawned workers inherit that).
 
     Why: an interruption raised half-way through ``multiprocessing``'s starting of a worker leaves a
     child reading a truncated pickle (an ``EOFError`` traceback under "robustedge: interrupted"), or a
@@ -135,21 +171,41 @@ def _interrupts_deferred() -> Iterator[None]:
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread():  # only the main thread gets signals
-        yield
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield  # only the main thread runs handlers; without POSIX signal masks (Windows) nothing is held back
         return
+    signums = {signal.SIGINT, signal.SIGTERM}
     caught: list[int] = []
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    previous = {signum: handler for signum, handler in previous.items() if handler is not None}
-    for signum in previous:
-        signal.signal(signum, lambda got, frame: caught.append(got))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signums)  # no signal between two handler swaps
+    try:
+        previous = {signum: signal.getsignal(signum) for signum in signums}
+        previous = {signum: handler for signum, handler in previous.items()
+                    if handler is not None and handler != signal.SIG_IGN}
+        for signum in previous:
+            signal.signal(signum, lambda got, frame: caught.append(got))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(caught):
-            signal.raise_signal(signum)
+        signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+        try:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one that came during the swap acts here
+        _raise_each(list(dict.fromkeys(caught)))
+
+
+def _raise_each(signums: list[int]) -> None:
+    """Every caught signal reaches its handler, even when the first one's raises."""
+    if signums:
+        import signal
+
+        try:
+            signal.raise_signal(signums[0])
+        finally:
+            _raise_each(signums[1:])
 
 
 def iter_jobs(fn: Callable[[Any], T], items: list[Any], workers: int, threads: int,

@@ -2,6 +2,7 @@
 trainer's step against the authors'-style reference loop (robustedge/reference.py), auto batch size, worker pools."""
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -178,6 +179,38 @@ def test_a_worker_pool_serves_several_rounds_of_jobs():
         assert set(pool._processes) >= first  # the first round's workers are still there
     with worker_pool(1, 1) as none:  # one worker: jobs run in this process
         assert none is None and run_jobs(worker_pid, [0], 1, 1, none) == [os.getpid()]
+
+
+def test_an_interrupted_worker_pool_stops_its_workers_instead_of_waiting_for_them():
+    """Ctrl-C during a quickstart phase must not wait for minutes of training in the workers (nor hang
+    if pressed twice while the executor's shutdown waits)."""
+    import time
+
+    from robustedge.runtime import worker_pool
+
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        with worker_pool(2, 1) as pool:
+            workers = list(pool._processes.values())
+            jobs = [pool.submit(time.sleep, 300) for _ in range(3)]  # two running, one queued
+            time.sleep(0.5)
+            raise KeyboardInterrupt
+    assert time.perf_counter() - start < 120
+    assert not any(worker.is_alive() for worker in workers)
+    assert all(job.done() for job in jobs)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_whose_parent_died_before_it_started_exits():
+    """A quickstart killed while its workers start: they would wait for jobs forever under init."""
+    import subprocess
+
+    code = "import os; from robustedge.runtime import _die_with_parent; _die_with_parent({}); print('alive')"
+    orphan = subprocess.run([sys.executable, "-c", code.format(0)], capture_output=True, text=True, timeout=120)
+    assert orphan.returncode == 1 and "alive" not in orphan.stdout
+    child = subprocess.run([sys.executable, "-c", code.replace("{}", "os.getppid()")], capture_output=True,
+                           text=True, timeout=120)
+    assert child.returncode == 0 and child.stdout.strip() == "alive", child.stderr
 
 
 def test_an_interruption_acts_once_the_workers_are_started():
