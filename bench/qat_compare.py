@@ -49,7 +49,8 @@ from robustedge.trainer import train
 
 def _train_once(cfg: TrainConfig) -> tuple[Path, float, float]:
     """Train (or reuse) a run; returns (best checkpoint, training images per second over the run, the run's
-    own training seconds: a reused run's, not the moment this call spent reading it)."""
+    own training seconds from its result.json: a reused run's too, not the moment this call spent reading
+    it; for a resumed run, its last session's)."""
     folder = Path(cfg.out_dir) / cfg.name
     if not (folder / "result.json").exists():
         train(cfg)
