@@ -546,3 +546,32 @@ def test_the_bundle_verifier_refuses_with_the_same_message(world, argv, message)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and _fill(message, world) in proc.stderr, proc.stderr
     assert snapshot(world["world"]) == before
+
+
+BENCH_ROWS = [  # bench/qat_compare.py run: every folder and --out checked before --out is created
+    (["run", "{world}/no_run", "--out", "{world}/new_out"], "is not a finished training run"),
+    (["run", "{run}", "--out", "{file}"], "is a file, not a folder"),
+    (["run", "{run}", "{run}", "--out", "{world}/new_out"], "two run folders share a name"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BENCH_ROWS, ids=["no-run", "out-is-file", "same-name"])
+def test_the_qat_benchmark_refuses_in_one_line_before_touching_disk(tmp_path, argv, message, capsys):
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("qat_compare", root / "bench" / "qat_compare.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run = tmp_path / "runs" / "s0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("name: s0\n")
+    (run / "best.safetensors").write_bytes(b"")
+    (tmp_path / "a_file").write_text("mine")
+    paths = {"world": tmp_path, "run": run, "file": tmp_path / "a_file"}
+    before = snapshot(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        bench.main([_fill(a, paths) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and message in err[-1], err
+    assert snapshot(tmp_path) == before and not (tmp_path / "new_out").exists()
