@@ -73,7 +73,7 @@ def _as_images(x, device) -> torch.Tensor:
 
 
 def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: float | None = None,
-             n: int | None = None, split: str = "test", data_root: str | None = None, batch_size: int | str = 256,
+             n: int | None = None, split: str = "test", data_root: str | None = None, batch_size: int | str = "auto",
              aa_batch_size: int | None = AUTOATTACK_BLOCK, seed: int = 0, fold_bn: bool = False, flags: Any = True,
              show_progress: bool = True, device: torch.device | str | None = None, distributed: bool = False,
              resume=None, on_update=None):
@@ -82,7 +82,8 @@ def evaluate(model, x=None, y=None, *, attacks: str | list[str] = "all", eps: fl
 
     ``model``: a model or any source :func:`load` takes. ``x``/``y``: images in [0, 1] (or uint8) and labels;
     when omitted, the first ``n`` examples of ``split`` of the model's dataset (default None: all of it, as
-    ``robustedge eval``). ``eps``: the checkpoint's when
+    ``robustedge eval``). ``batch_size``: the attacks' batch, ``'auto'`` (as ``robustedge eval``) the largest
+    that fits in memory; attacks are per-example, so it changes speed, not results. ``eps``: the checkpoint's when
     it records one. ``flags``: True for the default attack-failure checks, a ``FlagSettings``, or False.
     ``device``: where to run (default: a module's own device; for a file or name ``auto``, CUDA when
     present); a module elsewhere is evaluated as a copy there, the caller's own is not moved.

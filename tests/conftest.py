@@ -70,7 +70,8 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="session")
 def free_port():
-    """A function returning a free localhost port (servers, torchrun and gloo rendezvous in tests)."""
+    """A function returning a free localhost port, for the app's server in tests (torchrun and gloo
+    rendezvous pick theirs themselves: ``--standalone``, ``file://``)."""
     return _free_port
 
 

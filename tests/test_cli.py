@@ -53,6 +53,15 @@ def test_eval_autoattack_matches_pyautoattack_directly(digits, digits_model, dig
     assert result["w_robust"]["autoattack"] == pytest.approx((result["accuracy"]["clean"] + direct) / 2)
 
 
+def test_eval_says_when_n_is_more_than_the_split_holds(digits, digits_checkpoint, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "eval", digits_checkpoint, "--attacks", "clean", "--n", 100000, "--no-flags",
+                             "--device", "cpu", "--out", tmp_path / "ev", "--no-progress")
+    assert code == 0, err
+    whole = len(digits.test)
+    assert f"on {whole} digits test examples (all of them: --n asked for 100000)" in out
+    assert len(json.loads((tmp_path / "ev" / "eval.json").read_text())["correct"]["clean"]) == whole
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--attacks", "clean,pgd7"], "unknown attack 'pgd7'; valid attacks: all, autoattack, clean, cw"),
     (["--dataset", "mnist"], "unknown dataset 'mnist'; valid datasets:"),

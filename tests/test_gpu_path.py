@@ -98,7 +98,7 @@ def test_qat_never_trains_under_autocast():
         validate_config(cfg)
 
 
-def _two_ranks(rank: int, port: int, folder: str, results) -> None:
+def _two_ranks(rank: int, folder: str, results) -> None:
     """Rank 0 'downloads' slowly into ``folder``; rank 1 reads what it wrote. Then rank 0 evaluates alone
     with the API's defaults while rank 1 does nothing collective."""
     import time
@@ -106,7 +106,8 @@ def _two_ranks(rank: int, port: int, folder: str, results) -> None:
     from robustedge import api
     from robustedge.sharding import World, rank_zero_first
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file rendezvous: no port to pick here and bind later, which a parallel test could take in between
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(folder, 'store')}", rank=rank, world_size=2)
     world = World.current()
     path = os.path.join(folder, "data.bin")
     with rank_zero_first(world):
@@ -126,9 +127,9 @@ def _two_ranks(rank: int, port: int, folder: str, results) -> None:
     dist.destroy_process_group()
 
 
-def test_one_rank_downloads_while_the_others_wait_and_a_lone_evaluation_does_not_wait(tmp_path, free_port):
+def test_one_rank_downloads_while_the_others_wait_and_a_lone_evaluation_does_not_wait(tmp_path):
     results = mp.Manager().dict()
-    ctx = mp.spawn(_two_ranks, args=(free_port(), str(tmp_path), results), nprocs=2, join=False)
+    ctx = mp.spawn(_two_ranks, args=(str(tmp_path), results), nprocs=2, join=False)
     for process in ctx.processes:
         process.join(120)
     alive = [p for p in ctx.processes if p.is_alive()]

@@ -139,10 +139,12 @@ def test_distillation_without_its_teachers_is_a_clear_error(tmp_path, teachers):
     ("train", "trades", "wideresnet-10-1"),
     ("distill", "ard", "resnet20"),
 ])
-def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers, free_port, command, method, arch):
+def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path, teachers, command, method, arch):
     roles = {"mtard": ("robust", "clean"), "ard": ("robust",), "trades": ()}[method]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "robustedge.cli", command, "--method", method,
+    # --standalone: the rendezvous store binds port 0 and the OS picks a free one; a port chosen here and
+    # bound later by torchrun could be taken by a parallel test in between
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "robustedge.cli", command, "--method", method,
            "--arch", arch, "--width", "0.25", "--dataset", "digits", "--epochs", "1", "--batch-size", "128",
            "--eps", "0.1", "--step-size", "0.05", "--device", "cpu", "--out-dir", str(tmp_path), "--name", "ddp",
            "--no-progress", "--set", "attack.steps=2", "--set", "eval_n=32", "--set", "data.flip=false"]
