@@ -1,6 +1,7 @@
 import io
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -279,3 +280,46 @@ def test_a_checkpoint_cannot_make_the_page_read_a_folder_outside_its_reach(tmp_p
     at = app(tmp_path / "models", attack="FGSM", index="9")
     assert not at.exception and "attack took" in messages(at) and "not read" not in messages(at)
     assert at.get("image")[0].captions[0].endswith("(true 9)")  # the copy's test labels are 0..9 in order
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the server's process through /proc")
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_to_the_app_command_stops_its_server_too(tmp_path, free_port, signum):
+    """`robustedge app` runs Streamlit in a process of its own: a SIGTERM (a supervisor), SIGHUP (a closed
+    terminal) or SIGINT sent to the command alone must stop the server, which once went on serving, orphaned."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "robustedge.cli", "app", "--models", str(tmp_path), "--port",
+                             str(port), "--host", "127.0.0.1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/_stcore/health"
+    children: list[int] = []
+
+    def serving() -> bool:
+        try:
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    try:
+        deadline = time.time() + 90
+        while not serving():
+            assert proc.poll() is None and time.time() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        children += [int(pid) for pid in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
+                    .read_text().split()]
+        assert len(children) == 1
+        proc.send_signal(getattr(signal, signum))  # to the command's process alone, not its group
+        assert proc.wait(timeout=30) in (0, 128 + getattr(signal, signum))
+        assert not serving() and not Path(f"/proc/{children[0]}").exists()
+    finally:  # nothing left serving when the test fails
+        for pid in [proc.pid] * (proc.poll() is None) + children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()

@@ -43,8 +43,6 @@ def _check_host(host: str, port: int) -> None:
 
 
 def cmd_app(args: argparse.Namespace) -> int:
-    import subprocess
-
     from dataclasses import fields
 
     from robustedge.app import PAGE_SCRIPT
@@ -73,4 +71,44 @@ def cmd_app(args: argparse.Namespace) -> int:
            "--server.address", args.host, "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     shown = ([f"models: {folder.resolve()}"] if folder else []) + [f"--model {name}" for name, _ in sources]
     print(f"RobustEdge demo on http://{args.host}:{args.port}  ({'; '.join(shown)}; Ctrl+C to stop)")
-    return subprocess.call(cmd, env=env)
+    return serve(cmd, env)
+
+
+STOP_GRACE_S = 10.0  # how long the server may take to stop once told to, before it is killed
+
+
+def serve(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the server until it exits; its exit status (128 + N when signal N ended it).
+
+    The server runs in a session of its own and this process is its only way in: Ctrl+C, SIGTERM (a
+    supervisor, ``kill``) and SIGHUP (a closed terminal) sent here are passed on once, and this process
+    waits for the server to stop. Without that a SIGTERM ended this process alone, and the orphaned server
+    went on serving and holding the port. A server that has not stopped after :data:`STOP_GRACE_S` is killed."""
+    import signal
+    import subprocess
+    import time
+
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    told: list[float] = []
+
+    def pass_on(signum, frame) -> None:
+        told.append(time.monotonic())
+        server.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, pass_on) for signum in signums}
+    try:
+        while True:
+            try:
+                code = server.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if told and time.monotonic() - told[0] > STOP_GRACE_S:
+                    server.kill()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if server.poll() is None:  # this process is failing: never leave the server behind
+            server.kill()
+            server.wait()
+    return 128 - code if code < 0 else code
