@@ -10,7 +10,7 @@
 5. with ``--qat``: a quantization-aware fine-tune of the B-MTARD student (same method, a few epochs),
    exported straight to INT8 and attacked white-box through its twin like the PTQ file, and float /
    PTQ INT8 / QAT INT8 side by side. Off by default: the fine-tune and the white-box attacks on its
-   INT8 file add minutes to a job of about 8 on two CPU cores (docs/results/quickstart.md).
+   INT8 file add minutes to a job of 8 to 14 on two CPU cores (docs/results/quickstart.md).
 
 On a CPU, the teachers, then the students, then the two evaluations run side by side in two
 processes with one thread each (robustedge.runtime.parallel_plan): models this small are bound by
