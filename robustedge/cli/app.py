@@ -89,10 +89,11 @@ def serve(cmd: list[str], env: dict[str, str]) -> int:
     import time
 
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
-    told: list[float] = []
+    told_at: float | None = None  # when the server was first told to stop
 
     def pass_on(signum, frame) -> None:
-        told.append(time.monotonic())
+        nonlocal told_at
+        told_at = told_at or time.monotonic()
         server.send_signal(signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
 
     signums = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -103,7 +104,7 @@ def serve(cmd: list[str], env: dict[str, str]) -> int:
                 code = server.wait(timeout=0.5)
                 break
             except subprocess.TimeoutExpired:
-                if told and time.monotonic() - told[0] > STOP_GRACE_S:
+                if told_at is not None and time.monotonic() - told_at > STOP_GRACE_S:
                     server.kill()
     finally:
         for signum, handler in previous.items():
