@@ -219,15 +219,14 @@ def test_a_foreign_safetensors_is_skipped_with_a_hint_and_named_models_never_tak
 def test_the_app_command_hands_its_named_models_to_the_page(models_folder, digits_checkpoint, tmp_path, monkeypatch):
     """`robustedge app --model ... --arch ...` checks the source, then starts Streamlit with the page's environment;
     the page, run with that environment, offers the model (the server itself: tests/test_browser.py)."""
-    import subprocess
-
     from robustedge.weights import load_model
-    from robustedge.cli import main
+    from robustedge.cli import app as app_command, main
 
     model, _ = load_model(digits_checkpoint)
     torch.save({"state_dict": model.state_dict()}, tmp_path / "theirs.pth")
     started = {}
-    monkeypatch.setattr(subprocess, "call", lambda cmd, env: started.update(cmd=cmd, env=env) or 0)
+    # the server is not started here (a real one: the signal test below and tests/test_browser.py)
+    monkeypatch.setattr(app_command, "serve", lambda cmd, env: started.update(cmd=cmd, env=env) or 0)
     monkeypatch.chdir(tmp_path)  # no runs/quickstart here: only the named model is served
     assert main(["app", "--model", "theirs.pth", "--arch", "wideresnet-10-1", "--dataset", "digits",
                  "--image-size", "16", "--in-channels", "1", "--port", "8765"]) == 0
