@@ -222,6 +222,33 @@ def test_the_quickstart_flags_set_what_scales_with_them(tmp_path):
     assert (recipe.epochs, recipe.eval_every, recipe.qat.freeze_epochs) == (3, 3, 2)
 
 
+def _bundle(transfer: list[str], whitebox: list[str], row: dict) -> dict:
+    torch_row = {"clean": 0.9, "worst": 0.6, "size_mb": 1.0, "latency_b1_ms": 1.0}
+    table = {"torch": torch_row | ({"transfer_autoattack": 0.7} if "autoattack" in transfer else {}), "onnx-int8": row}
+    return {"options": {"transfer_attacks": transfer, "whitebox_attacks": whitebox}, "table": table}
+
+
+_INT8 = {"clean": 0.9, "worst": 0.5, "size_mb": 0.3, "latency_b1_ms": 0.1}
+
+
+@pytest.mark.parametrize("ptq,qat,cells", [
+    (_bundle(["pgd20", "autoattack"], ["pgd20", "autoattack", "diva"], _INT8 | {"whitebox_autoattack": 0.55}),
+     _bundle(["pgd20", "autoattack"], ["pgd20", "autoattack", "diva"], _INT8 | {"whitebox_autoattack": 0.58}),
+     ["70.0", "55.0", "58.0"]),
+    (_bundle(["pgd20", "autoattack"], ["pgd20", "autoattack", "diva"], _INT8),  # the PTQ file's twin refused
+     _bundle(["pgd20", "autoattack"], ["pgd20", "autoattack", "diva"], _INT8 | {"whitebox_autoattack": 0.58}),
+     ["70.0", "n/a (twin refused)", "58.0"]),
+    (_bundle(["pgd20"], ["pgd20", "diva"], _INT8), _bundle(["pgd20"], ["pgd20", "diva"], _INT8),  # --attacks lacks it
+     ["not run (--attacks)"] * 3),
+])
+def test_the_int8_comparison_says_why_an_autoattack_cell_is_empty(ptq, qat, cells):
+    """An empty AutoAttack cell once read "twin refused" when AutoAttack was simply not asked for."""
+    from robustedge.quickstart import int8_comparison
+
+    rows = int8_comparison(ptq, qat).splitlines()[2:]
+    assert [row.split(" | ")[2] for row in rows] == cells
+
+
 def test_quickstart_end_to_end_small_with_qat(tmp_path, capsys):
     """The whole quickstart at one epoch each, QAT included (one run covers both paths: it is the suite's
     longest test), then its refusal of a folder it did not make."""
@@ -248,6 +275,7 @@ def test_quickstart_end_to_end_small_with_qat(tmp_path, capsys):
     assert "float, post-training INT8 and quantization-aware INT8" in text
     for label in ("float (torch)", "PTQ INT8 (onnx-int8)", "QAT INT8 (onnx-int8)"):
         assert label in text and label in (out / "quickstart.md").read_text()
+    assert text.count("| not run (--attacks) |") == 3  # AutoAttack is not among --attacks
     qat = json.loads((out / "student_bmtard_qat_export" / "manifest.json").read_text())
     assert set(qat["files"]) == {"onnx-int8"} and qat["source"]["qat"]["activations"] == "uint8"
     assert qat["source"]["checkpoint"] == "last.safetensors" and (out / "student_bmtard_qat" / "metrics.csv").is_file()
