@@ -284,3 +284,15 @@ def test_the_documented_example_runs_end_to_end(tmp_path, monkeypatch):
     assert (meta.spec.in_channels, meta.spec.image_size) == (1, 8)
     assert set(report.accuracy) == {"clean", "fgsm"} and report.n == len(load_dataset("digits_third", image_size=8,
                                                                                        channels=1).test)
+
+
+@pytest.mark.parametrize("asked,taken,note", [
+    (None, 6, ""),
+    (4, 4, ""),
+    (6, 6, ""),
+    (500, 6, " (all of them: --n asked for 500)"),
+])
+def test_a_split_says_when_fewer_examples_exist_than_asked_for(asked, taken, note):
+    """eval and export print this beside their count: `export --n 500` on digits once read as 359 silently."""
+    split = Split(torch.zeros(6, 1, 4, 4, dtype=torch.uint8), torch.arange(6) % 3).take(asked)
+    assert len(split) == taken and split.shortfall(asked) == note

@@ -138,7 +138,7 @@ def _eval(args: argparse.Namespace, attacks: list[str], out: Path, world, device
     x, y = split.float_images(device), split.labels.to(device)
     say(f"evaluating {args.checkpoint} ({meta.spec.arch}, {meta.method or 'unknown method'}) on "
         f"{len(y)} {args.dataset or meta.dataset} {args.split} examples"
-        + (f" (all of them: --n asked for {args.n})" if args.n > len(y) else "")
+        + split.shortfall(args.n)
         + f", eps={eps:.4f}, device={device}" + (f", {world.size} processes" if world.size > 1 else ""), flush=True)
     described = {"checkpoint": str(args.checkpoint), "dataset": args.dataset or meta.dataset, "split": args.split,
                  "arch": meta.spec.arch, "method": meta.method, "seed": args.seed}

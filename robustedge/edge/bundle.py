@@ -393,7 +393,8 @@ def export_bundle(checkpoint, out: str | Path, opts: ExportOptions, progress=pri
         skipped.update(built_skipped)
 
         timings["convert"] = time.perf_counter() - t0
-        progress(f"crafting {', '.join(opts.transfer_attacks)} examples on the torch model ({len(y)} test images)")
+        progress(f"crafting {', '.join(opts.transfer_attacks)} examples on the torch model ({len(y)} test images"
+                 f"{split.shortfall(opts.n)})")
         t0 = time.perf_counter()
         samples = craft_samples(model, x, y, meta.eps, opts.transfer_attacks, opts.seed, precomputed_adv)
         timings["transfer_examples"] = time.perf_counter() - t0
