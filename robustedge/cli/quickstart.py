@@ -29,8 +29,8 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qat", action="store_true",
                    help="also fine-tune the B-MTARD student with quantization-aware training, export it to INT8 "
                         "and show float / PTQ INT8 / QAT INT8 side by side, each INT8 file attacked white-box "
-                        "(off by default: the fine-tune and the white-box attacks on its INT8 file add minutes on two CPU cores; "
-                        "docs/design/qat.md, section 10)")
+                        "(off by default: the fine-tune and the white-box attacks on its INT8 file double the "
+                        "quickstart, to about 20 minutes on two CPU cores; docs/design/qat.md, section 10)")
     p.add_argument("--qat-epochs", type=count(1, "--qat-epochs"), default=None,
                    help="epochs of the QAT fine-tune (default: the QAT recipe's, 30%% of --epochs, at least 2; "
                         "robustedge/qat_recipe.py)")
