@@ -282,10 +282,11 @@ def test_a_checkpoint_cannot_make_the_page_read_a_folder_outside_its_reach(tmp_p
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the server's process through /proc")
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT"])
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGHUP", "SIGINT", "SIGKILL"])
 def test_a_signal_to_the_app_command_stops_its_server_too(tmp_path, free_port, signum):
     """`robustedge app` runs Streamlit in a process of its own: a SIGTERM (a supervisor), SIGHUP (a closed
-    terminal) or SIGINT sent to the command alone must stop the server, which once went on serving, orphaned."""
+    terminal) or SIGINT sent to the command alone must stop the server, which once went on serving, orphaned;
+    so must a SIGKILL, which the command cannot see (the kernel's parent-death signal, on Linux)."""
     import signal
     import subprocess
     import sys
@@ -312,9 +313,21 @@ def test_a_signal_to_the_app_command_stops_its_server_too(tmp_path, free_port, s
         children += [int(pid) for pid in (Path("/proc") / str(proc.pid) / "task" / str(proc.pid) / "children")
                     .read_text().split()]
         assert len(children) == 1
-        proc.send_signal(getattr(signal, signum))  # to the command's process alone, not its group
-        assert proc.wait(timeout=30) in (0, 128 + getattr(signal, signum))
-        assert not serving() and not Path(f"/proc/{children[0]}").exists()
+        number = getattr(signal, signum)
+        proc.send_signal(number)  # to the command's process alone, not its group
+        assert proc.wait(timeout=30) in ((-number,) if signum == "SIGKILL" else (0, 128 + number))
+
+        def server_alive() -> bool:  # an orphan's zombie waits for a reaper that may never come: not alive
+            stat = Path(f"/proc/{children[0]}/stat")
+            try:
+                return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            except (FileNotFoundError, ProcessLookupError):
+                return False
+
+        deadline = time.time() + 30  # a killed command does not wait for its server: give it time to stop
+        while server_alive() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not server_alive() and not serving()
     finally:  # nothing left serving when the test fails
         for pid in [proc.pid] * (proc.poll() is None) + children:
             try:

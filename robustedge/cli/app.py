@@ -77,18 +77,43 @@ def cmd_app(args: argparse.Namespace) -> int:
 STOP_GRACE_S = 10.0  # how long the server may take to stop once told to, before it is killed
 
 
+def _die_with_parent():
+    """On Linux, a function for the server's process to run before it starts: the kernel sends it SIGTERM
+    when this process dies, so even a SIGKILL here (which no handler sees) does not leave the server
+    serving, orphaned. It only calls a libc function resolved here, as code between fork and exec must.
+    None elsewhere, where only the signals :func:`serve` passes on stop the server."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent, set_death_signal, term = os.getpid(), 1, int(signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+    def arm() -> None:
+        prctl(set_death_signal, term)
+        if os.getppid() != parent:  # this process died before the signal was armed
+            os.kill(os.getpid(), term)
+
+    return arm
+
+
 def serve(cmd: list[str], env: dict[str, str]) -> int:
     """Run the server until it exits; its exit status (128 + N when signal N ended it).
 
     The server runs in a session of its own and this process is its only way in: Ctrl+C, SIGTERM (a
     supervisor, ``kill``) and SIGHUP (a closed terminal) sent here are passed on once, and this process
     waits for the server to stop. Without that a SIGTERM ended this process alone, and the orphaned server
-    went on serving and holding the port. A server that has not stopped after :data:`STOP_GRACE_S` is killed."""
+    went on serving and holding the port. A server that has not stopped after :data:`STOP_GRACE_S` is killed.
+    On Linux the server also gets SIGTERM from the kernel when this process dies of a SIGKILL."""
     import signal
     import subprocess
     import time
 
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    server = subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_die_with_parent())
     told_at: float | None = None  # when the server was first told to stop
 
     def pass_on(signum, frame) -> None:
