@@ -417,20 +417,20 @@ def int8_comparison(float_manifest: dict, qat_manifest: dict) -> str:
     """Float / PTQ INT8 / QAT INT8 side by side, from the two bundles' verification tables. An AutoAttack
     cell is empty for a reason: the attack was not asked for (``--attacks`` without it), or an INT8
     file's twin was refused, so no white-box attack ran on it."""
-    def asked(manifest: dict, kind: str) -> bool:
-        return "autoattack" in manifest["options"][f"{kind}_attacks"]
-
-    rows = [("float (torch)", float_manifest["table"]["torch"], "transfer", asked(float_manifest, "transfer")),
-            ("PTQ INT8 (onnx-int8)", float_manifest["table"].get("onnx-int8"), "whitebox",
-             asked(float_manifest, "whitebox")),
-            ("QAT INT8 (onnx-int8)", qat_manifest["table"].get("onnx-int8"), "whitebox", asked(qat_manifest, "whitebox"))]
+    rows = [("float (torch)", float_manifest, "torch", "transfer"),
+            ("PTQ INT8 (onnx-int8)", float_manifest, "onnx-int8", "whitebox"),
+            ("QAT INT8 (onnx-int8)", qat_manifest, "onnx-int8", "whitebox")]
     lines = ["| model | clean | AutoAttack | worst case | size (MB) | latency b1 (ms) |", "|---|---:|---:|---:|---:|---:|"]
-    for label, row, kind, was_asked in rows:
+    for label, manifest, fmt, kind in rows:
+        row = manifest["table"].get(fmt)
         if row is None:
             continue
-        aa = f"{kind}_autoattack"
-        cell = (f"{100 * row[aa]:.1f}" if aa in row else "not run (--attacks)" if not was_asked
-                else "n/a (twin refused)" if kind == "whitebox" else "n/a")
+        if f"{kind}_autoattack" in row:
+            cell = f"{100 * row[f'{kind}_autoattack']:.1f}"
+        elif "autoattack" not in manifest["options"][f"{kind}_attacks"]:
+            cell = "not run (--attacks)"
+        else:  # asked for, yet missing: only a refused twin stops a white-box attack
+            cell = "n/a (twin refused)"
         lines.append(f"| {label} | {100 * row['clean']:.1f} | {cell} | {100 * row['worst']:.1f} | "
                      f"{row['size_mb']:.3f} | {row['latency_b1_ms']:.2f} |")
     return "\n".join(lines) + "\n"
