@@ -36,6 +36,7 @@ class DataConfig:
     image_size: int | None = None  # None: the dataset's native size
     channels: int | None = None  # None: the dataset's native channels
     val_fraction: float = 0.1  # held out of train for checkpoint selection (never the test set)
+    train_n: int | None = None  # train on a seeded random N of the training split: a quick check, not a result
     seed: int = 0
     download: bool = False
     augment: bool = True  # random crop (zero padding) + horizontal flip, on the device
@@ -357,6 +358,8 @@ def validate_config(cfg: TrainConfig) -> TrainConfig:
         raise RobustEdgeError(f"config key 'data.name': unknown dataset '{d.name}'; valid: {', '.join(DATASETS)}")
     check_range(d.val_fraction, "config key 'data.val_fraction'", 0.0, 1.0, high_open=True)
     parse_seed(d.seed, "config key 'data.seed'")
+    if d.train_n is not None:
+        parse_int(d.train_n, "config key 'data.train_n'", 1)
     parse_int(d.padding, "config key 'data.padding'", 0)
     for key in ("image_size", "channels"):
         if getattr(d, key) is not None:

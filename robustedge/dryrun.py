@@ -32,13 +32,15 @@ def _shape(cfg: TrainConfig) -> tuple[int, int, int, int, str]:
     try:
         data = load_dataset(cfg.data.name, cfg.data.root, image_size=cfg.data.image_size, channels=cfg.data.channels,
                             val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
-        return (*data.input_shape[:2], data.num_classes, len(data.train), f"the {cfg.data.name} files")
+        train = len(data.train.subset(cfg.data.train_n, cfg.data.seed))
+        return (*data.input_shape[:2], data.num_classes, train, f"the {cfg.data.name} files")
     except RobustEdgeError as exc:
         if cfg.data.name not in NOMINAL:
             raise
         c, s, k, n = NOMINAL[cfg.data.name]
         s = cfg.data.image_size or s
         train = int(n * (1 - cfg.data.val_fraction))
+        train = train if cfg.data.train_n is None else min(train, cfg.data.train_n)
         return c, s, k, train, f"nominal {cfg.data.name} sizes ({first_line(exc)})"
 
 

@@ -79,6 +79,7 @@ class QuickstartSettings:
     square_queries: int = 1000  # the black-box check's budget here; `robustedge export` defaults to 5000
     qat: bool = False
     qat_epochs: int | None = None  # None: the QAT recipe's share of the student's epochs
+    train_n: int | None = None  # every run on a seeded random N of the training digits (None: all): a quick check
 
 
 RUNS = ("teacher_clean", "teacher_robust", "student_bmtard", "student_pgd_at")  # trained in this order
@@ -94,6 +95,7 @@ def _from_recipe(name: str, epochs: int, s: QuickstartSettings) -> TrainConfig:
     cfg.optim.milestones = [int(epochs * 0.75), int(epochs * 0.9)]
     cfg.attack.eps, cfg.attack.step_size = s.eps, s.eps / 4
     cfg.seed, cfg.device, cfg.out_dir, cfg.progress = s.seed, s.device, str(s.out), s.progress
+    cfg.data.train_n = s.train_n
     for role, teacher in cfg.teachers.items():
         teacher.checkpoint = str(s.out / f"teacher_{role}" / "best.safetensors")
     return cfg
@@ -174,8 +176,9 @@ def validate_settings(s: QuickstartSettings) -> dict[str, TrainConfig]:
     """Every setting checked before the quickstart touches disk; returns the four run configs."""
     for name in ("epochs", "teacher_epochs", "eval_n"):
         parse_int(getattr(s, name), name.replace("_", "-"), 1)
-    if s.qat_epochs is not None:  # None: the QAT recipe's
-        parse_int(s.qat_epochs, "qat-epochs", 1)
+    for name in ("qat_epochs", "train_n"):  # None: the QAT recipe's epochs; all the training digits
+        if getattr(s, name) is not None:
+            parse_int(getattr(s, name), name.replace("_", "-"), 1)
     parse_seed(s.seed)
     parse_eps(s.eps)
     parse_int(s.square_queries, "square-queries", 1)

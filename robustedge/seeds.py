@@ -11,8 +11,9 @@ from __future__ import annotations
 
 def holdout_seed(seed: int, split: str) -> int:
     """The permutation that carves a held-out split: ``val`` from train, ``test`` for datasets
-    without an official test set (digits)."""
-    return {"val": seed, "test": seed + 1}[split]
+    without an official test set (digits); ``train_n``: which training images a run limited to
+    ``data.train_n`` of them keeps."""
+    return {"val": seed, "test": seed + 1, "train_n": seed + 2}[split]
 
 
 def shuffle_seed(seed: int, epoch: int) -> int:

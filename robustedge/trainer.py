@@ -220,7 +220,11 @@ class Trainer:
                          extra={"data": {"root": cfg.data.root, "val_fraction": cfg.data.val_fraction,
                                          "seed": cfg.data.seed},
                                 "config": config_to_dict(cfg)})
-        loader = DeviceLoader(data.train, max(1, cfg.batch_size // world), device=device, shuffle=True,
+        train_split = data.train.subset(cfg.data.train_n, cfg.data.seed)
+        if len(train_split) < len(data.train) and rank == 0:
+            print(f"{cfg.name}: training on {len(train_split)} of the {len(data.train)} training images "
+                  f"(data.train_n)", flush=True)
+        loader = DeviceLoader(train_split, max(1, cfg.batch_size // world), device=device, shuffle=True,
                               augment=cfg.data.augment, padding=cfg.data.padding, flip=cfg.data.flip, seed=cfg.seed,
                               drop_last=False, rank=rank, world_size=world)
         run = _Run(rank, world, device, parts, parts.model, loader, meta, val.float_images(device),
@@ -231,7 +235,7 @@ class Trainer:
             meta.extra["qat"] = {"activations": cfg.qat.activations, "patterns": unwrap(parts.model).patterns,
                                  "library": library_version(), "from_checkpoint": cfg.qat.from_checkpoint}
             if cfg.qat.from_checkpoint and cfg.qat.calibration_n and not self.resume:
-                calibrate(parts.model, calibration_images(data.train, cfg.qat.calibration_n, cfg.seed, device))
+                calibrate(parts.model, calibration_images(train_split, cfg.qat.calibration_n, cfg.seed, device))
         if cfg.qat.carry_method_state and not self.resume:  # a fine-tune, under QAT or its float control
             parts.method.load_state_dict(float_method_state(cfg.qat.from_checkpoint, cfg.method))
         if self.resume:
@@ -340,7 +344,14 @@ class Trainer:
         bar = progress(run.loader, desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", total=total,
                        enabled=cfg.progress and run.main)
         for x, y in bar:
-            logs, grad_norm = parts.step(run.student, x, y)
+            try:
+                logs, grad_norm = parts.step(run.student, x, y)
+            except AssertionError as exc:  # torchao's observers assert on a NaN range before the loss is NaN
+                if not (cfg.qat.enabled and "nan" in str(exc)):
+                    raise
+                raise RobustEdgeError(f"the fake-quantised student's activations became NaN in epoch {epoch + 1} "
+                                      f"(step {steps + 1}): training diverged; stopped. {self._last_good()}; "
+                                      f"lower optim.lr") from None
             finite = torch.isfinite(grad_norm)  # an fp16 scaler skips steps with inf gradients
             sums += torch.stack([logs["loss"].float(), logs["train_acc"].float(),
                                  torch.where(finite, grad_norm.float(), 0.0), finite.float()])

@@ -29,6 +29,26 @@ def test_digits_size_and_channels_are_configurable():
     assert torch.equal(ds.train.images[:, 0], ds.train.images[:, 2])
 
 
+def test_train_n_keeps_a_seeded_random_subset_that_spans_the_classes():
+    """``data.train_n``: the same images for the same seed, others for another, in the split's order, and
+    random rather than a prefix, so a class-sorted split (an image folder) still gives every class."""
+    from robustedge.data.splits import Split
+
+    index = torch.arange(1000)
+    images = torch.stack([index // 256, index % 256], 1).to(torch.uint8).view(-1, 1, 2, 1)  # each image: its index
+    ordered = Split(images, index // 100)  # sorted by class, like an image folder
+
+    def kept(split: Split) -> torch.Tensor:
+        return split.images.view(-1, 2).long() @ torch.tensor([256, 1])
+
+    a, b, other = ordered.subset(100, 0), ordered.subset(100, 0), ordered.subset(100, 1)
+    assert len(a) == 100 and torch.equal(kept(a), kept(b)) and not torch.equal(kept(a), kept(other))
+    assert torch.equal(a.labels, kept(a) // 100) and torch.all(kept(a)[1:] > kept(a)[:-1])  # in the split's order
+    assert a.labels.bincount(minlength=10).min() >= 3  # a prefix would hold class 0 only
+    for n in (None, 1000, 5000):
+        assert ordered.subset(n, 0) is ordered
+
+
 def test_cifar10_reader_reads_the_on_disk_format_without_download(tmp_path, write_cifar10):
     expected, test = write_cifar10(tmp_path)
     ds = load_dataset("cifar10", str(tmp_path), val_fraction=0.2)

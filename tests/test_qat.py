@@ -342,8 +342,8 @@ def test_a_student_under_the_xnnpack_scheme_ships_as_a_pte_attacked_through_its_
     checkpoint = save_model(tmp_path / "phone.safetensors", student.eval(), meta)
     out = tmp_path / "bundle"
     manifest, _ = export_bundle(checkpoint, out, ExportOptions(
-        formats=["executorch-int8"], n=64, transfer_attacks=("pgd20",), whitebox_attacks=("pgd20",), square_n=0,
-        flags=FlagSettings(n=16, square_queries=50)), progress=lambda m: None)
+        formats=["executorch-int8"], n=32, transfer_attacks=("pgd20",), whitebox_attacks=("pgd20",), square_n=0,
+        flags=FlagSettings(n=10, square_queries=50)), progress=lambda m: None)
     assert set(manifest["files"]) == {"onnx-int8", "executorch-int8"}  # the ONNX file: the source and the twin
     row = manifest["table"]["executorch-int8"]
     assert row["agreement"] >= 0.95 and row["twin_agreement"] >= 0.99, row
@@ -366,6 +366,17 @@ def test_qat_refuses_what_it_cannot_do(tmp_path, float_student):
     cfg.model.width = 0.5
     with pytest.raises(RobustEdgeError, match="width 0.25.*the config trains mobilenetv2 \\(width 0.5"):
         train(cfg)
+
+
+def test_a_diverging_qat_run_stops_with_a_readable_error(tmp_path, float_student, capsys):
+    """Exploded weights reach torchao's observers as a NaN range, which they assert on before the loss is
+    ever NaN: the run stops with one line saying so, and with data.train_n it trains on that many images."""
+    cfg = qat_config(tmp_path, "diverges", epochs=1, from_checkpoint=str(float_student))
+    cfg.optim.lr, cfg.data.train_n, cfg.batch_size = 1e6, 256, 32
+    with pytest.raises(RobustEdgeError, match=r"activations became NaN in epoch 1 \(step \d\): training diverged; "
+                                              r"stopped\. No checkpoint was written yet.*lower optim\.lr"):
+        train(cfg)
+    assert "diverges: training on 256 of the 1294 training images (data.train_n)" in capsys.readouterr().out
 
 
 def test_a_frozen_student_trains_against_fixed_scales_and_bn_statistics(float_student):

@@ -34,6 +34,9 @@ def add(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qat-epochs", type=count(1, "--qat-epochs"), default=None,
                    help="epochs of the QAT fine-tune (default: the QAT recipe's, 30%% of --epochs, at least 2; "
                         "robustedge/qat_recipe.py)")
+    p.add_argument("--train-n", type=count(1, "--train-n"), default=None,
+                   help="train every run on a seeded random N of the training digits (default: all 1,294): a "
+                        "quicker check of an install or a change, not a result (docs/design/data.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quickstart)
 
@@ -46,6 +49,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
                                                 teacher_epochs=args.teacher_epochs, eval_n=args.n, device=args.device,
                                                 seed=args.seed, attacks=tuple(parse_attacks(args.attacks)),
                                                 progress=not args.no_progress, export=not args.no_export, qat=args.qat,
-                                                qat_epochs=args.qat_epochs))
+                                                qat_epochs=args.qat_epochs, train_n=args.train_n))
     # like `robustedge export`: a failed gate is a finished run whose artifact must not ship, so a script sees it
     return 1 if summary.get("export_gate_failures") or summary.get("qat_gate_failures") else 0

@@ -25,6 +25,15 @@ class Split:
             return self
         return Split(self.images[:n], self.labels[:n])
 
+    def subset(self, n: int | None, seed: int) -> "Split":
+        """A seeded random ``n`` of these examples, in their order (all of them for None or ``n`` >= the
+        split's size). Random, not a prefix: a prefix of a class-sorted folder would hold one class."""
+        if n is None or n >= len(self):
+            return self
+        keep = torch.randperm(len(self), generator=torch.Generator().manual_seed(holdout_seed(seed, "train_n")))[:n]
+        keep = keep.sort().values
+        return Split(self.images[keep], self.labels[keep])
+
     def shortfall(self, asked: int | None) -> str:
         """What a count of examples printed beside this split must add when fewer were asked for than the
         split holds, so that a run asked for 500 digits does not read as one on 500: ``""`` otherwise."""
