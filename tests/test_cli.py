@@ -58,7 +58,7 @@ def test_eval_says_when_n_is_more_than_the_split_holds(digits, digits_checkpoint
                              "--device", "cpu", "--out", tmp_path / "ev", "--no-progress")
     assert code == 0, err
     whole = len(digits.test)
-    assert f"on {whole} digits test examples (all of them: --n asked for 100000)" in out
+    assert f"on {whole} digits test examples (all of them: 100000 were asked for)" in out
     assert len(json.loads((tmp_path / "ev" / "eval.json").read_text())["correct"]["clean"]) == whole
 
 

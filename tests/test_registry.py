@@ -290,7 +290,7 @@ def test_the_documented_example_runs_end_to_end(tmp_path, monkeypatch):
     (None, 6, ""),
     (4, 4, ""),
     (6, 6, ""),
-    (500, 6, " (all of them: --n asked for 500)"),
+    (500, 6, " (all of them: 500 were asked for)"),
 ])
 def test_a_split_says_when_fewer_examples_exist_than_asked_for(asked, taken, note):
     """eval and export print this beside their count: `export --n 500` on digits once read as 359 silently."""

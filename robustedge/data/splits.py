@@ -35,9 +35,10 @@ class Split:
         return Split(self.images[keep], self.labels[keep])
 
     def shortfall(self, asked: int | None) -> str:
-        """What a count of examples printed beside this split must add when fewer were asked for than the
-        split holds, so that a run asked for 500 digits does not read as one on 500: ``""`` otherwise."""
-        return f" (all of them: --n asked for {asked})" if asked is not None and asked > len(self) else ""
+        """What a count of examples printed beside this split must add when more were asked for than the
+        split holds, so that a run asked for 500 digits does not read as one on 500: ``""`` otherwise. It
+        names no flag: the CLI's ``--n`` and the API's ``n`` print the same note."""
+        return f" (all of them: {asked} were asked for)" if asked is not None and asked > len(self) else ""
 
     def float_images(self, device: torch.device | str | None = None) -> torch.Tensor:
         return self.images.to(device).float().div_(255.0)
