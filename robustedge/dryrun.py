@@ -60,7 +60,8 @@ def dry_run(cfg: TrainConfig, steps: int = 2, warmup: int = 1) -> str:
     spec = ModelSpec(cfg.model.arch, classes, channels, cfg.model.width, size, cfg.model.mean, cfg.model.std)
     method = get_method(cfg.method)
     lines = ["# resolved config", dump_config(cfg).rstrip(), "",
-             f"data: {channels}x{size}x{size}, {classes} classes, {n_train} training images ({source})",
+             f"data: {channels}x{size}x{size}, {classes} classes, {n_train} training images ({source}"
+             + (f"; data.train_n {cfg.data.train_n})" if cfg.data.train_n is not None else ")"),
              f"student: {spec.arch} (width {spec.width}): {_count(spec.build())} parameters"]
     if steps == 0:
         return "\n".join(lines + ["timing skipped (--timing-steps 0)"]) + "\n"

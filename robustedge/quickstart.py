@@ -392,7 +392,7 @@ def _finish(s: QuickstartSettings, start: float, done: _WorkerResults) -> dict:
     total = time.perf_counter() - start
     table = comparison_table(reports)
     summary = {"format": QUICKSTART_FORMAT, "status": "done", "writer": writer_identity(), "seconds": total,
-               "timings": timings, "eps": s.eps, "eval_n": s.eval_n,
+               "timings": timings, "eps": s.eps, "eval_n": s.eval_n, "train_n": s.train_n,
                "results": {k: r.to_dict() for k, r in reports.items()}, "export_gate_failures": gate_failures}
     if qat is not None:
         summary["qat_gate_failures"] = qat["failures"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import os
 import time
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from robustedge.files import (FolderLock, atomic_write_json, atomic_write_text, 
                               clean_stale_temps, lock_folder)
 from robustedge.training_state import load_training_state, save_training_state
 from robustedge.weights import load_state_strict
-from robustedge.config import TrainConfig, config_to_dict, dump_config, validate_config
+from robustedge.config import DataConfig, TrainConfig, config_to_dict, dump_config, validate_config
 from robustedge.data import DeviceLoader, calibration_images, load_dataset
 from robustedge.errors import RobustEdgeError
 from robustedge.suite import evaluate
@@ -218,7 +219,7 @@ class Trainer:
         meta = ModelMeta(spec, dataset=cfg.data.name, eps=cfg.eval_eps if cfg.eval_eps is not None else cfg.attack.eps,
                          method=cfg.method, classes=data.classes,
                          extra={"data": {"root": cfg.data.root, "val_fraction": cfg.data.val_fraction,
-                                         "seed": cfg.data.seed},
+                                         "seed": cfg.data.seed, "train_n": cfg.data.train_n},
                                 "config": config_to_dict(cfg)})
         train_split = data.train.subset(cfg.data.train_n, cfg.data.seed)
         if len(train_split) < len(data.train) and rank == 0:
@@ -253,6 +254,11 @@ class Trainer:
         if state.get("config", {}).get("model") != config_to_dict(cfg)["model"] or \
                 state.get("config", {}).get("method") != cfg.method:
             raise RobustEdgeError(f"{self.last_path} was trained with a different model or method than this config")
+        saved_data, data = state.get("config", {}).get("data", {}), config_to_dict(cfg)["data"]
+        for key in ("train_n", "seed", "val_fraction"):  # which images it trains on (a file before train_n: all)
+            if saved_data.get(key, DataConfig.__dataclass_fields__[key].default) != data[key]:
+                raise RobustEdgeError(f"{self.last_path} was trained with data.{key} {saved_data.get(key)!r}, this "
+                                      f"config has {data[key]!r}: resume with the run's own (--set data.{key}=...)")
         load_state_strict(parts.model, weights, source=str(self.last_path), arch=spec.arch)
         parts.optimizer.load_state_dict(state["optimizer"])
         parts.scaler.load_state_dict(state["scaler"])
@@ -347,7 +353,7 @@ class Trainer:
             try:
                 logs, grad_norm = parts.step(run.student, x, y)
             except AssertionError as exc:  # torchao's observers assert on a NaN range before the loss is NaN
-                if not (cfg.qat.enabled and "nan" in str(exc)):
+                if not (cfg.qat.enabled and re.search(r"\bnan\b", str(exc))):
                     raise
                 raise RobustEdgeError(f"the fake-quantised student's activations became NaN in epoch {epoch + 1} "
                                       f"(step {steps + 1}): training diverged; stopped. {self._last_good()}; "

@@ -49,6 +49,21 @@ def test_train_n_keeps_a_seeded_random_subset_that_spans_the_classes():
         assert ordered.subset(n, 0) is ordered
 
 
+def test_int8_calibration_draws_from_the_images_a_train_n_run_trained_on():
+    """The export's calibration images come from the model's training split as its run saw it, so a run
+    with data.train_n calibrates its INT8 file on the images QAT's PTQ start calibrates on."""
+    from robustedge.checkpoint import ModelMeta, ModelSpec
+    from robustedge.data.registry import split_for_model
+
+    spec = ModelSpec("resnet20", 10, 1, 0.25, 8)
+    digits = load_dataset("digits", image_size=8, channels=1, seed=2)
+    for train_n, expected in ((256, digits.train.subset(256, 2)), (None, digits.train)):
+        meta = ModelMeta(spec, dataset="digits", extra={"data": {"seed": 2, "val_fraction": 0.1, "train_n": train_n}})
+        split = split_for_model(meta, None, None, "train", None)
+        assert torch.equal(split.images, expected.images) and torch.equal(split.labels, expected.labels)
+    assert len(split_for_model(meta, None, None, "test", 10)) == 10
+
+
 def test_cifar10_reader_reads_the_on_disk_format_without_download(tmp_path, write_cifar10):
     expected, test = write_cifar10(tmp_path)
     ds = load_dataset("cifar10", str(tmp_path), val_fraction=0.2)

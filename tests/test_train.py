@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -121,6 +122,26 @@ def test_refuses_to_overwrite_a_run_and_to_resume_nothing(tmp_path):
         train(cfg, resume=True)
     with pytest.raises(RobustEdgeError, match="nothing to resume"):
         train(tiny_config(tmp_path, "never", method="natural"), resume=True)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"train_n": None}, "trained with data.train_n 128, this config has None"),
+    ({"train_n": 64}, "trained with data.train_n 128, this config has 64"),
+    ({"seed": 3}, "trained with data.seed 0, this config has 3"),
+    ({"val_fraction": 0.2}, "trained with data.val_fraction 0.1, this config has 0.2"),
+])
+def test_a_resume_on_other_training_images_is_refused(tmp_path, change, message):
+    """A resumed run must go on with the images it started on: ``--resume`` rebuilds the config from flags,
+    so a forgotten ``--set data.train_n=...`` would otherwise train the remaining epochs on all of them."""
+    cfg = tiny_config(tmp_path, "part", method="natural", epochs=1)
+    cfg.data.train_n = 128
+    train(cfg)
+    cfg.epochs = 2
+    for key, value in change.items():
+        setattr(cfg.data, key, value)
+    with pytest.raises(RobustEdgeError, match=re.escape(message)):
+        train(cfg, resume=True)
+    assert load_config(tmp_path / "part" / "config.yaml").epochs == 1  # the run's own config is untouched
 
 
 def test_distillation_without_its_teachers_is_a_clear_error(tmp_path, teachers):
@@ -265,6 +286,7 @@ def test_quickstart_end_to_end_small_with_qat(tmp_path, capsys):
         assert load_config(out / run / "config.yaml").data.train_n == 256  # the fine-tune inherits it too
     assert "| pgd20 |" in text and str(out.resolve()) in text and "quickstart finished in" in text
     summary = json.loads((out / "quickstart.json").read_text())
+    assert summary["train_n"] == 256  # a quick check's figures say so
     # one-epoch students may fail a gate: the exit status says so, as `robustedge export`'s does
     failed = bool(summary["export_gate_failures"] or summary["qat_gate_failures"])
     assert code == (1 if failed else 0) and ("gate: FAILED" in text) == failed

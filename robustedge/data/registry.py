@@ -48,4 +48,7 @@ def split_for_model(meta, dataset: str | None, data_root: str | None, split: str
     if ds.num_classes != meta.spec.num_classes:
         raise RobustEdgeError(f"dataset '{name}' has {ds.num_classes} classes but the checkpoint's "
                               f"{meta.spec.arch} has {meta.spec.num_classes} outputs")
-    return ds.split(split).take(n)
+    chosen = ds.split(split)
+    if split == "train":  # the images it trained on (data.train_n), which INT8 calibration must share with QAT's
+        chosen = chosen.subset(data.get("train_n"), data.get("seed", 0))
+    return chosen.take(n)
