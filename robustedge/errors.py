@@ -11,8 +11,13 @@ two helpers that cut a foreign exception down to what a one-line error may say a
 from robustedge.verifier.base import RobustEdgeError, exception_line, first_line
 
 
+class Diverged(RobustEdgeError):
+    """Training produced a NaN where a library, not the trainer's loss check, noticed it first (torchao's
+    observers assert on a NaN range): the trainer catches it and says in which epoch and step."""
+
+
 def unknown_name(kind: str, name: str, valid: "list[str] | tuple[str, ...]") -> RobustEdgeError:
     return RobustEdgeError(f"unknown {kind} '{name}'; valid {kind}s: {', '.join(sorted(valid))}")
 
 
-__all__ = ["RobustEdgeError", "exception_line", "first_line", "unknown_name"]
+__all__ = ["Diverged", "RobustEdgeError", "exception_line", "first_line", "unknown_name"]

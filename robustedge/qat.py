@@ -22,12 +22,13 @@ training, so attacks, validation and evaluation never move the learned ranges.
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 
 import torch
 from torch import nn
 
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import Diverged, RobustEdgeError
 from robustedge.pt2e_fast import faster_pt2e, torchao_version
 
 ACTIVATIONS = ("uint8", "int8-symmetric", "int8")
@@ -201,7 +202,13 @@ class QATStudent(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.graph(x) if self.training and not self.frozen else self._evaluation_graph()(x)
+        graph = self.graph if self.training and not self.frozen else self._evaluation_graph()
+        try:
+            return graph(x)
+        except AssertionError as exc:  # an observer fed NaN: "min nan should be less than max nan"
+            if re.search(r"\bnan\b", str(exc)):
+                raise Diverged("the fake-quantised student's activations became NaN") from None
+            raise
 
     def match_quantizer_shapes(self, state_dict) -> None:
         """Resize the quantisers' buffers to a saved state's shapes: they take their per-channel shapes

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 import os
 import time
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from robustedge.training_state import load_training_state, save_training_state
 from robustedge.weights import load_state_strict
 from robustedge.config import DataConfig, TrainConfig, config_to_dict, dump_config, validate_config
 from robustedge.data import DeviceLoader, calibration_images, load_dataset
-from robustedge.errors import RobustEdgeError
+from robustedge.errors import Diverged, RobustEdgeError
 from robustedge.suite import evaluate
 from robustedge.methods import get_method
 from robustedge.runtime import progress, resolve_device
@@ -256,7 +255,7 @@ class Trainer:
             raise RobustEdgeError(f"{self.last_path} was trained with a different model or method than this config")
         saved_data, data = state.get("config", {}).get("data", {}), config_to_dict(cfg)["data"]
         for key in ("train_n", "seed", "val_fraction"):  # which images it trains on (a file before train_n: all)
-            if saved_data.get(key, DataConfig.__dataclass_fields__[key].default) != data[key]:
+            if saved_data.get(key, getattr(DataConfig(), key)) != data[key]:
                 raise RobustEdgeError(f"{self.last_path} was trained with data.{key} {saved_data.get(key)!r}, this "
                                       f"config has {data[key]!r}: resume with the run's own (--set data.{key}=...)")
         load_state_strict(parts.model, weights, source=str(self.last_path), arch=spec.arch)
@@ -352,12 +351,8 @@ class Trainer:
         for x, y in bar:
             try:
                 logs, grad_norm = parts.step(run.student, x, y)
-            except AssertionError as exc:  # torchao's observers assert on a NaN range before the loss is NaN
-                if not (cfg.qat.enabled and re.search(r"\bnan\b", str(exc))):
-                    raise
-                raise RobustEdgeError(f"the fake-quantised student's activations became NaN in epoch {epoch + 1} "
-                                      f"(step {steps + 1}): training diverged; stopped. {self._last_good()}; "
-                                      f"lower optim.lr") from None
+            except Diverged as exc:  # noticed inside the step (a QAT observer), before the loss below
+                raise self._stopped(str(exc), epoch, steps + 1) from None
             finite = torch.isfinite(grad_norm)  # an fp16 scaler skips steps with inf gradients
             sums += torch.stack([logs["loss"].float(), logs["train_acc"].float(),
                                  torch.where(finite, grad_norm.float(), 0.0), finite.float()])
@@ -374,8 +369,7 @@ class Trainer:
                     if bad.item() and math.isfinite(mean[0]):
                         mean[0] = float("nan")
                 if not math.isfinite(mean[0]):
-                    raise RobustEdgeError(f"loss became {mean[0]} in epoch {epoch + 1} (step {steps}); stopped. "
-                                          + self._last_good() + "; lower optim.lr or try amp off")
+                    raise self._stopped(f"loss became {mean[0]}", epoch, steps)
                 if hasattr(bar, "set_postfix"):
                     bar.set_postfix(loss=f"{mean[0]:.4f}", acc=f"{mean[1]:.3f}",
                                     img_s=f"{seen * run.world / (time.perf_counter() - t0):.0f}")
@@ -396,10 +390,12 @@ class Trainer:
         row.update(method.summary())
         return row
 
-    def _last_good(self) -> str:
-        if self.last_path.exists():
-            return f"The last good checkpoint is {self.last_path}"
-        return "No checkpoint was written yet (this was the first epoch)"
+    def _stopped(self, what: str, epoch: int, step: int) -> RobustEdgeError:
+        """The one line a diverged run stops with, whichever check saw the NaN first."""
+        last_good = f"The last good checkpoint is {self.last_path}" if self.last_path.exists() else \
+            "No checkpoint was written yet (this was the first epoch)"
+        return RobustEdgeError(f"{what} in epoch {epoch + 1} (step {step}): training diverged; stopped. {last_good}; "
+                               f"lower optim.lr or try amp off")
 
 
 def _launch_rank() -> int:
