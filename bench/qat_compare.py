@@ -5,9 +5,14 @@
         --freeze-epochs 0 --no-carry-method-state --float-teacher 0      # the recipe before issue 26
     python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --control
     python bench/qat_compare.py digits --teachers runs/quickstart --seeds 4 0 --n 359 --out runs/qat26 --disagreement 1
+    python bench/qat_compare.py config bench/configs/mnv2_32.yaml --seeds 0 1 2 3 4 --n 48 --square-n 48 \
+        --out runs/qat_mnv2_32 --qat-transfer pgd20 --control
     python bench/qat_compare.py run runs/mnv2_32/mnv2_32_s0 runs/mnv2_32/mnv2_32_s1 --n 48 --out runs/qat_mnv2_32
 
 ``digits``: the quickstart's B-MTARD student (its teachers, its settings) trained once per seed;
+``config``: any training config (a YAML file, or a recipe shipped with RobustEdge) trained once per
+seed, as ``<config name>_s<seed>`` in --out (``bench/configs/mnv2_32.yaml``: the full-width 32x32
+MobileNetV2 of docs/results/qat.md);
 ``run``: existing training run folders, e.g. one per seed (each with its config.yaml and
 best.safetensors). Then, for each:
 1. the float student exported with post-training INT8 (``onnx-int8``, min-max calibration), once by
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -40,7 +46,9 @@ from pathlib import Path
 from robustedge.checkpoint import read_meta
 from robustedge.config import TrainConfig, load_config
 from robustedge.edge.bundle import ExportOptions, export_bundle
+from robustedge.errors import RobustEdgeError
 from robustedge.files import atomic_write_json, atomic_write_text
+from robustedge.options import parse_seed
 from robustedge.qat_recipe import fine_tune_config, float_control_config
 from robustedge.quickstart import QuickstartSettings, quickstart_configs
 from robustedge.runtime import parallel_plan, resolve_device, run_jobs
@@ -54,7 +62,8 @@ def _train_once(cfg: TrainConfig) -> tuple[Path, float, float]:
     folder = Path(cfg.out_dir) / cfg.name
     if not (folder / "result.json").exists():
         train(cfg)
-    elif load_config(folder / "config.yaml") != cfg:  # a finished run is reused only if it is this very run
+    elif dataclasses.replace(load_config(folder / "config.yaml"), device=cfg.device) != cfg:
+        # a finished run is reused only if it is this very run (wherever it ran)
         raise SystemExit(f"{folder} holds another run than the one asked for (its config.yaml differs); "
                          f"use another --out")
     seconds = float(json.loads((folder / "result.json").read_text())["seconds"])
@@ -70,12 +79,12 @@ def _images_per_second(folder: Path) -> float:
 
 
 def _export(checkpoint: Path, out: Path, n: int, transfer: tuple[str, ...], square_n: int, seed: int,
-            whitebox: tuple[str, ...], quantizer: str = "onnxruntime") -> dict:
+            whitebox: tuple[str, ...], device: str, quantizer: str = "onnxruntime") -> dict:
     if not (out / "manifest.json").exists():
         export_bundle(checkpoint, out, ExportOptions(formats=["onnx-int8"], n=n, transfer_attacks=transfer,
                                                      whitebox_attacks=whitebox, square_n=square_n,
                                                      square_queries=1000, seed=seed, int8_quantizer=quantizer),
-                      progress=lambda m: None, force=out.exists())
+                      progress=lambda m: None, force=out.exists(), device=device)
     return json.loads((out / "manifest.json").read_text())
 
 
@@ -85,18 +94,18 @@ def compare(job: dict) -> dict:
     out = Path(job["out"])
     best, float_speed, float_seconds = _train_once(base)
     n, seed, square_n = job["n"], base.seed, job["square_n"]
-    ptq = _export(best, out / f"{base.name}_ptq", n, ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
+    ptq = _export(best, out / f"{base.name}_ptq", n, ("pgd20", "autoattack"), square_n, seed, job["whitebox"], job["device"])
     if job["float_only"]:
         return {"name": base.name, "seed": seed}
     # the fair baseline: the QAT quantizer itself, calibrated, no training (the QAT file of zero epochs)
-    pt2e = _export(best, out / f"{base.name}_pt2e_ptq", n, ("pgd20",), square_n, seed, job["whitebox"], "pt2e")
+    pt2e = _export(best, out / f"{base.name}_pt2e_ptq", n, ("pgd20",), square_n, seed, job["whitebox"], job["device"], "pt2e")
 
     qat = copy.deepcopy(job["qat_config"])  # the recipe's fine-tune of this float run (main)
     _, qat_speed, qat_seconds = _train_once(qat)
     # the reference row (the fake-quantised torch model) gets the same transfer attacks as the float
     # bundle's, so the two bundles' worst cases and gates compare like with like
     qat_bundle = _export(Path(qat.out_dir) / qat.name / "last.safetensors", out / f"{qat.name}_export", n,
-                         job["qat_transfer"], square_n, seed, job["whitebox"])
+                         job["qat_transfer"], square_n, seed, job["whitebox"], job["device"])
 
     result = {"name": base.name, "seed": seed, "variant": job["tag"], "float": float_row(ptq),
               "ptq_int8": int8_row(ptq), "pt2e_ptq_int8": int8_row(pt2e), "qat_int8": int8_row(qat_bundle),
@@ -114,7 +123,7 @@ def compare(job: dict) -> dict:
         _, control_speed, control_seconds = _train_once(control)
         result["train"] |= {"control_img_per_s": control_speed, "control_seconds": control_seconds}
         bundle = _export(Path(control.out_dir) / control.name / "last.safetensors", out / f"{control.name}_ptq", n,
-                         ("pgd20", "autoattack"), square_n, seed, job["whitebox"])
+                         ("pgd20", "autoattack"), square_n, seed, job["whitebox"], job["device"])
         result["control_float"], result["control_ptq_int8"] = float_row(bundle), int8_row(bundle)
     return result
 
@@ -219,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     digits = sub.add_parser("digits", help="the quickstart's B-MTARD student, several seeds")
     digits.add_argument("--teachers", default="runs/quickstart", help="a quickstart folder with both teachers")
     digits.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    recipe = sub.add_parser("config", help="a training config (YAML file or shipped recipe), several seeds")
+    recipe.add_argument("config", help="e.g. bench/configs/mnv2_32.yaml")
+    recipe.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     run = sub.add_parser("run", help="existing training run folders (e.g. one per seed)")
     run.add_argument("folders", nargs="+", help="run folders (each with config.yaml and best.safetensors)")
-    for p in (digits, run):
+    for p in (digits, recipe, run):
         p.add_argument("--out", required=True)
         p.add_argument("--n", type=int, default=200, help="test images attacked")
         p.add_argument("--square-n", type=int, default=100)
@@ -248,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="stop after the float students and their onnxruntime PTQ files (which no QAT setting "
                             "changes: a later run reuses them)")
         p.add_argument("--whitebox", default="pgd20,cw,autoattack,diva", help="attacks on each INT8 file's twin")
+        p.add_argument("--device", default="auto",
+                       help="where training and the attacks run (auto: CUDA when present; the seeds then run one "
+                            "after another, on a CPU two side by side with one thread each)")
         p.add_argument("--qat-transfer", default="pgd20,autoattack",
                        help="transfer attacks crafted on the fake-quantised model (AutoAttack on its eager graph "
                             "is slow; without it the QAT bundle's reference row, and its gate, are weaker)")
@@ -257,12 +272,27 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         parser.error(f"--out {out} is a file, not a folder")
-    if args.mode == "digits":
-        base = quickstart_configs(QuickstartSettings(out=Path(args.teachers), progress=False))["student_bmtard"]
+    if args.mode != "run":
+        if len(set(args.seeds)) < len(args.seeds):
+            parser.error("a seed is given twice; each seed's runs and bundles have one folder in --out")
+        try:
+            for seed in args.seeds:
+                parse_seed(seed, "--seeds")
+        except RobustEdgeError as error:
+            parser.error(str(error))
+    if args.mode in ("digits", "config"):
+        if args.mode == "digits":
+            base, stem = quickstart_configs(QuickstartSettings(out=Path(args.teachers), progress=False))["student_bmtard"], "bmtard"
+        else:
+            try:
+                base, stem = load_config(args.config), Path(args.config).name.removesuffix(".yaml")
+            except RobustEdgeError as error:
+                parser.error(str(error))
+            base.progress = False
         configs = []
         for seed in args.seeds:
             cfg = copy.deepcopy(base)
-            cfg.name, cfg.seed, cfg.out_dir = f"bmtard_s{seed}", seed, str(out)
+            cfg.name, cfg.seed, cfg.out_dir = f"{stem}_s{seed}", seed, str(out)
             configs.append(cfg)
     else:
         configs = []
@@ -274,15 +304,21 @@ def main(argv: list[str] | None = None) -> int:
             configs.append(cfg)
         if len({c.name for c in configs}) < len(configs):
             parser.error("two run folders share a name; their bundles would share a folder in --out")
+    try:
+        device = resolve_device(args.device)
+    except RobustEdgeError as error:
+        parser.error(str(error))
+    for cfg in configs:  # the QAT fine-tunes inherit it
+        cfg.device = args.device
     out.mkdir(parents=True, exist_ok=True)  # after every check above
-    qat_configs = [qat_config(c, Path(c.out_dir) / c.name / "best.safetensors", out, args, args.mode == "digits")
+    qat_configs = [qat_config(c, Path(c.out_dir) / c.name / "best.safetensors", out, args, args.mode != "run")
                    for c in configs]
     tag = recipe_tag(qat_configs[0])
     jobs = [{"config": c, "qat_config": q, "tag": tag, "out": str(out), "n": args.n, "square_n": args.square_n,
              "whitebox": tuple(args.whitebox.split(",")), "qat_transfer": tuple(args.qat_transfer.split(",")),
-             "float_only": args.float_only, "control": args.control}
+             "float_only": args.float_only, "control": args.control, "device": str(device)}
             for c, q in zip(configs, qat_configs)]
-    workers, threads = parallel_plan(resolve_device("cpu"), len(jobs))
+    workers, threads = parallel_plan(device, len(jobs))
     results = run_jobs(compare, jobs, workers, threads)
     if args.float_only:
         print(f"float students and their PTQ files are in {out}")

@@ -554,14 +554,23 @@ def test_the_bundle_verifier_refuses_with_the_same_message(world, argv, message)
     assert snapshot(world["world"]) == before
 
 
-BENCH_ROWS = [  # bench/qat_compare.py run: every folder and --out checked before --out is created
+BENCH_ROWS = [  # bench/qat_compare.py: every folder, config, seed and --out checked before --out is created
     (["run", "{world}/no_run", "--out", "{world}/new_out"], "is not a finished training run"),
     (["run", "{run}", "--out", "{file}"], "is a file, not a folder"),
     (["run", "{run}", "{run}", "--out", "{world}/new_out"], "two run folders share a name"),
+    (["config", "{world}/no_such.yaml", "--out", "{world}/new_out"], "config file not found"),
+    (["config", "{world}", "--out", "{world}/new_out"], "is not a file"),
+    (["config", "{file}", "--out", "{world}/new_out"], "must be a mapping"),
+    (["config", "{recipe}", "--seeds", "1", "1", "--out", "{world}/new_out"], "a seed is given twice"),
+    (["digits", "--seeds", "0", "0", "--out", "{world}/new_out"], "a seed is given twice"),
+    (["config", "{recipe}", "--device", "tpu", "--out", "{world}/new_out"], "unknown device 'tpu'"),
+    (["config", "{recipe}", "--seeds", "-1", "--out", "{world}/new_out"], "--seeds must be"),
 ]
 
 
-@pytest.mark.parametrize("argv,message", BENCH_ROWS, ids=["no-run", "out-is-file", "same-name"])
+@pytest.mark.parametrize("argv,message", BENCH_ROWS, ids=["no-run", "out-is-file", "same-name", "no-config",
+                                                          "config-is-folder", "bad-config", "seed-twice",
+                                                          "digits-seed-twice", "unknown-device", "negative-seed"])
 def test_the_qat_benchmark_refuses_in_one_line_before_touching_disk(tmp_path, argv, message, capsys):
     import importlib.util
 
@@ -574,7 +583,8 @@ def test_the_qat_benchmark_refuses_in_one_line_before_touching_disk(tmp_path, ar
     (run / "config.yaml").write_text("name: s0\n")
     (run / "best.safetensors").write_bytes(b"")
     (tmp_path / "a_file").write_text("mine")
-    paths = {"world": tmp_path, "run": run, "file": tmp_path / "a_file"}
+    paths = {"world": tmp_path, "run": run, "file": tmp_path / "a_file",
+             "recipe": root / "bench" / "configs" / "mnv2_32.yaml"}
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exit_:
         bench.main([_fill(a, paths) for a in argv])
